@@ -1,0 +1,1 @@
+"""Input declarations for the exporter: ImageType and TensorType (coremltools-like)."""

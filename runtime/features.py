@@ -1,0 +1,230 @@
+"""User feature values <-> batched tensors, following the model description.
+
+Inputs are encoded to a "user layout": multi-arrays ``(B, *declared_shape)``, images
+``(B, C, H, W)`` float pixel values 0..255 in the model's colour order, int64/double ``(B,)``,
+strings and dictionaries as lists. Outputs come back the same way and are split per example.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mlpersonal.errors import InvalidInputError
+
+GRAYSCALE, RGB, BGR = 10, 20, 30
+_ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 65552: np.float16}
+
+
+def feature_kind(fd) -> str:
+    return fd.type.WhichOneof("Type") or "undefined"
+
+
+def array_shape(fd) -> tuple[int, ...]:
+    return tuple(int(s) for s in fd.type.multiArrayType.shape)
+
+
+def allowed_array_shapes(fd) -> tuple[list, object]:
+    """(enumerated shapes, ranges or None) a multi-array input allows, besides its default."""
+    m = fd.type.multiArrayType
+    flex = m.WhichOneof("ShapeFlexibility")
+    if flex == "enumeratedShapes":
+        return [tuple(int(s) for s in e.shape) for e in m.enumeratedShapes.shapes], None
+    if flex == "shapeRange":
+        return [], [(int(r.lowerBound), int(r.upperBound)) for r in m.shapeRange.sizeRanges]
+    return [], None
+
+
+def _shape_allowed(shape, fd) -> bool:
+    default = array_shape(fd)
+    enum, ranges = allowed_array_shapes(fd)
+    if tuple(shape) == default or tuple(shape) in enum:
+        return True
+    if ranges is not None and len(ranges) == len(shape):
+        return all(lo <= s and (hi < 0 or s <= hi) for s, (lo, hi) in zip(shape, ranges))
+    return False
+
+
+def _to_numpy(value, name: str, index: int) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # noqa: BLE001
+        raise InvalidInputError(f"example {index}: feature {name!r} is not array-like ({e})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InvalidInputError(
+            f"example {index}: feature {name!r} must be numeric, got dtype {arr.dtype}"
+        )
+    return arr
+
+
+def encode_array(fd, value, index: int) -> np.ndarray:
+    name = fd.name
+    arr = _to_numpy(value, name, index).astype(np.float32, copy=False)
+    default = array_shape(fd)
+    if arr.shape != default and not _shape_allowed(arr.shape, fd):
+        if default and arr.size == int(np.prod(default)) and allowed_array_shapes(fd) == ([], None):
+            arr = arr.reshape(default)
+        else:
+            enum, ranges = allowed_array_shapes(fd)
+            allowed = [default] + enum + ([f"ranges {ranges}"] if ranges else [])
+            raise InvalidInputError(
+                f"example {index}: feature {name!r} has shape {tuple(arr.shape)}, the model "
+                f"accepts {', '.join(map(str, allowed))}"
+            )
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"example {index}: feature {name!r} contains NaN or Inf values")
+    return arr
+
+
+def image_size(fd) -> tuple[int, int]:
+    it = fd.type.imageType
+    return int(it.width), int(it.height)
+
+
+def _image_size_allowed(fd, w: int, h: int) -> bool:
+    it = fd.type.imageType
+    flex = it.WhichOneof("SizeFlexibility")
+    if flex == "enumeratedSizes":
+        return any(s.width == w and s.height == h for s in it.enumeratedSizes.sizes)
+    if flex == "imageSizeRange":
+        wr, hr = it.imageSizeRange.widthRange, it.imageSizeRange.heightRange
+        return (wr.lowerBound <= w and (wr.upperBound < 0 or w <= wr.upperBound)
+                and hr.lowerBound <= h and (hr.upperBound < 0 or h <= hr.upperBound))
+    return False
+
+
+def encode_image(fd, value, index: int) -> np.ndarray:
+    """An image value -> ``(C, H, W)`` float32 pixel values 0..255 in the model's colour order."""
+    from PIL import Image
+
+    name = fd.name
+    space = int(fd.type.imageType.colorSpace) or RGB
+    if isinstance(value, (str, os.PathLike)):
+        p = Path(value)
+        if not p.is_file():
+            raise InvalidInputError(f"example {index}: image file {p} for {name!r} does not exist")
+        try:
+            with Image.open(p) as im:
+                im.load()
+                value = im.copy()
+        except Exception as e:  # noqa: BLE001
+            raise InvalidInputError(f"example {index}: cannot read image {p} for {name!r}: {e}") from None
+    if not isinstance(value, Image.Image):
+        arr = _to_numpy(value, name, index)
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise InvalidInputError(
+                f"example {index}: image {name!r} must be HxW or HxWxC (C=1,3,4), got shape {arr.shape}"
+            )
+        if np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():
+                raise InvalidInputError(f"example {index}: image {name!r} contains NaN or Inf")
+            if arr.min() < 0 or arr.max() > 1.0:
+                raise InvalidInputError(
+                    f"example {index}: float image {name!r} must hold values in [0, 1] "
+                    "(pass a uint8 array for 0..255 pixel values)"
+                )
+            arr = np.round(arr * 255.0).astype(np.uint8)
+        elif arr.dtype != np.uint8:
+            if arr.min() < 0 or arr.max() > 255:
+                raise InvalidInputError(f"example {index}: image {name!r} values must lie in 0..255")
+            arr = arr.astype(np.uint8)
+        value = Image.fromarray(arr)
+    im = value.convert("L" if space == GRAYSCALE else "RGB")
+    w, h = image_size(fd)
+    if im.size != (w, h) and not _image_size_allowed(fd, *im.size):
+        im = im.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.float32)
+    if space == GRAYSCALE:
+        return arr[None]
+    arr = np.moveaxis(arr, -1, 0)
+    return arr[::-1].copy() if space == BGR else arr
+
+
+def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.device) -> dict[str, Any]:
+    """Encode a list of feature dicts into batched values, one entry per model input."""
+    if isinstance(examples, dict):
+        raise InvalidInputError("predict_batch expects a list of feature dicts, got one dict")
+    out: dict[str, Any] = {}
+    for fd in inputs:
+        name, kind = fd.name, feature_kind(fd)
+        values = []
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, dict):
+                raise InvalidInputError(f"example {i} must be a dict of features, got {type(ex).__name__}")
+            if name not in ex:
+                if fd.type.isOptional:
+                    values.append(None)
+                    continue
+                raise InvalidInputError(
+                    f"example {i}: missing input feature {name!r} (the model's inputs are "
+                    f"{[f.name for f in inputs]})"
+                )
+            values.append(ex[name])
+        if kind == "multiArrayType":
+            arrs = [encode_array(fd, v, i) for i, v in enumerate(values)]
+            shapes = {a.shape for a in arrs}
+            if len(shapes) > 1:
+                out[name] = [torch.from_numpy(a).to(device) for a in arrs]  # mixed flexible shapes
+            else:
+                out[name] = torch.from_numpy(np.stack(arrs)).to(device)
+        elif kind == "imageType":
+            arrs = [encode_image(fd, v, i) for i, v in enumerate(values)]
+            shapes = {a.shape for a in arrs}
+            if len(shapes) > 1:
+                out[name] = [torch.from_numpy(a).to(device) for a in arrs]
+            else:
+                out[name] = torch.from_numpy(np.stack(arrs)).to(device)
+        elif kind == "int64Type":
+            try:
+                out[name] = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"feature {name!r} must be integers, got {values[:3]}...") from None
+        elif kind == "doubleType":
+            try:
+                t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"feature {name!r} must be numbers, got {values[:3]}...") from None
+            if not torch.isfinite(t).all():
+                raise InvalidInputError(f"feature {name!r} contains NaN or Inf")
+            out[name] = t
+        elif kind == "stringType":
+            for i, v in enumerate(values):
+                if not isinstance(v, str):
+                    raise InvalidInputError(f"example {i}: feature {name!r} must be a str, got {type(v).__name__}")
+            out[name] = list(values)
+        else:
+            out[name] = list(values)
+    return out
+
+
+def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[dict]:
+    """Split batched outputs into one dict of python/numpy values per example."""
+    result: list[dict] = [{} for _ in range(n)]
+    for fd in outputs:
+        if fd.name not in batched:
+            continue
+        v = batched[fd.name]
+        kind = feature_kind(fd)
+        if isinstance(v, torch.Tensor):
+            arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            for i in range(n):
+                if kind == "doubleType":
+                    result[i][fd.name] = float(arr[i].reshape(-1)[0])
+                elif kind == "int64Type":
+                    result[i][fd.name] = int(arr[i].reshape(-1)[0])
+                else:
+                    result[i][fd.name] = arr[i]
+        else:
+            for i in range(n):
+                result[i][fd.name] = v[i]
+    return result

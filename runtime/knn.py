@@ -1,0 +1,1 @@
+"""k-nearest-neighbors classifier models (kNearestNeighborsClassifier). See issue 4."""

@@ -1,0 +1,89 @@
+"""The layer registry: one small builder per NeuralNetwork layer kind.
+
+A builder takes the layer's spec and a :class:`BuildContext` and returns a callable that maps
+input tensors to output tensor(s). Tensors carry a leading batch axis. In rank-5 mode (spec v1-v3
+style, ``RANK5_ARRAY_MAPPING``) every blob is a 4-D ``(B, C, H, W)`` tensor (sequence length 1);
+in ND mode (``EXACT_ARRAY_MAPPING``) blobs have exactly the rank the spec declares and the batch
+is stacked along axis 0. Classic layers address channels as axis -3, which holds in both modes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from mlpersonal.codecs import decode
+from mlpersonal.errors import InvalidModelError
+
+Builder = Callable[..., Callable]
+LAYERS: dict[str, Builder] = {}
+
+
+def register(*kinds: str) -> Callable[[Builder], Builder]:
+    """Register ``fn`` as the builder for the given layer kinds (``WhichOneof('layer')`` names)."""
+
+    def deco(fn: Builder) -> Builder:
+        for k in kinds:
+            LAYERS[k] = fn
+        return fn
+
+    return deco
+
+
+class BuildContext:
+    """What a builder may ask for while compiling a layer."""
+
+    def __init__(self, *, nd: bool, device: torch.device, dtype=torch.float32, custom_layers=None):
+        self.nd = nd
+        self.device = device
+        self.dtype = dtype
+        self.custom_layers = custom_layers or {}
+        #: updatable parameters: key -> nn.Parameter
+        self.parameters: dict[str, torch.nn.Parameter] = {}
+        #: key -> (WeightParams message, shape) to write trained values back into the spec
+        self.bindings: dict[str, tuple] = {}
+        self.layer = None  # the NeuralNetworkLayer being built
+
+    def where(self, field: str = "") -> str:
+        name = self.layer.name if self.layer is not None else "?"
+        return f"layer {name!r}" + (f" ({field})" if field else "")
+
+    def weights(self, wp, shape, field: str, *, updatable: bool = False,
+                channels: Optional[int] = None) -> torch.Tensor:
+        """Decode ``wp`` into a tensor of ``shape``; a trainable Parameter when ``updatable``."""
+        shape = tuple(int(s) for s in shape)
+        count = int(np.prod(shape)) if shape else 1
+        if channels is None and shape:
+            channels = shape[0]
+        arr = decode(wp, count, self.where(field), channels=channels).reshape(shape)
+        t = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)
+        if updatable:
+            key = f"{self.layer.name}.{field}"
+            p = torch.nn.Parameter(t)
+            self.parameters[key] = p
+            self.bindings[key] = (wp, shape)
+            return p
+        return t
+
+    def optional_weights(self, wp, shape, field: str, **kw) -> Optional[torch.Tensor]:
+        """Like :meth:`weights` but ``None`` when ``wp`` holds nothing."""
+        from mlpersonal.codecs import count_of
+
+        if count_of(wp) == 0:
+            return None
+        return self.weights(wp, shape, field, **kw)
+
+    def fail(self, msg: str) -> InvalidModelError:
+        return InvalidModelError(f"{self.where()}: {msg}")
+
+
+def ints(values, default) -> list[int]:
+    """A repeated int field, or ``default`` when empty."""
+    v = [int(x) for x in values]
+    return v if v else list(default)
+
+
+# Register the built-in kinds (import for side effects).
+from . import activation, conv, dense, elementwise, normalization, pooling, shape  # noqa: E402,F401

@@ -1,0 +1,129 @@
+"""CompiledModel: a spec compiled once into torch ops, and the model-kind registry."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from mlpersonal.errors import UnsupportedLayerError
+from mlpersonal.proto import Model_pb2
+from mlpersonal.specio import SpecLike, check_header, load_spec, save
+
+from .device import select_device
+from .features import decode_outputs, encode_inputs
+
+#: spec Type oneof name -> class compiling it
+MODEL_KINDS: dict[str, Callable[..., "CompiledModel"]] = {}
+
+
+def register_model_kind(*kinds: str):
+    def deco(cls):
+        for k in kinds:
+            MODEL_KINDS[k] = cls
+        return cls
+
+    return deco
+
+
+class CompiledModel:
+    """A loaded model: ``predict``, ``predict_batch``, ``save``; subclasses per spec kind."""
+
+    def __init__(self, spec: Model_pb2.Model, device: torch.device, *,
+                 compute_units: str = "all", path: Optional[str] = None):
+        self.spec = spec
+        self.device = device
+        self.compute_units = compute_units
+        self.path = path
+
+    # --- description -------------------------------------------------------------------
+    @property
+    def description(self):
+        return self.spec.description
+
+    @property
+    def input_names(self) -> list[str]:
+        return [f.name for f in self.spec.description.input]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f.name for f in self.spec.description.output]
+
+    @property
+    def is_updatable(self) -> bool:
+        return bool(self.spec.isUpdatable)
+
+    def __repr__(self) -> str:
+        kind = self.spec.WhichOneof("Type")
+        return (f"<{type(self).__name__} {kind} inputs={self.input_names} "
+                f"outputs={self.output_names} updatable={self.is_updatable} device={self.device}>")
+
+    # --- prediction ----------------------------------------------------------------------
+    def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
+        """Batched inputs (user layout, see runtime.features) -> batched outputs."""
+        raise NotImplementedError
+
+    def predict(self, features: dict) -> dict:
+        """Predict one example: ``{input name: value}`` -> ``{output name: value}``."""
+        return self.predict_batch([features])[0]
+
+    def predict_batch(self, batch: Sequence[dict]) -> list[dict]:
+        """Predict a list of examples in one batched pass."""
+        batch = list(batch) if not isinstance(batch, dict) else batch
+        feeds = encode_inputs(self.spec.description.input, batch, self.device)
+        with torch.inference_mode():
+            out = self.forward(feeds, len(batch))
+        return decode_outputs(self.spec.description.output, out, len(batch))
+
+    # --- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike):
+        """Write the model's spec atomically."""
+        return save(self.spec, path)
+
+    # --- update --------------------------------------------------------------------------
+    def update(self, training_data, **options) -> "CompiledModel":
+        """Train synchronously (see :class:`runtime.update.UpdateTask`); returns the updated model."""
+        from .update import UpdateTask
+
+        task = UpdateTask(self, training_data, **options)
+        task.resume()
+        ctx = task.wait()
+        return ctx.model
+
+    def make_updater(self):
+        """An :class:`runtime.updating.Updater` training a private copy of this model."""
+        raise UnsupportedLayerError(
+            f"models of kind {self.spec.WhichOneof('Type')!r} cannot be updated on device"
+        )
+
+    def copy(self) -> "CompiledModel":
+        """An independent model compiled from a copy of this spec."""
+        spec = Model_pb2.Model()
+        spec.CopyFrom(self.spec)
+        return compile_spec(spec, self.compute_units, path=self.path)
+
+
+def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
+                 path: Optional[str] = None, device: Optional[torch.device] = None) -> CompiledModel:
+    """Compile ``spec`` with the class registered for its kind."""
+    check_header(spec, path or "model")
+    kind = spec.WhichOneof("Type")
+    cls = MODEL_KINDS.get(kind)
+    if cls is None:
+        raise UnsupportedLayerError(
+            f"model kind {kind!r} is not supported by the mlpersonal runtime (supported: "
+            f"{', '.join(sorted(MODEL_KINDS))})"
+        )
+    dev = device if device is not None else select_device(compute_units)
+    return cls(spec, dev, compute_units=compute_units, path=path)
+
+
+def load(source: SpecLike | CompiledModel, compute_units: str = "all") -> CompiledModel:
+    """Load and compile a model from a path, bytes or a ``Model_pb2.Model``."""
+    if isinstance(source, CompiledModel):
+        return source
+    path = None if isinstance(source, (bytes, bytearray, Model_pb2.Model)) else os.fspath(source)
+    spec = load_spec(source)
+    return compile_spec(spec, compute_units, path=path)

@@ -1,0 +1,185 @@
+"""NeuralNetwork / NeuralNetworkClassifier / NeuralNetworkRegressor models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlpersonal.errors import InvalidModelError
+
+from .features import BGR, GRAYSCALE, array_shape, feature_kind
+from .model import CompiledModel, register_model_kind
+from .network import Network
+
+EXACT_ARRAY_MAPPING = 1
+
+
+@register_model_kind("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
+class NeuralNetworkModel(CompiledModel):
+    """A compiled neural network; its :attr:`net` is a ``torch.nn.Module`` over named blobs."""
+
+    def __init__(self, spec, device, **kw):
+        super().__init__(spec, device, **kw)
+        self.kind = spec.WhichOneof("Type")
+        self.nn_spec = getattr(spec, self.kind)
+        self.nd = int(self.nn_spec.arrayInputShapeMapping) == EXACT_ARRAY_MAPPING
+        from .custom import CUSTOM_LAYERS  # registry of custom layer implementations
+
+        inputs = [f.name for f in spec.description.input]
+        self.net = Network(self.nn_spec.layers, inputs=inputs, nd=self.nd, device=device,
+                           custom_layers=CUSTOM_LAYERS)
+        self._preprocess = self._compile_preprocessing()
+        self.is_classifier = self.kind == "neuralNetworkClassifier"
+        if self.is_classifier:
+            self._setup_classifier()
+        for fd in spec.description.output:
+            if self.is_classifier and fd.name in (self._label_name, self._probs_name):
+                continue
+            if fd.name not in self.net.blobs:
+                raise InvalidModelError(
+                    f"output {fd.name!r} is not produced by any layer of the network"
+                )
+        # ND models stack examples along axis 0 when every array input declares a leading 1.
+        self._batchable = (not self.nd) or all(
+            feature_kind(fd) != "multiArrayType" or (array_shape(fd)[:1] == (1,))
+            for fd in spec.description.input
+        )
+
+    # --- set-up ----------------------------------------------------------------------------
+    def _setup_classifier(self):
+        d = self.spec.description
+        self._label_name = d.predictedFeatureName or "classLabel"
+        self._probs_name = d.predictedProbabilitiesName
+        which = self.nn_spec.WhichOneof("ClassLabels")
+        if which is None:
+            raise InvalidModelError("classifier has no class labels (stringClassLabels/int64ClassLabels)")
+        self.class_labels = list(getattr(self.nn_spec, which).vector)
+        if self.nn_spec.labelProbabilityLayerName:
+            self._probs_blob = self.nn_spec.labelProbabilityLayerName
+        elif self._probs_name and self._probs_name in self.net.blobs:
+            self._probs_blob = self._probs_name
+        elif self.net.steps:
+            self._probs_blob = self.net.steps[-1].outputs[0]
+        else:
+            raise InvalidModelError("classifier network has no layers")
+        if self._probs_blob not in self.net.blobs:
+            raise InvalidModelError(f"probability blob {self._probs_blob!r} is not produced by the network")
+
+    def _compile_preprocessing(self):
+        steps = {}
+        for pp in self.nn_spec.preprocessing:
+            name = pp.featureName or (self.spec.description.input[0].name if self.spec.description.input else "")
+            fd = next((f for f in self.spec.description.input if f.name == name), None)
+            if fd is None:
+                raise InvalidModelError(f"preprocessing names input {name!r}, which the model lacks")
+            which = pp.WhichOneof("preprocessor")
+            if which == "scaler":
+                s = pp.scaler
+                space = int(fd.type.imageType.colorSpace) if feature_kind(fd) == "imageType" else GRAYSCALE
+                if space == GRAYSCALE:
+                    bias = [s.grayBias]
+                elif space == BGR:
+                    bias = [s.blueBias, s.greenBias, s.redBias]
+                else:
+                    bias = [s.redBias, s.greenBias, s.blueBias]
+                scale = float(s.channelScale) if s.channelScale != 0 else 1.0
+                b = torch.tensor(bias, dtype=torch.float32, device=self.device).reshape(-1, 1, 1)
+                steps[name] = (lambda x, scale=scale, b=b: x * scale + b)
+            elif which == "meanImage":
+                mean = torch.tensor(np.asarray(pp.meanImage.meanImage, dtype=np.float32), device=self.device)
+                steps[name] = (lambda x, mean=mean: x - mean.reshape(x.shape[1:]))
+        return steps
+
+    # --- running ---------------------------------------------------------------------------
+    def to_blobs(self, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Model inputs (user layout) -> network input blobs (internal layout)."""
+        blobs = {}
+        for fd in self.spec.description.input:
+            x = feeds[fd.name]
+            kind = feature_kind(fd)
+            if kind == "multiArrayType":
+                if not self.nd:
+                    if x.dim() == 2:
+                        x = x.reshape(x.shape[0], x.shape[1], 1, 1)
+                    elif x.dim() == 6:  # [B, Seq, 1, C, H, W] from a rank-5 declared shape
+                        x = x.reshape(x.shape[0], *x.shape[-3:])
+                    elif x.dim() != 4:
+                        x = x.reshape(x.shape[0], -1, 1, 1)
+                else:
+                    x = x.reshape(-1, *x.shape[2:]) if self._batchable else x
+            elif kind == "imageType":
+                pass
+            elif kind in ("int64Type", "doubleType"):
+                x = x.to(torch.float32).reshape(-1, 1, 1, 1) if not self.nd else x.to(torch.float32).reshape(-1, 1)
+            pre = self._preprocess.get(fd.name)
+            blobs[fd.name] = pre(x) if pre is not None else x
+        return blobs
+
+    def from_blobs(self, env: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
+        """Network blobs -> model outputs (user layout)."""
+        out: dict[str, Any] = {}
+        for fd in self.spec.description.output:
+            if self.is_classifier and fd.name in (self._label_name, self._probs_name):
+                continue
+            t = env[fd.name]
+            if self.nd and self._batchable:
+                t = t.reshape(n, 1, *t.shape[1:]) if t.shape[0] == n else t.reshape(n, *t.shape)
+            elif not self.nd:
+                declared = array_shape(fd) if feature_kind(fd) == "multiArrayType" else ()
+                per = t[0].numel() if t.dim() else 1
+                if declared and int(np.prod(declared)) == per:
+                    t = t.reshape(n, *declared)
+                elif t.dim() == 4 and t.shape[-1] == 1 and t.shape[-2] == 1:
+                    t = t.reshape(n, -1)
+            out[fd.name] = t
+        if self.is_classifier:
+            probs = env[self._probs_blob].reshape(n, -1)
+            if probs.shape[1] != len(self.class_labels):
+                raise InvalidModelError(
+                    f"classifier has {len(self.class_labels)} labels but its probability blob "
+                    f"{self._probs_blob!r} has {probs.shape[1]} values"
+                )
+            idx = probs.argmax(dim=1).tolist()
+            out[self._label_name] = [self.class_labels[i] for i in idx]
+            if self._probs_name:
+                p = probs.detach().cpu().double().numpy()
+                labels = self.class_labels
+                out[self._probs_name] = [dict(zip(labels, row.tolist())) for row in p]
+        return out
+
+    def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
+        if not self._batchable or any(isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+                                      for v in feeds.values()):
+            return self._forward_each(feeds, n)
+        env = self.net(self.to_blobs(feeds))
+        return self.from_blobs(env, n)
+
+    def _forward_each(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
+        """Run examples one at a time (ND models without a batch axis, mixed flexible shapes)."""
+        parts = []
+        for i in range(n):
+            one = {}
+            for k, v in feeds.items():
+                if isinstance(v, torch.Tensor):
+                    one[k] = v[i:i + 1]
+                else:
+                    item = v[i]
+                    one[k] = item.unsqueeze(0) if isinstance(item, torch.Tensor) else [item]
+            if self.nd and not self._batchable:
+                blobs = {k: (t[0] if isinstance(t, torch.Tensor) else t) for k, t in self.to_blobs(one).items()}
+                env = self.net(blobs)
+                env = {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v for k, v in env.items()}
+                parts.append(self.from_blobs(env, 1))
+            else:
+                parts.append(self.from_blobs(self.net(self.to_blobs(one)), 1))
+        merged: dict[str, Any] = {}
+        for k in parts[0]:
+            vals = [p[k] for p in parts]
+            if isinstance(vals[0], torch.Tensor):
+                shapes = {tuple(v.shape) for v in vals}
+                merged[k] = torch.cat(vals) if len(shapes) == 1 else [v[0] for v in vals]
+            else:
+                merged[k] = [v[0] for v in vals]
+        return merged

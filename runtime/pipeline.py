@@ -1,0 +1,1 @@
+"""pipeline / pipelineClassifier / pipelineRegressor models and linked models. See issue 4."""

@@ -1,0 +1,1 @@
+"""Training on the PyTorch side: quantization-aware training, updatable marks, fit loops, DDP."""
