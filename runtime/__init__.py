@@ -7,6 +7,6 @@ from .custom import register_custom_layer, register_custom_model
 from .model import CompiledModel, compile_spec, load
 
 # model kinds register themselves on import
-from . import knn, neural_network, pipeline  # noqa: F401,E402
+from . import custom_model, knn, neural_network, pipeline  # noqa: F401,E402
 
 __all__ = ["CompiledModel", "compile_spec", "load", "register_custom_layer", "register_custom_model"]

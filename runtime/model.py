@@ -12,7 +12,7 @@ from mlpersonal.errors import UnsupportedLayerError
 from mlpersonal.proto import Model_pb2
 from mlpersonal.specio import SpecLike, check_header, load_spec, save
 
-from .device import select_device
+from .device import autocast, select_device, uses_low_precision
 from .features import decode_outputs, encode_inputs
 
 #: spec Type oneof name -> class compiling it
@@ -32,11 +32,15 @@ class CompiledModel:
     """A loaded model: ``predict``, ``predict_batch``, ``save``; subclasses per spec kind."""
 
     def __init__(self, spec: Model_pb2.Model, device: torch.device, *,
-                 compute_units: str = "all", path: Optional[str] = None):
+                 compute_units: str = "all", path: Optional[str] = None,
+                 allow_low_precision_accumulation_on_gpu: bool = False):
         self.spec = spec
         self.device = device
         self.compute_units = compute_units
         self.path = path
+        self.allow_low_precision_accumulation_on_gpu = bool(allow_low_precision_accumulation_on_gpu)
+        #: True when predictions run under float16 autocast (asked for, and on a GPU)
+        self.low_precision = uses_low_precision(device, allow_low_precision_accumulation_on_gpu)
 
     # --- description -------------------------------------------------------------------
     @property
@@ -73,9 +77,13 @@ class CompiledModel:
         """Predict a list of examples in one batched pass."""
         batch = list(batch) if not isinstance(batch, dict) else batch
         feeds = encode_inputs(self.spec.description.input, batch, self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             out = self.forward(feeds, len(batch))
         return decode_outputs(self.spec.description.output, out, len(batch))
+
+    def autocast(self):
+        """float16 autocast on the model's GPU when low precision is allowed; else a no-op."""
+        return autocast(self.device, self.low_precision)
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike):
@@ -102,12 +110,15 @@ class CompiledModel:
         """An independent model compiled from a copy of this spec."""
         spec = Model_pb2.Model()
         spec.CopyFrom(self.spec)
-        return compile_spec(spec, self.compute_units, path=self.path)
+        low = self.allow_low_precision_accumulation_on_gpu
+        return compile_spec(spec, self.compute_units, path=self.path, device=self.device,
+                            allow_low_precision_accumulation_on_gpu=low)
 
 
 def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
-                 path: Optional[str] = None, device: Optional[torch.device] = None) -> CompiledModel:
-    """Compile ``spec`` with the class registered for its kind."""
+                 path: Optional[str] = None, device: Optional[torch.device] = None,
+                 allow_low_precision_accumulation_on_gpu: bool = False) -> CompiledModel:
+    """Compile ``spec`` with the class registered for its kind (see runtime.device for the options)."""
     check_header(spec, path or "model")
     kind = spec.WhichOneof("Type")
     cls = MODEL_KINDS.get(kind)
@@ -117,13 +128,20 @@ def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
             f"{', '.join(sorted(MODEL_KINDS))})"
         )
     dev = device if device is not None else select_device(compute_units)
-    return cls(spec, dev, compute_units=compute_units, path=path)
+    return cls(spec, dev, compute_units=compute_units, path=path,
+               allow_low_precision_accumulation_on_gpu=allow_low_precision_accumulation_on_gpu)
 
 
-def load(source: SpecLike | CompiledModel, compute_units: str = "all") -> CompiledModel:
-    """Load and compile a model from a path, bytes or a ``Model_pb2.Model``."""
+def load(source: SpecLike | CompiledModel, compute_units: str = "all", *,
+         allow_low_precision_accumulation_on_gpu: bool = False) -> CompiledModel:
+    """Load and compile a model from a path, bytes or a ``Model_pb2.Model``.
+
+    ``compute_units``: "cpu_only" | "cpu_and_gpu" | "all" (or coremltools' ComputeUnit names);
+    ``allow_low_precision_accumulation_on_gpu``: float16 autocast when running on a GPU.
+    """
     if isinstance(source, CompiledModel):
         return source
     path = None if isinstance(source, (bytes, bytearray, Model_pb2.Model)) else os.fspath(source)
     spec = load_spec(source)
-    return compile_spec(spec, compute_units, path=path)
+    return compile_spec(spec, compute_units, path=path,
+                        allow_low_precision_accumulation_on_gpu=allow_low_precision_accumulation_on_gpu)

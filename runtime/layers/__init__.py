@@ -86,4 +86,4 @@ def ints(values, default) -> list[int]:
 
 
 # Register the built-in kinds (import for side effects).
-from . import activation, conv, dense, elementwise, normalization, pooling, shape  # noqa: E402,F401
+from . import activation, conv, custom, dense, elementwise, normalization, pooling, shape  # noqa: E402,F401
