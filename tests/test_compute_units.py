@@ -1,0 +1,115 @@
+"""compute_units -> torch device; low-precision autocast on GPUs (GPU tests skip without one)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import coremltools as ct
+from coremltools.models import datatypes
+from coremltools.models.neural_network import NeuralNetworkBuilder
+
+import mlpersonal as mp
+from mlpersonal.errors import MLPersonalError
+from runtime.device import normalize_compute_units, select_device
+
+HAS_GPU = torch.cuda.is_available() or (
+    getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA or Metal device on this machine")
+
+
+def small_spec(rng):
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3, 16, 16))], [("y", datatypes.Array(4))])
+    w = rng.normal(size=(3, 3, 3, 8)).astype(np.float32)
+    b.add_convolution("conv", 3, 8, 3, 3, 1, 1, "same", 1, w, np.zeros(8, np.float32), True,
+                      input_name="x", output_name="c")
+    b.add_activation("relu", "RELU", "c", "r")
+    b.add_pooling("gap", 1, 1, 1, 1, "AVERAGE", "VALID", "r", "p", is_global=True)
+    b.add_inner_product("fc", rng.normal(size=(4, 8)).astype(np.float32), None, 8, 4, False, "p", "y")
+    return b.spec
+
+
+def reference(spec, x):
+    """The same network in plain torch (float64), from the spec's weights."""
+    layers = spec.neuralNetwork.layers
+    w = torch.tensor(np.asarray(layers[0].convolution.weights.floatValue, np.float64).reshape(8, 3, 3, 3))
+    fc = torch.tensor(np.asarray(layers[3].innerProduct.weights.floatValue, np.float64).reshape(4, 8))
+    h = torch.relu(torch.nn.functional.conv2d(torch.tensor(x, dtype=torch.float64)[None], w, padding=1))
+    return (h.mean(dim=(2, 3)) @ fc.T)[0].numpy()
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("cpu_only", "cpu_only"), ("CPU_ONLY", "cpu_only"), ("cpuOnly", "cpu_only"),
+    ("cpu_and_gpu", "cpu_and_gpu"), ("CPU_AND_GPU", "cpu_and_gpu"), ("cpuAndGPU", "cpu_and_gpu"),
+    ("all", "all"), ("ALL", "all"), ("ComputeUnit.ALL", "all"),
+    ("CPU_AND_NE", "cpu_and_ne"), ("cpuAndNeuralEngine", "cpu_and_ne"),
+    (ct.ComputeUnit.CPU_ONLY, "cpu_only"), (ct.ComputeUnit.CPU_AND_GPU, "cpu_and_gpu"),
+    (ct.ComputeUnit.ALL, "all"), (ct.ComputeUnit.CPU_AND_NE, "cpu_and_ne"),
+])
+def test_compute_unit_spellings(name, expected):
+    assert normalize_compute_units(name) == expected
+
+
+def test_unknown_compute_units_are_refused(rng):
+    with pytest.raises(MLPersonalError, match="cpu_only, cpu_and_gpu"):
+        mp.load(small_spec(rng), compute_units="gpu_only")
+
+
+def test_cpu_only_runs_on_cpu(rng):
+    spec = small_spec(rng)
+    m = mp.load(spec, compute_units="cpu_only")
+    assert m.device == torch.device("cpu") and not m.low_precision
+    x = rng.normal(size=(3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(m.predict({"x": x})["y"], reference(spec, x), atol=1e-5)
+    assert m.net.params is not None and all(p.device.type == "cpu" for p in m.net.parameters())
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the fallback when no GPU is present")
+def test_gpu_request_falls_back_to_cpu_with_a_note(rng):
+    with pytest.warns(RuntimeWarning, match="no CUDA or Metal device"):
+        m = mp.load(small_spec(rng), compute_units="cpu_and_gpu")
+    assert m.device.type == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "all" includes the cpu: no note
+        assert select_device("all").type == "cpu"
+
+
+def test_cpu_and_ne_runs_on_cpu_with_a_note():
+    with pytest.warns(RuntimeWarning, match="Neural Engine"):
+        assert select_device("CPU_AND_NE").type == "cpu"
+
+
+def test_low_precision_is_a_no_op_on_cpu(rng):
+    spec = small_spec(rng)
+    x = rng.normal(size=(3, 16, 16)).astype(np.float32)
+    full = mp.load(spec, compute_units="cpu_only")
+    low = mp.load(spec, compute_units="cpu_only", allow_low_precision_accumulation_on_gpu=True)
+    assert low.allow_low_precision_accumulation_on_gpu and not low.low_precision
+    np.testing.assert_array_equal(low.predict({"x": x})["y"], full.predict({"x": x})["y"])
+    assert low.copy().allow_low_precision_accumulation_on_gpu
+
+
+@needs_gpu
+def test_gpu_matches_cpu(rng):
+    spec = small_spec(rng)
+    m = mp.load(spec, compute_units="cpu_and_gpu")
+    assert m.device.type in ("cuda", "mps") and not m.low_precision
+    xs = [rng.normal(size=(3, 16, 16)).astype(np.float32) for _ in range(8)]
+    got = np.stack([o["y"] for o in m.predict_batch([{"x": x} for x in xs])])
+    np.testing.assert_allclose(got, np.stack([reference(spec, x) for x in xs]), atol=1e-4)
+
+
+@needs_gpu
+def test_low_precision_on_gpu_uses_fp16_autocast(rng):
+    spec = small_spec(rng)
+    m = mp.load(spec, compute_units="all", allow_low_precision_accumulation_on_gpu=True)
+    assert m.low_precision
+    with m.autocast():
+        a = torch.ones(4, 4, device=m.device)
+        assert (a @ a).dtype == torch.float16
+    xs = [rng.normal(size=(3, 16, 16)).astype(np.float32) for _ in range(8)]
+    got = np.stack([o["y"] for o in m.predict_batch([{"x": x} for x in xs])])
+    ref = np.stack([reference(spec, x) for x in xs])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=5e-2, rtol=1e-2)
