@@ -78,7 +78,8 @@ def custom_layer_params(desc: Mapping[str, Any]) -> "NeuralNetwork_pb2.CustomLay
         raise ConversionError(f"custom layer {class_name!r}: 'parameters' must be a dict")
     for name, value in params.items():
         if not isinstance(name, str) or not name:
-            raise ConversionError(f"custom layer {class_name!r}: parameter names must be non-empty str")
+            raise ConversionError(f"custom layer {class_name!r}: parameter names must be "
+                                  "non-empty str")
         _set_param(p.parameters[name], name, value, class_name)
     weights = desc.get("weights") or []
     if isinstance(weights, np.ndarray) or not isinstance(weights, Sequence):

@@ -45,7 +45,8 @@ class FlexibilityReport:
 
 
 # --------------------------------------------------------------------------- is_flexible
-def is_flexible(module_or_spec: Any, input_shape: Optional[Sequence[int]] = None) -> FlexibilityReport:
+def is_flexible(module_or_spec: Any,
+                input_shape: Optional[Sequence[int]] = None) -> FlexibilityReport:
     """Whether a torch module or a NeuralNetwork spec is fully convolutional.
 
     A network qualifies when nothing fixes the spatial size of its input before a global
@@ -74,7 +75,8 @@ def _module_report(module, input_shape) -> FlexibilityReport:
     from torch import nn
 
     fixing = (nn.Linear, nn.Bilinear, nn.Flatten, nn.Unflatten, nn.LazyLinear)
-    adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+    adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveMaxPool1d)
     names = {m: n for n, m in module.named_modules()}
     order: list = []
     probe_error = None
@@ -82,7 +84,8 @@ def _module_report(module, input_shape) -> FlexibilityReport:
         shape = tuple(int(s) for s in input_shape)
         shape = (1, *shape) if len(shape) == 3 else shape
         if len(shape) != 4:
-            raise ConversionError(f"input_shape must be (C, H, W) or (N, C, H, W), got {input_shape}")
+            raise ConversionError(f"input_shape must be (C, H, W) or (N, C, H, W), "
+                                  f"got {input_shape}")
         leaves = [m for m in module.modules() if not list(m.children())]
         hooks = [m.register_forward_pre_hook(lambda m, _a: order.append(m)) for m in leaves]
         was_training = module.training
@@ -107,15 +110,18 @@ def _module_report(module, input_shape) -> FlexibilityReport:
         if isinstance(m, adaptive):
             size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,)
             if all(s == 1 for s in size):
-                return FlexibilityReport(True, SPATIAL, "")  # global pooling: the rest is fixed-size
+                # global pooling: what follows sees a fixed size
+                return FlexibilityReport(True, SPATIAL, "")
             return FlexibilityReport(False, (), f"layer {name!r} ({type(m).__name__}) pools to a "
-                                     f"fixed {size} grid, which Core ML can only express for one input size")
+                                     f"fixed {size} grid, which Core ML can only express for "
+                                     "one input size")
         if isinstance(m, fixing):
-            return FlexibilityReport(False, (), f"layer {name!r} ({type(m).__name__}) fixes the input size")
+            return FlexibilityReport(False, (), f"layer {name!r} ({type(m).__name__}) fixes the "
+                                     "input size")
     if probe_error is not None:
+        err = f"{type(probe_error).__name__}: {probe_error}"
         return FlexibilityReport(False, (), f"the module does not run at twice the input size "
-                                 f"({type(probe_error).__name__}: {probe_error}); a view/reshape in "
-                                 "forward probably fixes the size")
+                                 f"({err}); a view/reshape in forward probably fixes the size")
     return FlexibilityReport(True, SPATIAL, "")
 
 
@@ -166,7 +172,8 @@ def _spatial_inputs(spec) -> set:
     out = set()
     for fd in spec.description.input:
         kind = fd.type.WhichOneof("Type")
-        if kind == "imageType" or (kind == "multiArrayType" and len(fd.type.multiArrayType.shape) >= 3):
+        rank = len(fd.type.multiArrayType.shape) if kind == "multiArrayType" else 0
+        if kind == "imageType" or rank >= 3:
             out.add(fd.name)
     return out
 
@@ -174,7 +181,8 @@ def _spatial_inputs(spec) -> set:
 def _spec_report(spec) -> FlexibilityReport:
     kind = spec.WhichOneof("Type")
     if kind not in _NN_KINDS:
-        return FlexibilityReport(False, (), f"a {kind!r} model has no layers whose input size could vary")
+        return FlexibilityReport(False, (), f"a {kind!r} model has no layers whose input size "
+                                 "could vary")
     inputs = tuple(sorted(_spatial_inputs(spec)))
     if not inputs:
         return FlexibilityReport(False, (), "no input has spatial dimensions (images or arrays of "
@@ -209,7 +217,8 @@ def _range(r, what: str) -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in r)
     except (TypeError, ValueError):
-        raise ConversionError(f"{what} must be an int or a (lower, upper) pair, got {r!r}") from None
+        raise ConversionError(f"{what} must be an int or a (lower, upper) pair, "
+                              f"got {r!r}") from None
     lo = 1 if lo == 0 else lo  # as coremltools' ShapeRange
     if lo < 1 or (hi != -1 and (hi < 1 or hi < lo)):
         raise ConversionError(f"{what} ({lo}, {hi}) is not a valid range: lower >= 1 and upper "
@@ -241,7 +250,8 @@ def _clear_array_output(fd) -> None:
 def _ratio(fd_out, fd_in) -> tuple[Fraction, Fraction]:
     o, i = fd_out.type.imageType, fd_in.type.imageType
     if not (i.width and i.height and o.width and o.height):
-        raise ConversionError(f"image features {fd_in.name!r} and {fd_out.name!r} need default sizes")
+        raise ConversionError(f"image features {fd_in.name!r} and {fd_out.name!r} need "
+                              "default sizes")
     return Fraction(o.width, i.width), Fraction(o.height, i.height)
 
 

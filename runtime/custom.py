@@ -49,7 +49,7 @@ def _check_name(class_name: str, what: str) -> str:
 
 
 def register_custom_layer(class_name: str, impl: Any) -> None:
-    """Make ``impl`` (a class) the implementation of custom layers whose className is ``class_name``.
+    """Make class ``impl`` implement the custom layers whose className is ``class_name``.
 
     ``impl(parameters)`` must give an object with ``evaluate(inputs)`` (numpy, no gradients) and/or
     ``forward(*tensors)`` (torch; preferred when present, and gradients flow through it during
@@ -65,7 +65,7 @@ def register_custom_layer(class_name: str, impl: Any) -> None:
 
 
 def register_custom_model(class_name: str, impl: Any) -> None:
-    """Make ``impl`` (a class) the implementation of custom models whose className is ``class_name``.
+    """Make class ``impl`` implement the custom models whose className is ``class_name``.
 
     ``impl(description, parameters)`` must give an object with ``predict(features) -> dict`` and
     optionally ``predict_batch(list_of_features) -> list_of_dicts``.

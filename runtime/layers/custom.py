@@ -110,7 +110,8 @@ def custom(layer, ctx) -> Callable:
         arrays = [x.detach().cpu().numpy() for x in xs]
         expected = None
         if hasattr(obj, "output_shapes"):
-            expected = [tuple(int(d) for d in s) for s in obj.output_shapes([a.shape for a in arrays])]
+            shapes = obj.output_shapes([a.shape for a in arrays])
+            expected = [tuple(int(d) for d in s) for s in shapes]
         outs = [np.asarray(o, dtype=np.float32) for o in
                 _as_list(obj.evaluate(arrays), n_out, what, "evaluate")]
         if expected is not None:
