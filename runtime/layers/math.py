@@ -23,7 +23,7 @@ def unary(layer, ctx):
         INVERSE: lambda x: 1.0 / (x + eps),
         POWER: lambda x: torch.pow(x, alpha),
         EXP: torch.exp,
-        LOG: torch.log,
+        LOG: lambda x: torch.log(x + eps),  # MIL's log(x + epsilon); builders store 1e-45
         ABS: torch.abs,
         THRESHOLD: lambda x: torch.clamp(x, min=alpha),
     }
