@@ -64,6 +64,22 @@ class Seq(nn.Module):
         return y.transpose(1, 2).mean(-1)
 
 
+class TensorOps(nn.Module):
+    """Element-wise math, chunk/stack, flip, minimum, argmax, permute + reshape, broadcasting."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", torch.randn(4, 4))
+
+    def forward(self, x):
+        a, b = torch.chunk(x, 2, dim=1)
+        y = torch.stack([a, b], 0).sum(0) * torch.sigmoid(x[:, :2])
+        z = torch.minimum(x, x.flip(-1)) + torch.erf(x) + torch.sin(x) - x.square()
+        z = z + torch.sqrt(x.abs() + 1) / (x.exp() + 1) + self.c - x * self.c[0]
+        w = torch.cat([y.permute(0, 2, 1).reshape(1, -1), z.reshape(1, -1)], 1)
+        return w + x.argmax(-1).float().sum()
+
+
 def _models():
     mlp = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4), nn.Softmax(-1))
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -76,6 +92,7 @@ def _models():
         "mixed_activations_deconv": (Mixed(), (1, 4, 9, 9)),
         "batchnorm1d_mlp": (bn_mlp, (1, 10)),
         "rank3_layernorm": (Seq(), (1, 5, 6)),
+        "tensor_ops": (TensorOps(), (1, 4, 4)),
     }
 
 
@@ -113,3 +130,33 @@ def test_ct_converted_model_matches_torch(name):
         np.testing.assert_allclose(got[out_name], r, atol=1e-4, rtol=0)
     one = model.predict({in_name: xs[0].numpy()})[out_name]
     np.testing.assert_allclose(one, batch[0][out_name], atol=1e-6, rtol=0)
+
+
+def test_ct_converted_image_classifier_input():
+    """A ct.ImageType (BGR, scale + bias) input: pixels are preprocessed, then the CNN runs."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten(), nn.Linear(4, 3)).eval()
+    scale, bias = 1 / 127.5, [-1.0, -0.5, 0.25]
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, torch.randn(1, 3, 6, 8))
+        ml = ct.convert(traced, convert_to="neuralnetwork",
+                        inputs=[ct.ImageType(name="image", shape=(1, 3, 6, 8), scale=scale,
+                                             bias=bias, color_layout=ct.colorlayout.BGR)])
+    logging.disable(logging.NOTSET)
+    spec = ml.get_spec()
+    model = mlpersonal.load(spec)
+    out_name = spec.description.output[0].name
+    rng = np.random.default_rng(0)
+    rgbs = [rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8) for _ in range(3)]
+    got = model.predict_batch([{"image": Image.fromarray(px)} for px in rgbs])
+    for px, g in zip(rgbs, got):
+        bgr = torch.tensor(px[..., ::-1].copy(), dtype=torch.float32).permute(2, 0, 1)
+        x = bgr * scale + torch.tensor(bias).reshape(3, 1, 1)
+        with torch.no_grad():
+            want = module(x[None]).numpy()
+        np.testing.assert_allclose(g[out_name].reshape(want.shape), want, atol=1e-4, rtol=0)

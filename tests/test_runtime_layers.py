@@ -674,6 +674,51 @@ def _(b, rng):
     return lambda x, y: np.maximum(x, y)
 
 
+@case("nd_rank_preserving_reshape_tile_stack_reverse", nd=True, x=(2, 3, 4))
+def _(b, rng):
+    b.add_rank_preserving_reshape("rp", "x", "a", (0, 4, -1))  # (2, 4, 3)
+    b.add_tile("tile", "a", "t", reps=[1, 1, 2])  # (2, 4, 6)
+    b.add_reverse("rev", "t", "r", reverse_dim=[False, True, False])
+    b.add_stack("stack", ["t", "r"], "out", axis=1)  # (2, 2, 4, 6)
+    def ref(x):
+        tt = np.tile(x.reshape(2, 4, 3), (1, 1, 2))
+        return np.stack([tt, tt[:, ::-1]], 1)
+    return ref
+
+
+@case("nd_layer_norm_clamped_relu_rounding", nd=True, x=(3, 6))
+def _(b, rng):
+    g, be = r(rng, 6), r(rng, 6)
+    b.add_layer_normalization("ln", "x", "n", normalized_shape=[6], gamma=g, beta=be, eps=1e-5)
+    b.add_clamped_relu("crelu", "n", "c", alpha=0.1, beta=0.8)
+    b.add_elementwise("x4", ["c"], "c4", "MULTIPLY", alpha=4.0)
+    b.add_floor("floor", "c4", "f")
+    b.add_ceil("ceil", "c4", "ce")
+    b.add_sign("sign", "n", "s")
+    b.add_concat_nd("cat", ["c", "f", "ce", "s"], "out", axis=0)
+    def ref(x):
+        n = F.layer_norm(t(x), (6,), t(g), t(be), 1e-5)
+        c = torch.clamp(torch.where(n >= 0, n, 0.1 * n), max=0.8)
+        return torch.cat([c, torch.floor(4 * c), torch.ceil(4 * c), torch.sign(n)], 0)
+    return ref
+
+
+@case("nd_split_sizes_argmin_logsumexp", nd=True, x=(4, 5))
+def _(b, rng):
+    b.add_split_nd("sp", "x", ["p", "q"], axis=1, split_sizes=[2, 3])
+    b.add_argmin("am", "q", "a", axis=1, keepdims=True)
+    b.add_reduce_logsumexp("lse", "p", "l", axes=[1], keepdims=True)
+    b.add_concat_nd("cat", ["a", "l"], "out", axis=1)
+    return lambda x: np.concatenate([x[:, 2:].argmin(1)[:, None],
+                                     np.log(np.exp(x[:, :2].astype(np.float64)).sum(1))[:, None]], 1)
+
+
+@case("sequence_concat", x=(2, 2, 3), y=(2, 2, 3))
+def _(b, rng):
+    b.add_elementwise("cat", ["x", "y"], "out", "SEQUENCE_CONCAT")
+    return lambda x, y: np.stack([x, y])
+
+
 # ---------------------------------------------------------------- running the cases -----------
 @pytest.mark.parametrize("name", list(CASES))
 def test_layer_matches_reference(name):
