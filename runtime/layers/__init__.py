@@ -116,6 +116,6 @@ def spatial(fn: Callable) -> Callable:
 
 # Register the built-in kinds (import for side effects).
 from . import (  # noqa: E402,F401
-    activation, constant, conv, dense, elementwise, math, ndshape, normalization, pooling, reduce,
+    activation, constant, conv, dense, elementwise, mathops, ndshape, normalization, pooling, reduce,
     resize, shape,
 )
