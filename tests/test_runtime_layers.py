@@ -719,6 +719,79 @@ def _(b, rng):
     return lambda x, y: np.stack([x, y])
 
 
+ND_UNARY = {"sin": np.sin, "cos": np.cos, "tan": np.tan, "asin": np.arcsin, "acos": np.arccos,
+            "atan": np.arctan, "sinh": np.sinh, "cosh": np.cosh, "tanh": np.tanh,
+            "asinh": np.arcsinh, "atanh": np.arctanh, "exp2": np.exp2, "round": np.round}
+
+
+@case("nd_unary_math_kinds", nd=True, x=(2, 5))
+def _(b, rng):
+    outs = []
+    for kind in ND_UNARY:
+        getattr(b, f"add_{kind}")(kind, "x", kind)
+        outs.append(kind)
+    b.add_elementwise("x3", ["x"], "x3", "ADD", alpha=3.0)  # acosh needs x >= 1
+    b.add_acosh("acosh", "x3", "acosh")
+    b.add_concat_nd("cat", outs + ["acosh"], "out", axis=0)
+    return lambda x: np.concatenate([f(x.astype(np.float64)) for f in ND_UNARY.values()]
+                                    + [np.arccosh(x + 3.0)], 0)
+
+
+ND_REDUCE = {"sum": np.sum, "prod": np.prod, "mean": np.mean, "max": np.max, "min": np.min,
+             "l1": lambda x, axis, keepdims: np.abs(x).sum(axis, keepdims=keepdims),
+             "l2": lambda x, axis, keepdims: np.sqrt((x ** 2).sum(axis, keepdims=keepdims)),
+             "sumsquare": lambda x, axis, keepdims: (x ** 2).sum(axis, keepdims=keepdims),
+             "logsum": lambda x, axis, keepdims: np.log(np.abs(x).sum(axis, keepdims=keepdims))}
+
+
+@case("nd_reduce_kinds", nd=True, x=(2, 3, 4))
+def _(b, rng):
+    b.add_unary("abs", "x", "ax", "abs")
+    outs = []
+    for kind in ND_REDUCE:
+        getattr(b, f"add_reduce_{kind}")(kind, "ax" if kind == "logsum" else "x", kind,
+                                         axes=[0, 2], keepdims=False)
+        outs.append(kind)
+    b.add_stack("stack", outs, "out", axis=0)
+    return lambda x: np.stack([f(x.astype(np.float64), axis=(0, 2), keepdims=False)
+                               for f in ND_REDUCE.values()])
+
+
+ND_BINARY = {"max": np.maximum, "min": np.minimum, "pow": lambda a, c: np.abs(a) ** c,
+             "floor_div": lambda a, c: np.floor(a / c), "mod": np.mod}
+
+
+@case("nd_binary_compare_logical_kinds", nd=True, x=(3, 4), y=(1, 4))
+def _(b, rng):
+    b.add_unary("abs", "x", "ax", "abs")
+    outs = []
+    for kind in ND_BINARY:
+        src = "ax" if kind == "pow" else "x"
+        getattr(b, f"add_{kind}_broadcastable")(kind, [src, "y"], kind)
+        outs.append(kind)
+    for kind, fn in [("greater_than", "gt"), ("less_than", "lt"), ("equal", "eq"), ("not_equal", "ne")]:
+        getattr(b, f"add_{kind}")(kind, ["x", "y"], kind)
+        outs.append(kind)
+    b.add_greater_than("ge0", ["x"], "ge0", alpha=0.0, use_greater_than_equal=True)
+    b.add_less_than("le0", ["y"], "le0", alpha=0.0, use_less_than_equal=True)
+    b.add_logical("and", ["ge0", "le0"], "and", "AND")
+    b.add_logical("or", ["ge0", "le0"], "or", "OR")
+    b.add_logical("xor", ["ge0", "le0"], "xor", "XOR")
+    b.add_logical("not", ["ge0"], "not", "NOT")
+    b.add_concat_nd("cat", outs + ["ge0", "and", "or", "xor", "not"], "out", axis=0)
+
+    def ref(x, y):
+        x, y = x.astype(np.float64), y.astype(np.float64) + 0 * x
+        ge, le = x >= 0, y <= 0
+        parts = [f(x, y) for f in ND_BINARY.values()]
+        parts += [x > y, x < y, x == y, x != y, ge, ge & le, ge | le, ge ^ le, ~ge]
+        return np.concatenate([np.asarray(p, np.float64) for p in parts], 0)
+
+    ref.inputs = lambda i: {"x": i["x"], "y": np.where(np.arange(4) == 1, i["x"][0, 1], i["y"] + 1.5)
+                            .astype(np.float32).reshape(1, 4)}
+    return ref
+
+
 # ---------------------------------------------------------------- running the cases -----------
 @pytest.mark.parametrize("name", list(CASES))
 def test_layer_matches_reference(name):
