@@ -14,6 +14,7 @@ from .model import CompiledModel, register_model_kind
 from .network import Network
 
 EXACT_ARRAY_MAPPING = 1
+RANK4_IMAGE_MAPPING = 1
 
 
 @register_model_kind("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
@@ -41,11 +42,8 @@ class NeuralNetworkModel(CompiledModel):
                 raise InvalidModelError(
                     f"output {fd.name!r} is not produced by any layer of the network"
                 )
-        # ND models stack examples along axis 0 when every array input declares a leading 1.
-        self._batchable = (not self.nd) or all(
-            feature_kind(fd) != "multiArrayType" or (array_shape(fd)[:1] == (1,))
-            for fd in spec.description.input
-        )
+        # ND models run one example at a time at its declared shape; batches go through vmap.
+        self._rank4_images = int(self.nn_spec.imageInputShapeMapping) == RANK4_IMAGE_MAPPING
 
     # --- set-up ----------------------------------------------------------------------------
     def _setup_classifier(self):
@@ -94,7 +92,11 @@ class NeuralNetworkModel(CompiledModel):
 
     # --- running ---------------------------------------------------------------------------
     def to_blobs(self, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Model inputs (user layout) -> network input blobs (internal layout)."""
+        """Model inputs (user layout) -> network input blobs (internal layout).
+
+        Rank-5 mode: ``(B, C, H, W)`` blobs. ND mode: ``(B, *per-example blob)`` where the
+        per-example blob has the declared shape (images: ``[1, C, H, W]`` or ``[1, 1, C, H, W]``).
+        """
         blobs = {}
         for fd in self.spec.description.input:
             x = feeds[fd.name]
@@ -107,12 +109,13 @@ class NeuralNetworkModel(CompiledModel):
                         x = x.reshape(x.shape[0], *x.shape[-3:])
                     elif x.dim() != 4:
                         x = x.reshape(x.shape[0], -1, 1, 1)
-                else:
-                    x = x.reshape(-1, *x.shape[2:]) if self._batchable else x
             elif kind == "imageType":
-                pass
+                if self.nd:
+                    x = x.reshape(x.shape[0], *([1] if self._rank4_images else [1, 1]), *x.shape[1:])
             elif kind in ("int64Type", "doubleType"):
                 x = x.to(torch.float32).reshape(-1, 1, 1, 1) if not self.nd else x.to(torch.float32).reshape(-1, 1)
+            else:
+                continue  # strings / dictionaries never reach the layers
             pre = self._preprocess.get(fd.name)
             blobs[fd.name] = pre(x) if pre is not None else x
         return blobs
@@ -124,9 +127,7 @@ class NeuralNetworkModel(CompiledModel):
             if self.is_classifier and fd.name in (self._label_name, self._probs_name):
                 continue
             t = env[fd.name]
-            if self.nd and self._batchable:
-                t = t.reshape(n, 1, *t.shape[1:]) if t.shape[0] == n else t.reshape(n, *t.shape)
-            elif not self.nd:
+            if not self.nd:
                 declared = array_shape(fd) if feature_kind(fd) == "multiArrayType" else ()
                 per = t[0].numel() if t.dim() else 1
                 if declared and int(np.prod(declared)) == per:
@@ -150,14 +151,29 @@ class NeuralNetworkModel(CompiledModel):
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
-        if not self._batchable or any(isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
-                                      for v in feeds.values()):
-            return self._forward_each(feeds, n)
-        env = self.net(self.to_blobs(feeds))
-        return self.from_blobs(env, n)
+        if any(isinstance(v, list) and v and isinstance(v[0], torch.Tensor) for v in feeds.values()):
+            return self._forward_each(feeds, n)  # mixed flexible shapes
+        return self.from_blobs(self.run_blobs(self.to_blobs(feeds), n), n)
+
+    def run_blobs(self, blobs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """Run the network on batched input blobs; every returned blob has a leading batch axis.
+
+        Rank-5 layers see the whole batch; ND layers see one example at its declared shape
+        (``torch.func.vmap`` over the batch, or a loop when an op cannot be vmapped).
+        """
+        if not self.nd:
+            return self.net(blobs)
+        if n == 1:
+            env = self.net({k: v[0] for k, v in blobs.items()})
+            return {k: v.unsqueeze(0) for k, v in env.items()}
+        try:
+            return torch.func.vmap(self.net)(blobs)
+        except Exception:  # noqa: BLE001 - an op without a batching rule: loop instead
+            parts = [self.net({k: v[i] for k, v in blobs.items()}) for i in range(n)]
+            return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
     def _forward_each(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
-        """Run examples one at a time (ND models without a batch axis, mixed flexible shapes)."""
+        """Run examples one at a time (mixed flexible shapes)."""
         parts = []
         for i in range(n):
             one = {}
@@ -167,13 +183,7 @@ class NeuralNetworkModel(CompiledModel):
                 else:
                     item = v[i]
                     one[k] = item.unsqueeze(0) if isinstance(item, torch.Tensor) else [item]
-            if self.nd and not self._batchable:
-                blobs = {k: (t[0] if isinstance(t, torch.Tensor) else t) for k, t in self.to_blobs(one).items()}
-                env = self.net(blobs)
-                env = {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v for k, v in env.items()}
-                parts.append(self.from_blobs(env, 1))
-            else:
-                parts.append(self.from_blobs(self.net(self.to_blobs(one)), 1))
+            parts.append(self.from_blobs(self.run_blobs(self.to_blobs(one), 1), 1))
         merged: dict[str, Any] = {}
         for k in parts[0]:
             vals = [p[k] for p in parts]

@@ -3,8 +3,10 @@
 A builder takes the layer's spec and a :class:`BuildContext` and returns a callable that maps
 input tensors to output tensor(s). Tensors carry a leading batch axis. In rank-5 mode (spec v1-v3
 style, ``RANK5_ARRAY_MAPPING``) every blob is a 4-D ``(B, C, H, W)`` tensor (sequence length 1);
-in ND mode (``EXACT_ARRAY_MAPPING``) blobs have exactly the rank the spec declares and the batch
-is stacked along axis 0. Classic layers address channels as axis -3, which holds in both modes.
+in ND mode (``EXACT_ARRAY_MAPPING``) blobs have exactly the shape the spec declares, one example
+at a time (the model batches them with ``torch.func.vmap``), so ND layers implement Core ML's
+per-example semantics literally. Classic layers address channels as axis -3 in both modes and
+treat axes before -3 as batch. In rank-5 mode a blob with a sequence axis is 5-D ``(B, S, C, H, W)``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from mlpersonal.codecs import decode
-from mlpersonal.errors import InvalidModelError
+from mlpersonal.errors import InvalidModelError, UnsupportedLayerError
 
 Builder = Callable[..., Callable]
 LAYERS: dict[str, Builder] = {}
@@ -78,6 +80,15 @@ class BuildContext:
     def fail(self, msg: str) -> InvalidModelError:
         return InvalidModelError(f"{self.where()}: {msg}")
 
+    def unsupported(self, msg: str) -> UnsupportedLayerError:
+        kind = self.layer.WhichOneof("layer") if self.layer is not None else "?"
+        return UnsupportedLayerError(f"{self.where()} of kind {kind!r}: {msg}")
+
+    def const(self, values, shape=None) -> torch.Tensor:
+        """A frozen float tensor on the model's device."""
+        t = torch.as_tensor(np.asarray(values, dtype=np.float32), device=self.device)
+        return t.reshape(shape) if shape is not None else t
+
 
 def ints(values, default) -> list[int]:
     """A repeated int field, or ``default`` when empty."""
@@ -85,5 +96,26 @@ def ints(values, default) -> list[int]:
     return v if v else list(default)
 
 
+def or_default(value: float, default: float) -> float:
+    """Core ML's "defaults to ``default`` if not set or set to 0" rule."""
+    return float(value) if value != 0 else float(default)
+
+
+def spatial(fn: Callable) -> Callable:
+    """Wrap a 4-D ``(N, C, H, W)`` op so that it accepts any rank >= 3 (leading axes are batch)."""
+
+    def run(x, *rest):
+        if x.dim() == 4:
+            return fn(x, *rest)
+        lead = x.shape[:-3]
+        y = fn(x.reshape(-1, *x.shape[-3:]), *rest)
+        return y.reshape(*lead, *y.shape[-3:])
+
+    return run
+
+
 # Register the built-in kinds (import for side effects).
-from . import activation, conv, custom, dense, elementwise, normalization, pooling, shape  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    activation, constant, conv, custom, dense, elementwise, mathops, ndshape, normalization, pooling,
+    reduce, resize, shape,
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ints, register
+from . import ints, register, spatial
 from .conv import explicit_padding
 
 MAX, AVERAGE, L2 = 0, 1, 2
@@ -49,9 +49,9 @@ def pooling(layer, ctx):
     if pad_kind == "includeLastPixel":
         amounts = [int(a) for a in p.includeLastPixel.paddingAmounts] or [0, 0]
         ph, pw = amounts[0], amounts[1] if len(amounts) > 1 else amounts[0]
-        return lambda x: pool(x, (ph, ph, pw, pw), ceil_mode=True)
+        return spatial(lambda x: pool(x, (ph, ph, pw, pw), ceil_mode=True))
     pad_msg = getattr(p, pad_kind)
     if pad_kind == "valid":
         pads = explicit_padding(pad_msg, "valid", None, k, s, (1, 1))
-        return lambda x: pool(x, pads)
-    return lambda x: pool(x, explicit_padding(pad_msg, "same", x.shape[-2:], k, s, (1, 1)))
+        return spatial(lambda x: pool(x, pads))
+    return spatial(lambda x: pool(x, explicit_padding(pad_msg, "same", x.shape[-2:], k, s, (1, 1))))
