@@ -63,8 +63,8 @@ def resolve_linked_file(link, model_path: Optional[str]) -> str:
     names = [name]
     if name.endswith(".mlmodelc"):
         names.append(name[: -len(".mlmodelc")] + ".mlmodel")
-    searched = []
-    for entry in search.split(":"):
+    folders = []
+    for entry in search.split(":"):  # every entry is checked, even those after a match
         entry = entry or "."
         if os.path.isabs(entry) or "\x00" in entry:
             raise LinkedModelError(
@@ -76,7 +76,8 @@ def resolve_linked_file(link, model_path: Optional[str]) -> str:
             raise LinkedModelError(
                 f"linked model search path entry {entry!r} escapes the pipeline's folder {base}"
             )
-        searched.append(folder)
+        folders.append(folder)
+    for folder in folders:
         for n in names:
             cand = os.path.join(folder, n)
             if not os.path.lexists(cand):
@@ -90,7 +91,7 @@ def resolve_linked_file(link, model_path: Optional[str]) -> str:
                 raise LinkedModelError(f"linked model {cand} is not a regular file")
             return real
     raise LinkedModelError(
-        f"linked model file {name!r} not found in {searched}; put the shared model file there"
+        f"linked model file {name!r} not found in {folders}; put the shared model file there"
     )
 
 
