@@ -300,8 +300,9 @@ def test_pipeline_with_updatable_nn_head(rng, weights):
     from coremltools.models.neural_network import SgdParams
 
     classes = ["x", "y", "z"]
-    b = NeuralNetworkBuilder([("embedding", datatypes.Array(EMB))], [("labelProbs", None), ("label", None)],
-                             class_labels=classes, mode="classifier")
+    b = NeuralNetworkBuilder([("embedding", datatypes.Array(EMB))], [("labelProbs", datatypes.Array(3))],
+                             mode="classifier")
+    b.set_class_labels(classes, predicted_feature_name="label", prediction_blob="labelProbs")
     b.add_inner_product("head", rng.normal(size=(3, EMB)).astype(np.float32) * 0.1, np.zeros(3, np.float32),
                         EMB, 3, True, "embedding", "logits")
     b.add_softmax("probs", "logits", "labelProbs")
