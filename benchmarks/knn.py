@@ -30,7 +30,7 @@ from exporters.knn import knn_classifier  # noqa: E402
 from mlpersonal.update_params import resolve  # noqa: E402
 
 N, D, B, K, C = 10_000, 128, 256, 3, 10
-REPEATS = 25
+REPEATS = 40
 #: statistic reported: the machine is shared (load average often > cores), so the best of
 #: interleaved runs is the stable estimate of each method's cost; medians are printed too.
 
@@ -46,16 +46,20 @@ def timeit(fn, repeats=REPEATS):
 
 
 def interleaved(fns: dict, repeats=REPEATS):
-    """Median time of each function, runs interleaved so machine noise hits all alike."""
+    """Best wall time, best process CPU time and median wall time of each function; runs are
+    interleaved so machine noise hits all methods alike."""
     for f in fns.values():
         f()
-    ts = {k: [] for k in fns}
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             f()
-            ts[k].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in ts.items()}, {k: statistics.median(v) for k, v in ts.items()}
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    return ({k: min(v) for k, v in wall.items()}, {k: min(v) for k, v in cpu.items()},
+            {k: statistics.median(v) for k, v in wall.items()})
 
 
 def main():
@@ -108,15 +112,17 @@ def main():
     _, ours = model.kneighbors(torch.from_numpy(q))
     same_sk = float(np.mean(np.sort(ours.numpy(), 1) == np.sort(sk.kneighbors(q, K)[1], 1)))
 
-    times, medians = interleaved(fns)
-    base = times["plain torch brute force"]
-    rt = times["runtime predict_batch"]
+    times, cpu, medians = interleaved(fns)
+    base, base_cpu = times["plain torch brute force"], cpu["plain torch brute force"]
+    rt, rt_cpu = times["runtime predict_batch"], cpu["runtime predict_batch"]
     print(f"\nkNN predict: {N} stored {D}-d samples, {B} queries, k={K}, torch threads=2 "
-          f"(best of {REPEATS} interleaved runs; median in brackets)")
-    print(f"{'method':26s} {'best ms':>8s} {'(median)':>10s} {'x torch':>8s} {'runtime speed-up':>17s}")
+          f"(best of {REPEATS} interleaved runs; wall and process-CPU time; median wall in brackets)")
+    print(f"{'method':26s} {'wall ms':>8s} {'(median)':>10s} {'cpu ms':>8s} {'x torch wall/cpu':>17s} "
+          f"{'runtime speed-up wall/cpu':>26s}")
     for name, t in times.items():
         print(f"{name:26s} {t * 1e3:8.2f} {'(' + format(medians[name] * 1e3, '.1f') + ')':>10s} "
-              f"{t / base:8.2f} {t / rt:16.2f}x")
+              f"{cpu[name] * 1e3:8.2f} {t / base:8.2f}/{cpu[name] / base_cpu:<8.2f} "
+              f"{t / rt:16.2f}x/{cpu[name] / rt_cpu:.2f}x")
     if faiss_note:
         print(f"{'faiss IndexFlatL2':26s} {'n/a':>8s}   ({faiss_note})")
     print(f"same neighbor sets as scikit-learn: {same_sk:.4f}")
@@ -144,7 +150,8 @@ def main():
 
     # --- growth with the index size -------------------------------------------------------------
     print(f"\npredict_batch of {B} queries vs stored samples")
-    print(f"{'samples':>9s} {'runtime ms':>11s} {'torch ms':>9s} {'ratio':>6s} {'load s':>7s}")
+    print(f"{'samples':>9s} {'runtime ms':>11s} {'torch ms':>9s} {'ratio':>6s} {'rt cpu ms':>11s} "
+          f"{'torch cpu':>9s} {'ratio':>6s} {'load s':>7s}")
     for n in (1_000, 10_000, 100_000):
         xn = rng.normal(size=(n, D)).astype(np.float32)
         yn = rng.integers(0, C, n)
@@ -160,8 +167,9 @@ def main():
             d.clamp_min_(0)
             return torch.mode(yt[d.topk(K, dim=1, largest=False).indices], dim=1).values
 
-        r, _ = interleaved({"rt": lambda m=m: m.predict_batch(batch), "torch": tb}, repeats=9)
-        print(f"{n:9d} {r['rt'] * 1e3:11.2f} {r['torch'] * 1e3:9.2f} {r['rt'] / r['torch']:6.2f} {t_load:7.2f}")
+        r, c, _ = interleaved({"rt": lambda m=m: m.predict_batch(batch), "torch": tb}, repeats=9)
+        print(f"{n:9d} {r['rt'] * 1e3:11.2f} {r['torch'] * 1e3:9.2f} {r['rt'] / r['torch']:6.2f} "
+              f"{c['rt'] * 1e3:11.2f} {c['torch'] * 1e3:9.2f} {c['rt'] / c['torch']:6.2f} {t_load:7.2f}")
 
 
 if __name__ == "__main__":
