@@ -326,3 +326,9 @@ def test_pipeline_with_updatable_nn_head(rng, weights):
     w_direct = np.array(direct.spec.neuralNetworkClassifier.layers[0].innerProduct.weights.floatValue)
     assert not np.allclose(w_direct, np.array(head.neuralNetworkClassifier.layers[0].innerProduct.weights.floatValue))
     np.testing.assert_allclose(w_pipe, w_direct, rtol=1e-4, atol=1e-6)
+
+
+def test_public_names_resolve_to_functions():
+    import exporters.pipeline  # noqa: F401  (the submodule is also an attribute of `exporters`)
+
+    assert mp.pipeline is pipeline and mp.knn_classifier.__name__ == "knn_classifier"
