@@ -10,7 +10,7 @@ from sklearn.neighbors import KNeighborsClassifier
 import mlpersonal as mp
 from exporters.knn import knn_classifier
 
-from ._drive import drive, drive_local
+from _drive import drive, drive_local
 
 SK_WEIGHTS = {"uniform": "uniform", "inverse_distance": "distance"}
 

@@ -16,7 +16,7 @@ import mlpersonal as mp
 from exporters.pipeline import linked_model, pipeline
 from mlpersonal.proto import Model_pb2
 
-from ._drive import drive, drive_local
+from _drive import drive, drive_local
 
 SIDE, HID, EMB = 8, 16, 6
 
