@@ -40,8 +40,8 @@ _LAZY = {
     "SGD": "exporters:SGD",
     "Adam": "exporters:Adam",
     "to_onnx": "exporters:to_onnx",
-    "knn_classifier": "exporters:knn_classifier",
-    "pipeline": "exporters:pipeline",
+    "knn_classifier": "exporters.knn:knn_classifier",
+    "pipeline": "exporters.pipeline:pipeline",  # not "exporters:": the submodule shadows it
     "is_flexible": "exporters:is_flexible",
     # quantization
     "quantize_weights": "mlpersonal.quantization:quantize_weights",
