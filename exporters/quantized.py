@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-import torch
 from torch import nn
+
 
 from mlpersonal import codecs
 from mlpersonal.errors import ConversionError
