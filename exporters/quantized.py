@@ -13,7 +13,6 @@ from typing import Optional
 
 from torch import nn
 
-
 from mlpersonal import codecs
 from mlpersonal.errors import ConversionError
 from mlpersonal.proto import Model_pb2, NeuralNetwork_pb2
