@@ -195,3 +195,21 @@ def test_compare_models_numbers_match_an_independent_computation(tmp_path):
     assert same.top1_agreement == 1.0 and same.max_abs_diff == 0 and same.snr_db == math.inf
     with pytest.raises(InvalidInputError):
         mp.compare_models(full, q, tmp_path / "missing")
+
+
+def test_cli_quantize_and_compare(tmp_path, capsys):
+    from mlpersonal.quantization_cli import main
+
+    src, dst = tmp_path / "m.mlmodel", tmp_path / "q.mlmodel"
+    mp.save(mixed_spec(updatable=False), src)
+    imgs = images(5)
+    np.savez(tmp_path / "s.npz", image=imgs)
+    assert main(["quantize", str(src), str(dst), "--nbits", "4", "--mode", "kmeans"]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit lut" in out and "bytes" in out
+    assert codecs.storage_of(layer(mp.load_spec(dst), "features").convolution.weights) \
+        == "4-bit lut"
+    assert main(["compare", str(src), str(dst), str(tmp_path / "s.npz")]) == 0
+    out = capsys.readouterr().out
+    want = mp.compare_models(str(src), str(dst), [{"image": im} for im in imgs])
+    assert f"{100 * want.top1_agreement:.2f} %" in out and "SNR" in out
