@@ -317,6 +317,8 @@ def quantize_weights(spec_or_path, nbits: int, mode: str = "linear", *,
         raise InvalidInputError("mode='custom_lut' needs lut_function(nbits, weights) -> (lut, q)")
     if mode == "linear_symmetric" and nbits < 2:
         raise InvalidInputError("linear_symmetric needs at least 2 bits")
+    if hasattr(spec_or_path, "spec") and not isinstance(spec_or_path, Model_pb2.Model):
+        spec_or_path = spec_or_path.spec  # a loaded model
     src = load_spec(spec_or_path) if isinstance(spec_or_path, (str, os.PathLike, bytes)) \
         else spec_or_path
     if not isinstance(src, Model_pb2.Model):

@@ -129,6 +129,18 @@ def test_mixed_model_quantizes_frozen_layers_only_and_predicts(nbits, mode):
     got = np.array([[o["probs"][k] for k in LABELS] for o in out])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert [o["label"] for o in out] == [LABELS[i] for i in want.argmax(1)]
+    # only the float head trains; writing it back keeps the frozen layer quantized
+    params = m.net.named_updatable()
+    assert sorted(params) == ["head.bias", "head.weights"]
+    with torch.no_grad():
+        params["head.weights"].add_(1.0)
+    m.net.write_back()
+    again = mp.load(m.spec.SerializeToString())
+    assert codecs.storage_of(layer(again.spec, "features").convolution.weights) == \
+        codecs.storage_of(layer(q, "features").convolution.weights)
+    np.testing.assert_allclose(
+        np.asarray(layer(again.spec, "head").innerProduct.weights.floatValue),
+        np.asarray(layer(before, "head").innerProduct.weights.floatValue) + 1.0, rtol=1e-6)
 
 
 def test_updatable_refused_when_not_skipping():
