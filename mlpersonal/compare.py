@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -125,10 +125,8 @@ def compare_models(full, quantized, sample_data: Union[str, os.PathLike, Sequenc
         chunk = samples[i:i + batch_size]
         outs_a.extend(a.predict_batch(chunk))
         outs_b.extend(b.predict_batch(chunk))
-    desc = a.spec.description
-    label = desc.predictedFeatureName if a.spec.WhichOneof("Type") in (
-        "neuralNetworkClassifier", "pipelineClassifier") or desc.predictedFeatureName else None
-    report = ComparisonReport(num_samples=len(samples), label_name=label or None)
+    label = a.spec.description.predictedFeatureName or None  # set for classifiers
+    report = ComparisonReport(num_samples=len(samples), label_name=label)
     if label and label in outs_a[0] and label in outs_b[0]:
         same = [ra[label] == rb[label] for ra, rb in zip(outs_a, outs_b)]
         report.top1_agreement = float(np.mean(same))

@@ -219,16 +219,15 @@ def weight_slots(layer) -> list[_Slot]:
     return out
 
 
-def _select(selector: LayerSelector, all_names: set[str]) -> Callable[[object], bool]:
+def _select(selector: LayerSelector, all_names: set[str], strict: bool = True
+            ) -> Callable[[object], bool]:
     if selector is None:
         return lambda layer: True
     if callable(selector):
         return selector
-    if isinstance(selector, str):
-        selector = [selector]
-    names = set(selector)
+    names = {selector} if isinstance(selector, str) else set(selector)
     unknown = names - all_names
-    if unknown:
+    if unknown and strict:
         raise InvalidInputError(
             f"layers {sorted(unknown)} are not in the model; its layers are {sorted(all_names)}")
     return lambda layer: layer.name in names
@@ -365,8 +364,8 @@ def _quantize_model(spec, selector, opts, prefix: str) -> bool:
 def _quantize_nn(nn, selector, opts, prefix: str) -> bool:
     report: QuantizationReport = opts["report"]
     nbits, mode = opts["nbits"], opts["mode"]
-    choose = _select(selector, {l.name for l in nn.layers}) if not prefix or callable(selector) \
-        or selector is None else _select_lenient(selector)
+    # names are checked against a plain network; inside pipelines each sub-model holds some
+    choose = _select(selector, {l.name for l in nn.layers}, strict=not prefix)
     changed = False
     for layer in nn.layers:
         if not choose(layer):
@@ -408,7 +407,3 @@ def _quantize_nn(nn, selector, opts, prefix: str) -> bool:
             changed = True
     return changed
 
-
-def _select_lenient(selector):
-    names = {selector} if isinstance(selector, str) else set(selector)
-    return lambda layer: layer.name in names
