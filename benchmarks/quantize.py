@@ -82,7 +82,7 @@ def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
         d.line(rot([[-0.9, 0], [0.9, 0]]), fill=255, width=w)
         d.line(rot([[0.3, -0.5], [0.9, 0], [0.3, 0.5]]), fill=255, width=w)
     small = np.asarray(img.resize((28, 28), Image.BOX), np.float32)
-    small = small + rng.normal(0, 18, small.shape)          # sensor-ish noise
+    small = small + rng.normal(0, 12, small.shape)          # sensor-ish noise
     return np.clip(small, 0, 255).astype(np.uint8)
 
 
@@ -204,7 +204,7 @@ def main(argv=None):
     ap.add_argument("--data", choices=["synthetic", "sticker"], default="synthetic")
     ap.add_argument("--train-per-class", type=int, default=300)
     ap.add_argument("--test-per-class", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--bits", default="8,4,2,1")
     args = ap.parse_args(argv)
