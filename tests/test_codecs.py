@@ -189,3 +189,27 @@ def test_invalid_weights_in_a_model_fail_at_load():
     wp_of(spec, 4).rawValue = wp_of(spec, 4).rawValue[:-1]
     with pytest.raises(InvalidModelError, match="'fc'.*rawValue"):
         mp.load(spec)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(nbits=st.integers(0, 12), raw=st.binary(max_size=40), nscale=st.integers(0, 4),
+       nbias=st.integers(0, 4), nlut=st.integers(-1, 40), count=st.integers(0, 60),
+       channels=st.integers(1, 4))
+def test_decode_fuzz_returns_count_values_or_invalid_model_error(nbits, raw, nscale, nbias,
+                                                                  nlut, count, channels):
+    wp = NeuralNetwork_pb2.WeightParams()
+    wp.rawValue = raw
+    wp.quantization.numberOfBits = nbits
+    if nlut >= 0:
+        wp.quantization.lookupTableQuantization.floatValue.extend([0.5] * nlut)
+    else:
+        wp.quantization.linearQuantization.scale.extend([2.0] * nscale)
+        wp.quantization.linearQuantization.bias.extend([1.0] * nbias)
+    try:
+        out = codecs.decode(wp, count, channels=channels)
+    except InvalidModelError:
+        return
+    assert out.shape == (count,) and out.dtype == np.float32
