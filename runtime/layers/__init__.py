@@ -53,13 +53,17 @@ class BuildContext:
         return f"layer {name!r}" + (f" ({field})" if field else "")
 
     def weights(self, wp, shape, field: str, *, updatable: bool = False,
-                channels: Optional[int] = None) -> torch.Tensor:
-        """Decode ``wp`` into a tensor of ``shape``; a trainable Parameter when ``updatable``."""
+                channels: Optional[int] = None, inner: Optional[int] = None) -> torch.Tensor:
+        """Decode ``wp`` into a tensor of ``shape``; a trainable Parameter when ``updatable``.
+
+        ``channels``/``inner`` locate per-channel quantization parameters (see
+        :func:`mlpersonal.codecs.decode`); by default the first axis is the channel axis.
+        """
         shape = tuple(int(s) for s in shape)
         count = int(np.prod(shape)) if shape else 1
         if channels is None and shape:
             channels = shape[0]
-        arr = decode(wp, count, self.where(field), channels=channels).reshape(shape)
+        arr = decode(wp, count, self.where(field), channels=channels, inner=inner).reshape(shape)
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)
         if updatable:
             key = f"{self.layer.name}.{field}"

@@ -63,7 +63,11 @@ def convolution(layer, ctx):
         wshape = (kc, cout // groups, k[0], k[1])
     else:
         wshape = (cout, kc, k[0], k[1])
-    w = ctx.weights(p.weights, wshape, "weights", updatable=upd, channels=cout)
+    if p.isDeconvolution:  # quantized along axis 1 (Cout/groups), as coremltools does
+        w = ctx.weights(p.weights, wshape, "weights", updatable=upd,
+                        channels=wshape[1], inner=k[0] * k[1])
+    else:
+        w = ctx.weights(p.weights, wshape, "weights", updatable=upd, channels=cout)
     b = ctx.weights(p.bias, (cout,), "bias", updatable=upd) if p.hasBias else None
     pad_kind = p.WhichOneof("ConvolutionPaddingType") or "valid"
     pad_msg = getattr(p, pad_kind)
