@@ -133,14 +133,21 @@ class Context:
         return UnsupportedLayerError(f"{describe(self.gm, node)}: unsupported: {what}")
 
 
+def _op_name(fn) -> str:
+    """'torch.exp', 'torch.nn.functional.gelu', 'operator.add' for a function."""
+    name = getattr(fn, "__name__", None) or str(fn)
+    mod = getattr(fn, "__module__", None) or "torch"
+    mod = {"_operator": "operator"}.get(mod, "torch" if mod.startswith("torch._C") else mod)
+    return f"{mod}.{name}"
+
+
 def describe(gm: fx.GraphModule, node) -> str:
     """'module features.3 (MyOp)' or 'torch.roll (in module block.1)' for error messages."""
     if node is None:
         return "graph"
     if node.op == "call_module":
         return f"module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
-    op = node.target if isinstance(node.target, str) else getattr(
-        node.target, "__qualname__", getattr(node.target, "__name__", str(node.target)))
+    op = node.target if isinstance(node.target, str) else _op_name(node.target)
     kind = "method" if node.op == "call_method" else "op"
     stack = node.meta.get("nn_module_stack") or {}
     paths = [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
