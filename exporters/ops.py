@@ -396,3 +396,49 @@ def add(ctx, node, target) -> str:
 @register_method("mul", "mul_")
 def mul(ctx, node, target) -> str:
     return _elementwise(ctx, node, "MULTIPLY")
+
+
+def _scaled(ctx, node, blob: str, alpha: float, suffix: str) -> str:
+    """An extra ``multiply`` layer computing ``alpha * blob`` (named after the node)."""
+    name = ctx.new_blob(f"{node.name}_{suffix}")
+    ctx.used_layers.add(name)
+    ctx.builder.add_elementwise(name, [blob], name, "MULTIPLY", alpha=alpha)
+    return name
+
+
+@register_function(operator.sub, operator.isub, torch.sub)
+@register_method("sub", "sub_")
+def sub(ctx, node, target) -> str:
+    """``a - b``: ``add(a, -1 * b)``; a scalar operand becomes the add's alpha."""
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1:
+        raise ctx.unsupported(node, "sub with alpha != 1")
+    if ctx.is_tensor(a) and ctx.is_tensor(b):
+        if len(ctx.shape(a)) != len(ctx.shape(b)):
+            raise ctx.unsupported(node, "broadcasting between tensors of different ranks")
+        neg = _scaled(ctx, node, ctx.inp(b), -1.0, "neg")
+        name, out = ctx.layer(node)
+        ctx.builder.add_elementwise(name, [ctx.inp(a), neg], out, "ADD")
+        return out
+    if ctx.is_tensor(a) and isinstance(b, (int, float)):
+        name, out = ctx.layer(node)
+        ctx.builder.add_elementwise(name, [ctx.inp(a)], out, "ADD", alpha=-float(b))
+        return out
+    if ctx.is_tensor(b) and isinstance(a, (int, float)):
+        neg = _scaled(ctx, node, ctx.inp(b), -1.0, "neg")
+        name, out = ctx.layer(node)
+        ctx.builder.add_elementwise(name, [neg], out, "ADD", alpha=float(a))
+        return out
+    raise ctx.unsupported(node, "sub of these operand types")
+
+
+@register_function(operator.truediv, operator.itruediv, torch.div)
+@register_method("div", "div_")
+def div(ctx, node, target) -> str:
+    """``x / c`` for a number ``c``: multiply by ``1 / c``."""
+    a, b = node.args[0], node.args[1]
+    if not (ctx.is_tensor(a) and isinstance(b, (int, float)) and b != 0) or node.kwargs.get("rounding_mode"):
+        raise ctx.unsupported(node, "division except tensor / non-zero number")
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [ctx.inp(a)], out, "MULTIPLY", alpha=1.0 / float(b))
+    return out
