@@ -419,3 +419,29 @@ def test_custom_conversion_function_writes_custom_layer(tmp_path):
     assert c.parameters["tag"].stringValue == "s" and c.parameters["on"].boolValue
     assert list(c.weights[0].floatValue) == [1.5, 2.0]
     assert list(layer.input) == [spec.neuralNetwork.layers[0].output[0]]
+
+
+def test_two_inputs_concat_and_regressor_list(tmp_path):
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(4 + 5, 2)
+
+        def forward(self, image, extra):
+            h = self.fc(torch.cat([self.img(image), extra], 1))
+            return h, torch.tanh(h)
+
+    m = TwoIn().eval()
+    spec = convert(m, [mp.TensorType("image", (3, 6, 6)), mp.TensorType("extra", (5,))],
+                   regressor=["a", "b"])
+    spec = _roundtrip(spec, tmp_path)
+    assert [f.name for f in spec.description.input] == ["image", "extra"]
+    # the flatten of (N, 4, 1, 1) keeps the blob: no layer
+    assert [la.name for la in spec.neuralNetworkRegressor.layers][:5] == ["img.0", "img.1", "img.2", "cat", "fc"]
+    img, extra = torch.randn(4, 3, 6, 6), torch.randn(4, 5)
+    outs = mp.load(spec).predict_batch([{"image": a.numpy(), "extra": b.numpy()} for a, b in zip(img, extra)])
+    with torch.no_grad():
+        ra, rb = m(img, extra)
+    assert np.abs(np.stack([o["a"] for o in outs]) - ra.numpy()).max() <= 1e-5
+    assert np.abs(np.stack([o["b"] for o in outs]) - rb.numpy()).max() <= 1e-5
