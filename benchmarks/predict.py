@@ -12,6 +12,7 @@ multi-array input (the same network on float tensors).
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -94,8 +95,9 @@ def main() -> None:
         for kind in runtimes:
             rows.append([kind, batch, t[kind], t["torch"], t["ort"], t[kind] / t["torch"],
                          t[kind] / t["ort"]])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"sticker CNN, torch threads = {torch.get_num_threads()}, onnxruntime intra-op "
-          "threads = 2 (median ms)")
+          f"threads = 2, {os.cpu_count()} cores, load average {load:.1f} (median ms)")
     print(table(["runtime input", "batch", "runtime", "torch eager", "onnxruntime",
                  "runtime/torch", "runtime/ort"], rows))
 

@@ -32,7 +32,7 @@ _LAZY = {
     "register_custom_layer": "runtime:register_custom_layer",
     "register_custom_model": "runtime:register_custom_model",
     # exporters
-    "convert": "exporters:convert",
+    "convert": "exporters.convert:convert",  # not "exporters:convert": the submodule shadows it
     "ImageType": "mlpersonal.features:ImageType",
     "TensorType": "mlpersonal.features:TensorType",
     "ClassifierConfig": "exporters:ClassifierConfig",
@@ -41,7 +41,7 @@ _LAZY = {
     "Adam": "exporters:Adam",
     "to_onnx": "exporters:to_onnx",
     "knn_classifier": "exporters:knn_classifier",
-    "pipeline": "exporters:pipeline",
+    "pipeline": "exporters.pipeline:pipeline",  # same: submodule exporters.pipeline
     "is_flexible": "exporters:is_flexible",
     # quantization
     "quantize_weights": "mlpersonal.quantization:quantize_weights",

@@ -445,3 +445,13 @@ def test_two_inputs_concat_and_regressor_list(tmp_path):
         ra, rb = m(img, extra)
     assert np.abs(np.stack([o["a"] for o in outs]) - ra.numpy()).max() <= 1e-5
     assert np.abs(np.stack([o["b"] for o in outs]) - rb.numpy()).max() <= 1e-5
+
+
+def test_public_names_resolve_to_functions():
+    import exporters.convert as module  # importing the submodule must not shadow mp.convert
+
+    assert mp.convert is module.convert and callable(mp.convert)
+    assert mp.ClassifierConfig is ClassifierConfig
+    from mlpersonal.features import ImageType, TensorType
+
+    assert mp.ImageType is ImageType and mp.TensorType is TensorType
