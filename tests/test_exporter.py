@@ -198,6 +198,9 @@ def test_array_models_match_torch(case, tmp_path):
     assert spec.specificationVersion >= 4
     got = np.stack([o["y"] for o in outs])
     assert got.shape == tuple(ref.shape)
+    names = {layer.name for layer in _nn(spec).layers}
+    weighted = [p for p, m in cls().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    assert weighted and set(weighted) <= names  # every weighted module is the layer of its path
     assert np.abs(got - ref.numpy()).max() <= 1e-5
 
 
