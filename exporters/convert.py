@@ -357,6 +357,18 @@ def _updatable_layers(module, ctx: Context) -> list[str]:
     return names
 
 
+class _Root(torch.nn.Module):
+    """Holds a bare leaf module (``convert(nn.Linear(3, 2), ...)``) so it traces as one layer."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.name = type(module).__name__.lower()
+        self.add_module(self.name, module)
+
+    def forward(self, x):
+        return getattr(self, self.name)(x)
+
+
 def _module_modes(module):
     return [(m, m.training) for m in module.modules()]
 
@@ -391,8 +403,11 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
 
     modes = _module_modes(module)
     module.eval()
+    root = module
+    if isinstance(module, tuple(ops.MODULES) + tuple(t for t in custom if isinstance(t, type))):
+        root = _Root(module)  # layer named after the class, e.g. "linear"
     try:
-        gm = _trace(module, inputs, custom)
+        gm = _trace(root, inputs, custom)
         out_nodes = _graph_outputs(gm)
         out_names = _output_names(len(out_nodes), classifier, regressor, outputs)
         in_features = [(i.name, datatypes.Array(*i.shape)) for i in inputs]
@@ -413,7 +428,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         if len(set(names)) != len(names):
             raise ConversionError(f"input and output names must all differ, got {names}")
         reserved = set(names)
-        builder = NeuralNetworkBuilder(in_features, out_features, mode=mode)
+        builder = NeuralNetworkBuilder(in_features, out_features, mode=mode, use_float_arraytype=True)
         ctx = Context(gm, builder, reserved, out_nodes[0] if classifier is not None else None)
         _emit(ctx, gm, inputs, custom)
     finally:
@@ -462,7 +477,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     spec.specificationVersion = max(int(spec.specificationVersion), minimum_spec_version, 4)
     _set_metadata(spec, metadata)
     if respect_trainable:
-        layer_names = _updatable_layers(module, ctx)
+        layer_names = _updatable_layers(root, ctx)
         try:
             from exporters.updatable import make_updatable
         except ImportError as e:

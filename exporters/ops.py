@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlpersonal.errors import UnsupportedLayerError
 
 Converter = Callable[..., str]
 MODULES: dict[type, Converter] = {}

@@ -37,6 +37,7 @@ def test_inspect_lists_io_metadata_and_layers(sticker, capsys):
     out = capsys.readouterr().out
     assert "model: neuralNetworkClassifier" in out
     assert "image: image 14x14 grayscale" in out
+    assert "multiArray" not in out
     assert "labelProbs: dictionary(string -> double)" in out and "label: string" in out
     assert "author: Ada" in out
     assert "class labels (4): heart, star, sun, house" in out

@@ -458,3 +458,13 @@ def test_public_names_resolve_to_functions():
     from mlpersonal.features import ImageType, TensorType
 
     assert mp.ImageType is ImageType and mp.TensorType is TensorType
+
+
+def test_bare_leaf_module_is_one_layer(tmp_path):
+    m = nn.Conv2d(2, 3, 3, padding=1).eval()
+    spec = _roundtrip(convert(m, [mp.TensorType("x", (2, 5, 5))]), tmp_path)
+    assert [la.name for la in spec.neuralNetwork.layers] == ["conv2d"]
+    x = torch.randn(2, 2, 5, 5)
+    got = np.stack([o["output"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    with torch.no_grad():
+        assert np.abs(got - m(x).numpy()).max() <= 1e-5
