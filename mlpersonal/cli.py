@@ -163,8 +163,8 @@ def inspect_lines(spec, indent: str = "") -> list[str]:
 
 def _nn_lines(spec, nn_spec, indent: str) -> list[str]:
     out = []
-    labels = nn_spec.WhichOneof("ClassLabels") if hasattr(nn_spec, "WhichOneof") and \
-        spec.WhichOneof("Type") == "neuralNetworkClassifier" else None
+    is_classifier = spec.WhichOneof("Type") == "neuralNetworkClassifier"
+    labels = nn_spec.WhichOneof("ClassLabels") if is_classifier else None
     if labels:
         vec = list(getattr(nn_spec, labels).vector)
         shown = ", ".join(map(str, vec[:20])) + (", ..." if len(vec) > 20 else "")
