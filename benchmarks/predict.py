@@ -47,7 +47,12 @@ class StickerCNN(nn.Module):
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (2)")
+    threads = ap.parse_args().threads
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     import onnxruntime as ort
 
@@ -58,7 +63,7 @@ def main() -> None:
     runtimes = {"image input": mp.load(convert(module, [image], classifier=cfg)),
                 "array input": mp.load(convert(module, [tensor], classifier=cfg))}
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     with tempfile.TemporaryDirectory() as tmp:
         path = to_onnx(module, [tensor], Path(tmp) / "sticker.onnx")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -97,7 +102,7 @@ def main() -> None:
                          t[kind] / t["ort"]])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"sticker CNN, torch threads = {torch.get_num_threads()}, onnxruntime intra-op "
-          f"threads = 2, {os.cpu_count()} cores, load average {load:.1f} (median ms)")
+          f"threads = {threads}, {os.cpu_count()} cores, load average {load:.1f} (median ms)")
     print(table(["runtime input", "batch", "runtime", "torch eager", "onnxruntime",
                  "runtime/torch", "runtime/ort"], rows))
 
