@@ -449,15 +449,15 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         builder.set_class_labels(list(classifier.labels), classifier.predicted_feature_name,
                                  classifier.probabilities_name)
     else:
-        seen: set[str] = set()
+        renamed: dict[str, str] = {}  # blob -> the output name it now has
         input_names = {i.name for i in inputs}
         for blob, name in zip(out_blobs, out_names):
-            if blob in input_names or blob in seen or _producer(nn_spec, blob) is None:
-                builder.add_activation(ctx.new_blob(f"{name}_identity"), "LINEAR", blob, name,
-                                       params=[1.0, 0.0])
+            if blob in input_names or blob in renamed or _producer(nn_spec, blob) is None:
+                builder.add_activation(ctx.new_blob(f"{name}_identity"), "LINEAR",
+                                       renamed.get(blob, blob), name, params=[1.0, 0.0])
             else:
                 _rename_blob(nn_spec, blob, name)
-            seen.add(blob)
+                renamed[blob] = name
 
     images = [i for i in inputs if isinstance(i, ImageType)]
     if images:

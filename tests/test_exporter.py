@@ -301,17 +301,18 @@ def test_multiple_outputs_and_identity_output(tmp_path):
 
         def forward(self, x):
             h = self.fc(x)
-            return h, torch.relu(h), self.drop(x)
+            return h, torch.relu(h), self.drop(x), h
 
     m = Two().eval()
-    spec = convert(m, [mp.TensorType("x", (4,))], outputs=["h", "r", "same"])
+    keys = ["h", "r", "same", "h2"]
+    spec = convert(m, [mp.TensorType("x", (4,))], outputs=keys)
     spec = _roundtrip(spec, tmp_path)
-    assert [o.name for o in spec.description.output] == ["h", "r", "same"]
+    assert [o.name for o in spec.description.output] == keys
     x = torch.randn(3, 4)
     outs = mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])
     with torch.no_grad():
         refs = m(x)
-    for key, ref in zip(["h", "r", "same"], refs):
+    for key, ref in zip(keys, refs):
         assert np.abs(np.stack([o[key] for o in outs]) - ref.numpy()).max() <= 1e-6
 
 
