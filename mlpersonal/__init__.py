@@ -32,7 +32,7 @@ _LAZY = {
     "register_custom_layer": "runtime:register_custom_layer",
     "register_custom_model": "runtime:register_custom_model",
     # exporters
-    "convert": "exporters:convert",
+    "convert": "exporters.convert:convert",  # not "exporters:convert": the submodule shadows it
     "ImageType": "mlpersonal.features:ImageType",
     "TensorType": "mlpersonal.features:TensorType",
     "ClassifierConfig": "exporters:ClassifierConfig",

@@ -1,1 +1,91 @@
 """Input declarations for the exporter: ImageType and TensorType (coremltools-like)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from .errors import ConversionError
+
+_COLORS = {"grayscale": 1, "rgb": 3, "bgr": 3}
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name or not name.isidentifier():
+        raise ConversionError(
+            f"input name {name!r} must be a non-empty identifier-like string (e.g. 'image')"
+        )
+    return name
+
+
+def _check_shape(name: str, shape, ranks: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shp = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ConversionError(f"input {name!r}: shape {shape!r} must be a tuple of ints") from None
+    if len(shp) not in ranks or any(s <= 0 for s in shp) or any(s != t for s, t in zip(shp, shape)):
+        raise ConversionError(
+            f"input {name!r}: shape {tuple(shape)!r} must hold {' or '.join(map(str, ranks))} "
+            "positive ints, without the batch axis"
+        )
+    return shp
+
+
+@dataclass(frozen=True)
+class ImageType:
+    """An image input ``(C, H, W)``; the model sees ``pixel * scale + bias`` (Core ML scaler).
+
+    ``bias`` is one value or one per channel (in the model's colour order).
+    """
+
+    name: str
+    shape: tuple
+    color: str = "rgb"
+    scale: float = 1.0
+    bias: Union[float, Sequence[float]] = 0.0
+
+    def __post_init__(self):
+        _check_name(self.name)
+        shape = _check_shape(self.name, self.shape, (3,))
+        object.__setattr__(self, "shape", shape)
+        if self.color not in _COLORS:
+            raise ConversionError(
+                f"input {self.name!r}: color {self.color!r} must be 'grayscale', 'rgb' or 'bgr'"
+            )
+        if shape[0] != _COLORS[self.color]:
+            raise ConversionError(
+                f"input {self.name!r}: a {self.color} image has {_COLORS[self.color]} channel(s), "
+                f"but shape {shape} declares {shape[0]}"
+            )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ConversionError(f"input {self.name!r}: scale must be one number, got {self.scale!r}")
+        bias = self.bias
+        if isinstance(bias, (int, float)) and not isinstance(bias, bool):
+            bias = (float(bias),) * shape[0]
+        else:
+            try:
+                bias = tuple(float(b) for b in bias)
+            except (TypeError, ValueError):
+                raise ConversionError(f"input {self.name!r}: bias {self.bias!r} must be numbers") from None
+            if len(bias) != shape[0]:
+                raise ConversionError(
+                    f"input {self.name!r}: bias has {len(bias)} values, the image has "
+                    f"{shape[0]} channel(s)"
+                )
+        object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "scale", float(self.scale))
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A multi-array input: ``(C,)`` or ``(C, H, W)`` without the batch axis (rank-5 mapping)."""
+
+    name: str
+    shape: tuple = field(default=())
+
+    def __post_init__(self):
+        _check_name(self.name)
+        object.__setattr__(self, "shape", _check_shape(self.name, self.shape, (1, 3)))
+
+
+InputType = Union[ImageType, TensorType]

@@ -1,0 +1,486 @@
+"""torch module -> Core ML NeuralNetwork spec (classic layers, rank-5 mapping).
+
+The module is traced with ``torch.fx``; each node goes through the op registry in
+:mod:`exporters.ops`. Layer names are module paths (``features.0``) so users find their layers in
+the spec; function nodes get their fx node name (``add``, ``flatten_1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from mlpersonal.errors import ConversionError, MLPersonalError, UnsupportedLayerError
+from mlpersonal.features import ImageType, TensorType
+from mlpersonal.proto import Model_pb2, NeuralNetwork_pb2
+
+from . import ops
+
+_CONST = object()  # blob marker for get_attr nodes (constant tensors)
+_BATCH = 2  # batch size used to trace shapes; any op changing it is refused
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Makes the exported model a classifier: labels, label output, probabilities output."""
+
+    labels: Sequence[Union[str, int]]
+    predicted_feature_name: str = "label"
+    probabilities_name: str = "labelProbs"
+
+    def __post_init__(self):
+        labels = list(self.labels)
+        if not labels:
+            raise ConversionError("ClassifierConfig needs at least one label")
+        if all(isinstance(x, str) for x in labels):
+            pass
+        elif all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in labels):
+            labels = [int(x) for x in labels]
+        else:
+            raise ConversionError("class labels must be all str or all int, got a mix: "
+                                  f"{labels[:5]}...")
+        if len(set(labels)) != len(labels):
+            raise ConversionError("class labels must be unique")
+        if not self.predicted_feature_name or not self.probabilities_name or \
+                self.predicted_feature_name == self.probabilities_name:
+            raise ConversionError("predicted_feature_name and probabilities_name must be two "
+                                  "different non-empty names")
+        object.__setattr__(self, "labels", tuple(labels))
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every module type the registry (or a custom conversion) knows as one node."""
+
+    def __init__(self, leaf_types: tuple):
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+class Context:
+    """What converters in :mod:`exporters.ops` use to read the graph and emit layers."""
+
+    def __init__(self, gm: fx.GraphModule, builder, reserved: set[str], classifier_node=None):
+        self.gm = gm
+        self.builder = builder
+        self.blobs: dict[fx.Node, Any] = {}
+        self.used_blobs: set[str] = set(reserved)
+        self.used_layers: set[str] = set()
+        self.layers_by_path: dict[str, list[str]] = {}
+        self.classifier_node = classifier_node
+        self.node: Optional[fx.Node] = None
+
+    # --- reading the graph ---
+    def is_tensor(self, a) -> bool:
+        return isinstance(a, fx.Node) and isinstance(a.meta.get("tensor_meta"), TensorMetadata)
+
+    def shape(self, a) -> tuple[int, ...]:
+        if not self.is_tensor(a):
+            raise self.unsupported(self.node, f"a non-tensor operand {a!r}")
+        return tuple(a.meta["tensor_meta"].shape)
+
+    @staticmethod
+    def blob_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+        """Torch shape (N, C[, H], W) -> rank-5 blob (C, H, W)."""
+        rest = tuple(shape[1:])
+        if len(rest) == 1:
+            return (rest[0], 1, 1)
+        if len(rest) == 2:
+            return (rest[0], 1, rest[1])
+        return rest
+
+    def inp(self, a) -> str:
+        """The blob name holding fx argument ``a``."""
+        blob = self.blobs.get(a) if isinstance(a, fx.Node) else None
+        if blob is _CONST:
+            raise self.unsupported(self.node, f"a constant tensor operand ({a.target})")
+        if blob is None:
+            raise self.unsupported(self.node, f"operand {a!r}, which is not a tensor of the graph")
+        return blob
+
+    def classifier_output(self, node) -> bool:
+        return node is self.classifier_node
+
+    # --- emitting ---
+    def new_blob(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used_blobs:
+            k += 1
+            name = f"{base}_{k}"
+        self.used_blobs.add(name)
+        return name
+
+    def layer(self, node) -> tuple[str, str]:
+        """(unique layer name, fresh output blob name) for ``node``; module paths for modules."""
+        base = node.target if node.op == "call_module" else node.name
+        name, k = base, 1
+        while name in self.used_layers:
+            k += 1
+            name = f"{base}@{k}"  # a module called more than once
+        self.used_layers.add(name)
+        if node.op == "call_module":
+            self.layers_by_path.setdefault(node.target, []).append(name)
+        return name, self.new_blob(name)
+
+    def unsupported(self, node, what: str) -> UnsupportedLayerError:
+        return UnsupportedLayerError(f"{describe(self.gm, node)}: unsupported: {what}")
+
+
+def _op_name(fn) -> str:
+    """'torch.exp', 'torch.nn.functional.gelu', 'operator.add' for a function."""
+    name = getattr(fn, "__name__", None) or str(fn)
+    mod = getattr(fn, "__module__", None) or "torch"
+    mod = {"_operator": "operator"}.get(mod, "torch" if mod.startswith("torch._C") else mod)
+    return f"{mod}.{name}"
+
+
+def describe(gm: fx.GraphModule, node) -> str:
+    """'module features.3 (MyOp)' or 'torch.roll (in module block.1)' for error messages."""
+    if node is None:
+        return "graph"
+    if node.op == "call_module":
+        return f"module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
+    op = node.target if isinstance(node.target, str) else _op_name(node.target)
+    kind = "method" if node.op == "call_method" else "op"
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+    where = f" in module {paths[-1]!r}" if paths and paths[-1] else " in the top-level forward"
+    return f"{kind} {op!r} (node {node.name!r}{where})"
+
+
+def _validate_inputs(inputs) -> list:
+    if isinstance(inputs, (ImageType, TensorType)):
+        inputs = [inputs]
+    inputs = list(inputs or [])
+    if not inputs:
+        raise ConversionError("convert needs inputs=[mp.ImageType(...) or mp.TensorType(...)]")
+    for i in inputs:
+        if not isinstance(i, (ImageType, TensorType)):
+            raise ConversionError(f"inputs must be mp.ImageType / mp.TensorType, got {type(i).__name__}")
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise ConversionError(f"input names must be unique, got {names}")
+    return inputs
+
+
+def _trace(module, inputs, custom) -> fx.GraphModule:
+    leaf = tuple(ops.MODULES) + tuple(t for t in custom if isinstance(t, type))
+    try:
+        graph = _Tracer(leaf).trace(module)
+    except Exception as e:  # noqa: BLE001 -- fx raises many kinds
+        raise ConversionError(
+            f"torch.fx could not trace {type(module).__name__}: {type(e).__name__}: {e}. "
+            "Data-dependent control flow cannot be exported; move it out of forward()."
+        ) from e
+    gm = fx.GraphModule(module, graph)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs):
+        raise ConversionError(
+            f"{type(module).__name__}.forward takes {len(placeholders)} input(s) "
+            f"({[p.target for p in placeholders]}), but inputs= declares {len(inputs)}"
+        )
+    examples = [torch.rand(_BATCH, *i.shape) for i in inputs]
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*examples)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(
+            f"running {type(module).__name__} on inputs of shape "
+            f"{[tuple(x.shape[1:]) for x in examples]} (without the batch axis) failed: {e}"
+        ) from e
+    return gm
+
+
+def _graph_outputs(gm) -> list[fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    val = out.args[0]
+    vals = list(val) if isinstance(val, (tuple, list)) else [val]
+    for v in vals:
+        if not (isinstance(v, fx.Node) and isinstance(v.meta.get("tensor_meta"), TensorMetadata)):
+            raise ConversionError("forward() must return a tensor or a tuple of tensors")
+    return vals
+
+
+def _output_names(n: int, classifier, regressor, outputs) -> list[str]:
+    if classifier is not None:
+        if regressor is not None or outputs is not None:
+            raise ConversionError("give classifier= or regressor=/outputs=, not both")
+        if n != 1:
+            raise ConversionError(f"a classifier must return one tensor, forward() returns {n}")
+        return [classifier.probabilities_name]
+    if regressor is not None and outputs is not None:
+        raise ConversionError("give regressor= or outputs=, not both")
+    names = regressor if regressor is not None else outputs
+    if names is None:
+        names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+    names = [names] if isinstance(names, str) else list(names)
+    if len(names) != n or len(set(names)) != n or not all(isinstance(x, str) and x for x in names):
+        raise ConversionError(f"forward() returns {n} tensor(s); give {n} unique output name(s), got {names}")
+    return names
+
+
+def _rename_blob(nn_spec, old: str, new: str) -> None:
+    for layer in nn_spec.layers:
+        for field in (layer.input, layer.output):
+            for i, b in enumerate(field):
+                if b == old:
+                    field[i] = new
+
+
+def _producer(nn_spec, blob: str):
+    for layer in reversed(nn_spec.layers):
+        if blob in layer.output:
+            return layer
+    return None
+
+
+def _custom_layer(ctx: Context, node, target, fn) -> str:
+    desc = fn(target)
+    if not isinstance(desc, dict) or not isinstance(desc.get("className"), str) or not desc["className"]:
+        raise ConversionError(f"custom conversion for {describe(ctx.gm, node)} must return a dict "
+                              "with a non-empty 'className' (and optional description, parameters, "
+                              "weights)")
+    params = NeuralNetwork_pb2.CustomLayerParams()
+    params.className = desc["className"]
+    params.description = str(desc.get("description", ""))
+    for key, value in (desc.get("parameters") or {}).items():
+        v = params.parameters[str(key)]
+        if isinstance(value, bool):
+            v.boolValue = value
+        elif isinstance(value, (int, np.integer)):
+            v.longValue = int(value)
+        elif isinstance(value, (float, np.floating)):
+            v.doubleValue = float(value)
+        elif isinstance(value, str):
+            v.stringValue = value
+        elif isinstance(value, bytes):
+            v.bytesValue = value
+        else:
+            raise ConversionError(f"custom layer parameter {key!r} has unsupported type "
+                                  f"{type(value).__name__} (bool, int, float, str, bytes)")
+    for w in desc.get("weights") or []:
+        arr = w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
+        params.weights.add().floatValue.extend(arr.astype(np.float32).ravel())
+    tensors = [a for a in node.all_input_nodes if ctx.is_tensor(a)]
+    name, out = ctx.layer(node)
+    ctx.builder.add_custom(name, [ctx.inp(t) for t in tensors], [out], params)
+    return out
+
+
+def _emit(ctx: Context, gm, inputs, custom) -> None:
+    in_names = iter(i.name for i in inputs)
+    for node in gm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            ctx.blobs[node] = next(in_names)
+            continue
+        if node.op == "get_attr":
+            ctx.blobs[node] = _CONST
+            continue
+        if node.op == "output":
+            continue
+        target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+        if node.op != "call_module" and not ctx.is_tensor(node):
+            continue  # python values (x.size(0), shapes): only feed reshape targets
+        if ctx.is_tensor(node):
+            shape = ctx.shape(node)
+            if shape[0] != _BATCH:
+                raise ctx.unsupported(node, f"an op that changes the batch axis (gives {shape})")
+            if not 2 <= len(shape) <= 4:
+                raise ctx.unsupported(node, f"a tensor of rank {len(shape)} (2 to 4 supported)")
+        fn = custom.get(type(target)) if node.op == "call_module" else custom.get(target)
+        if fn is not None:
+            ctx.blobs[node] = _custom_layer(ctx, node, target, fn)
+            continue
+        conv = ops.lookup(node, target)
+        if conv is None:
+            raise UnsupportedLayerError(
+                f"{describe(gm, node)} has no Core ML conversion; add one to exporters.ops or "
+                "pass custom_conversion_functions={type_or_op: fn}"
+            )
+        try:
+            ctx.blobs[node] = conv(ctx, node, target)
+        except MLPersonalError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a builder/argument problem: say where
+            raise ConversionError(f"{describe(gm, node)}: conversion failed: {type(e).__name__}: {e}") from e
+
+
+def _set_metadata(spec, metadata: Optional[dict]) -> None:
+    if not metadata:
+        return
+    fields = {"author": "author", "license": "license", "description": "shortDescription",
+              "version": "versionString"}
+    for key, value in metadata.items():
+        if key in fields:
+            setattr(spec.description.metadata, fields[key], str(value))
+        elif key == "user_defined":
+            for k, v in dict(value).items():
+                spec.description.metadata.userDefined[str(k)] = str(v)
+        else:
+            raise ConversionError(f"unknown metadata key {key!r}; use {sorted(fields)} or "
+                                  "'user_defined' (a dict of str -> str)")
+
+
+def _updatable_layers(module, ctx: Context) -> list[str]:
+    """Layer names of Conv2d/Linear modules that require grad (or are marked updatable)."""
+    names: list[str] = []
+    for path, m in module.named_modules():
+        own = list(m.parameters(recurse=False))
+        marked = bool(getattr(m, "_mlpersonal_updatable", False))
+        trainable = any(p.requires_grad for p in own)
+        if not (marked or trainable):
+            continue
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            raise ConversionError(
+                f"module {path!r} ({type(m).__name__}) has trainable parameters, but only Conv2d and "
+                f"Linear layers can be updatable in Core ML; freeze it with "
+                f"model.{path}.requires_grad_(False) (or trainers.freeze) before exporting"
+            )
+        layers = ctx.layers_by_path.get(path, [])
+        if len(layers) != 1:
+            raise ConversionError(
+                f"module {path!r} is updatable but appears {len(layers)} times in the exported "
+                "graph; an updatable layer must be used exactly once"
+            )
+        names.extend(layers)
+    if not names:
+        raise ConversionError("respect_trainable=True but no Conv2d/Linear parameter requires grad; "
+                              "unfreeze (or trainers.mark_updatable) the layers to personalize")
+    return names
+
+
+class _Root(torch.nn.Module):
+    """Holds a bare leaf module (``convert(nn.Linear(3, 2), ...)``) so it traces as one layer."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.name = type(module).__name__.lower()
+        self.add_module(self.name, module)
+
+    def forward(self, x):
+        return getattr(self, self.name)(x)
+
+
+def _module_modes(module):
+    return [(m, m.training) for m in module.modules()]
+
+
+def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorType]], *,
+            classifier: Optional[ClassifierConfig] = None,
+            regressor: Union[None, str, Sequence[str]] = None,
+            outputs: Optional[Sequence[str]] = None,
+            respect_trainable: bool = False, update=None, metadata: Optional[dict] = None,
+            minimum_spec_version: int = 4,
+            custom_conversion_functions: Optional[dict[Any, Callable]] = None) -> Model_pb2.Model:
+    """Export ``module`` (in eval mode) as a Core ML NeuralNetwork spec.
+
+    ``custom_conversion_functions`` maps a module type (or a function) to ``fn(module_or_fn)``
+    returning ``{"className", "description", "parameters": {...}, "weights": [arrays]}``, written
+    as a custom layer. With ``respect_trainable`` the Conv2d/Linear layers whose parameters require
+    grad become updatable (``update``: an :class:`exporters.updatable.UpdateConfig`).
+    """
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    if not isinstance(module, torch.nn.Module):
+        raise ConversionError(f"convert expects a torch.nn.Module, got {type(module).__name__}")
+    if classifier is not None and not isinstance(classifier, ClassifierConfig):
+        raise ConversionError("classifier= must be an mp.ClassifierConfig(labels=[...])")
+    if update is not None and not respect_trainable:
+        raise ConversionError("update= needs respect_trainable=True (which layers to update)")
+    if not isinstance(minimum_spec_version, int) or minimum_spec_version < 1:
+        raise ConversionError(f"minimum_spec_version must be an int >= 1, got {minimum_spec_version!r}")
+    inputs = _validate_inputs(inputs)
+    custom = dict(custom_conversion_functions or {})
+
+    modes = _module_modes(module)
+    module.eval()
+    root = module
+    if isinstance(module, tuple(ops.MODULES) + tuple(t for t in custom if isinstance(t, type))):
+        root = _Root(module)  # layer named after the class, e.g. "linear"
+    try:
+        gm = _trace(root, inputs, custom)
+        out_nodes = _graph_outputs(gm)
+        out_names = _output_names(len(out_nodes), classifier, regressor, outputs)
+        in_features = [(i.name, datatypes.Array(*i.shape)) for i in inputs]
+        if classifier is not None:
+            n = int(np.prod(out_nodes[0].meta["tensor_meta"].shape[1:]))
+            if n != len(classifier.labels):
+                raise ConversionError(f"the module gives {n} class scores but ClassifierConfig has "
+                                      f"{len(classifier.labels)} labels")
+            out_features = [(classifier.probabilities_name, datatypes.Array(n))]
+            mode = "classifier"
+        else:
+            out_features = [(name, datatypes.Array(*node.meta["tensor_meta"].shape[1:]))
+                            for name, node in zip(out_names, out_nodes)]
+            mode = "regressor" if regressor is not None else None
+        names = [i.name for i in inputs] + out_names
+        if classifier is not None:
+            names.append(classifier.predicted_feature_name)
+        if len(set(names)) != len(names):
+            raise ConversionError(f"input and output names must all differ, got {names}")
+        reserved = set(names)
+        builder = NeuralNetworkBuilder(in_features, out_features, mode=mode, use_float_arraytype=True)
+        ctx = Context(gm, builder, reserved, out_nodes[0] if classifier is not None else None)
+        _emit(ctx, gm, inputs, custom)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+    nn_spec = builder.nn_spec
+    out_blobs = [ctx.blobs[n] for n in out_nodes]
+    if classifier is not None:
+        blob = out_blobs[0]
+        prod = _producer(nn_spec, blob)
+        if prod is not None and prod.WhichOneof("layer") == "softmax":
+            _rename_blob(nn_spec, blob, classifier.probabilities_name)
+        else:
+            name = ctx.new_blob("softmax")
+            ctx.used_layers.add(name)
+            builder.add_softmax(name, blob, classifier.probabilities_name)
+        builder.set_class_labels(list(classifier.labels), classifier.predicted_feature_name,
+                                 classifier.probabilities_name)
+    else:
+        renamed: dict[str, str] = {}  # blob -> the output name it now has
+        input_names = {i.name for i in inputs}
+        for blob, name in zip(out_blobs, out_names):
+            if blob in input_names or blob in renamed or _producer(nn_spec, blob) is None:
+                builder.add_activation(ctx.new_blob(f"{name}_identity"), "LINEAR",
+                                       renamed.get(blob, blob), name, params=[1.0, 0.0])
+            else:
+                _rename_blob(nn_spec, blob, name)
+                renamed[blob] = name
+
+    images = [i for i in inputs if isinstance(i, ImageType)]
+    if images:
+        kw = {"red_bias": {}, "green_bias": {}, "blue_bias": {}, "gray_bias": {}, "image_scale": {},
+              "is_bgr": {}}
+        for im in images:
+            kw["image_scale"][im.name] = im.scale
+            kw["is_bgr"][im.name] = im.color == "bgr"
+            if im.color == "grayscale":
+                kw["gray_bias"][im.name] = im.bias[0]
+            else:
+                r, g, b = im.bias if im.color == "rgb" else im.bias[::-1]
+                kw["red_bias"][im.name], kw["green_bias"][im.name], kw["blue_bias"][im.name] = r, g, b
+        builder.set_pre_processing_parameters(image_input_names=[i.name for i in images], **kw)
+
+    spec = builder.spec
+    spec.specificationVersion = max(int(spec.specificationVersion), minimum_spec_version, 4)
+    _set_metadata(spec, metadata)
+    if respect_trainable:
+        layer_names = _updatable_layers(root, ctx)
+        try:
+            from exporters.updatable import make_updatable
+        except ImportError as e:
+            raise ConversionError(f"updatable export is not available: {e}") from e
+        make_updatable(spec, layer_names, update)
+    return spec

@@ -1,0 +1,443 @@
+"""The op-mapping registry: one small converter per torch module type, function or method.
+
+A converter ``fn(ctx, node, target)`` emits classic (rank-5 mapping) NeuralNetwork layers for one
+``torch.fx`` node through ``ctx`` (see :class:`exporters.convert.Context`) and returns the name of
+the blob holding the node's value. ``target`` is the module instance for ``call_module`` nodes and
+the function / method name otherwise. Ops that only relabel a blob (dropout, a no-op view) return
+their input blob and emit nothing.
+
+Blob layout: a torch tensor ``(N, C)`` is the blob ``(C, 1, 1)``, ``(N, C, L)`` is ``(C, 1, L)``
+and ``(N, C, H, W)`` is ``(C, H, W)``; channels are axis 1 in torch and -3 in the blob.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+Converter = Callable[..., str]
+MODULES: dict[type, Converter] = {}
+FUNCTIONS: dict[object, Converter] = {}
+METHODS: dict[str, Converter] = {}
+
+
+def register_module(*types: type):
+    def deco(fn):
+        for t in types:
+            MODULES[t] = fn
+        return fn
+    return deco
+
+
+def register_function(*fns):
+    def deco(fn):
+        for f in fns:
+            FUNCTIONS[f] = fn
+        return fn
+    return deco
+
+
+def register_method(*names: str):
+    def deco(fn):
+        for n in names:
+            METHODS[n] = fn
+        return fn
+    return deco
+
+
+def lookup(node, target) -> Converter | None:
+    """The converter for an fx node (``target``: module instance, function or method name)."""
+    if node.op == "call_module":
+        for cls in type(target).__mro__:
+            if cls in MODULES:
+                return MODULES[cls]
+        return None
+    if node.op == "call_method":
+        return METHODS.get(target)
+    return FUNCTIONS.get(target)
+
+
+# --- argument helpers --------------------------------------------------------------------------
+
+def arg(node, i: int, name: str, default=None):
+    """Positional argument ``i`` or keyword ``name`` of an fx node."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1])) if len(v) > 1 else (int(v[0]), int(v[0]))
+    return int(v), int(v)
+
+
+def channel_dim(ctx, node, dim) -> None:
+    """Raise unless ``dim`` is torch's channel axis (1) for the node's input."""
+    rank = len(ctx.shape(node.args[0]))
+    if dim is None or (int(dim) % rank) != 1:
+        raise ctx.unsupported(node, f"only over the channel axis (dim=1), got dim={dim}")
+
+
+# --- convolution / dense ------------------------------------------------------------------------
+
+def _conv_padding(ctx, node, m: nn.Conv2d) -> tuple[int, int, int, int]:
+    if m.padding_mode != "zeros":
+        raise ctx.unsupported(node, f"padding_mode={m.padding_mode!r} (only 'zeros')")
+    kh, kw = m.kernel_size
+    dh, dw = m.dilation
+    if m.padding == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    if m.padding == "valid":
+        return 0, 0, 0, 0
+    ph, pw = pair(m.padding)
+    return ph, ph, pw, pw
+
+
+@register_module(nn.Conv2d)
+def conv2d(ctx, node, m: nn.Conv2d) -> str:
+    top, bottom, left, right = _conv_padding(ctx, node, m)
+    w = m.weight.detach().cpu().numpy()  # (Cout, Cin/groups, kh, kw)
+    b = None if m.bias is None else m.bias.detach().cpu().numpy()
+    name, out = ctx.layer(node)
+    ctx.builder.add_convolution(
+        name, kernel_channels=w.shape[1], output_channels=w.shape[0],
+        height=w.shape[2], width=w.shape[3], stride_height=m.stride[0], stride_width=m.stride[1],
+        border_mode="valid", groups=m.groups, W=np.ascontiguousarray(w.transpose(2, 3, 1, 0)),
+        b=b, has_bias=b is not None, input_name=ctx.inp(node.args[0]), output_name=out,
+        dilation_factors=list(m.dilation), padding_top=top, padding_bottom=bottom,
+        padding_left=left, padding_right=right,
+    )
+    return out
+
+
+@register_module(nn.Linear)
+def linear(ctx, node, m: nn.Linear) -> str:
+    if len(ctx.shape(node.args[0])) != 2:
+        raise ctx.unsupported(node, "Linear on a tensor of rank != 2 (flatten it first)")
+    w = m.weight.detach().cpu().numpy()
+    b = None if m.bias is None else m.bias.detach().cpu().numpy()
+    name, out = ctx.layer(node)
+    ctx.builder.add_inner_product(name, W=w, b=b, input_channels=w.shape[1],
+                                  output_channels=w.shape[0], has_bias=b is not None,
+                                  input_name=ctx.inp(node.args[0]), output_name=out)
+    return out
+
+
+# --- activations ------------------------------------------------------------------------------
+
+def _activation(ctx, node, kind: str, params=None) -> str:
+    name, out = ctx.layer(node)
+    ctx.builder.add_activation(name, kind, ctx.inp(node.args[0]), out, params=params)
+    return out
+
+
+@register_module(nn.ReLU)
+@register_function(F.relu, torch.relu, torch.relu_, F.relu_)
+@register_method("relu", "relu_")
+def relu(ctx, node, target) -> str:
+    return _activation(ctx, node, "RELU")
+
+
+@register_module(nn.Sigmoid)
+@register_function(torch.sigmoid, F.sigmoid)
+@register_method("sigmoid")
+def sigmoid(ctx, node, target) -> str:
+    return _activation(ctx, node, "SIGMOID")
+
+
+@register_module(nn.Tanh)
+@register_function(torch.tanh, F.tanh)
+@register_method("tanh")
+def tanh(ctx, node, target) -> str:
+    return _activation(ctx, node, "TANH")
+
+
+@register_module(nn.LeakyReLU)
+@register_function(F.leaky_relu)
+def leaky_relu(ctx, node, target) -> str:
+    slope = target.negative_slope if isinstance(target, nn.Module) else arg(node, 1, "negative_slope", 0.01)
+    return _activation(ctx, node, "LEAKYRELU", [float(slope)])
+
+
+@register_module(nn.ELU)
+@register_function(F.elu)
+def elu(ctx, node, target) -> str:
+    alpha = target.alpha if isinstance(target, nn.Module) else arg(node, 1, "alpha", 1.0)
+    return _activation(ctx, node, "ELU", float(alpha))
+
+
+def _softmax_dim(node, target):
+    if isinstance(target, nn.Module):
+        return target.dim
+    return arg(node, 1, "dim")
+
+
+@register_module(nn.Softmax)
+@register_function(F.softmax, torch.softmax)
+@register_method("softmax")
+def softmax(ctx, node, target) -> str:
+    channel_dim(ctx, node, _softmax_dim(node, target))
+    name, out = ctx.layer(node)
+    ctx.builder.add_softmax(name, ctx.inp(node.args[0]), out)
+    return out
+
+
+@register_module(nn.LogSoftmax)
+@register_function(F.log_softmax, torch.log_softmax)
+@register_method("log_softmax")
+def log_softmax(ctx, node, target) -> str:
+    """Only as a classifier's last op, where Core ML wants the probabilities: becomes softmax."""
+    if not ctx.classifier_output(node):
+        raise ctx.unsupported(node, "LogSoftmax except as the last op of a classifier "
+                                    "(where it becomes the softmax giving the probabilities)")
+    return softmax(ctx, node, target)
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+def _pool(ctx, node, kind, kernel, stride, padding, ceil_mode=False, count_include_pad=True) -> str:
+    kh, kw = pair(kernel)
+    sh, sw = pair(stride if stride not in (None, ()) else kernel)
+    ph, pw = pair(padding)
+    name, out = ctx.layer(node)
+    ctx.builder.add_pooling(
+        name, height=kh, width=kw, stride_height=sh, stride_width=sw, layer_type=kind,
+        padding_type="INCLUDE_LAST_PIXEL" if ceil_mode else "VALID",
+        input_name=ctx.inp(node.args[0]), output_name=out,
+        exclude_pad_area=not count_include_pad,
+        padding_top=ph, padding_bottom=ph, padding_left=pw, padding_right=pw,
+    )
+    return out
+
+
+def _check_4d(ctx, node):
+    if len(ctx.shape(node.args[0])) != 4:
+        raise ctx.unsupported(node, "2-D pooling of a tensor that is not (N, C, H, W)")
+
+
+@register_module(nn.MaxPool2d)
+def max_pool2d(ctx, node, m: nn.MaxPool2d) -> str:
+    _check_4d(ctx, node)
+    if pair(m.dilation) != (1, 1) or m.return_indices:
+        raise ctx.unsupported(node, "MaxPool2d with dilation or return_indices")
+    return _pool(ctx, node, "MAX", m.kernel_size, m.stride, m.padding, m.ceil_mode)
+
+
+@register_function(F.max_pool2d, torch.max_pool2d)
+def max_pool2d_fn(ctx, node, target) -> str:
+    _check_4d(ctx, node)
+    if pair(arg(node, 4, "dilation", 1)) != (1, 1) or arg(node, 6, "return_indices", False):
+        raise ctx.unsupported(node, "max_pool2d with dilation or return_indices")
+    k = arg(node, 1, "kernel_size")
+    return _pool(ctx, node, "MAX", k, arg(node, 2, "stride", None), arg(node, 3, "padding", 0),
+                 arg(node, 5, "ceil_mode", False))
+
+
+@register_module(nn.AvgPool2d)
+def avg_pool2d(ctx, node, m: nn.AvgPool2d) -> str:
+    _check_4d(ctx, node)
+    if m.divisor_override:
+        raise ctx.unsupported(node, "AvgPool2d with divisor_override")
+    return _pool(ctx, node, "AVERAGE", m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                 m.count_include_pad)
+
+
+@register_function(F.avg_pool2d, torch._C._nn.avg_pool2d)
+def avg_pool2d_fn(ctx, node, target) -> str:
+    _check_4d(ctx, node)
+    if arg(node, 6, "divisor_override", None):
+        raise ctx.unsupported(node, "avg_pool2d with divisor_override")
+    return _pool(ctx, node, "AVERAGE", arg(node, 1, "kernel_size"), arg(node, 2, "stride", None),
+                 arg(node, 3, "padding", 0), arg(node, 4, "ceil_mode", False),
+                 arg(node, 5, "count_include_pad", True))
+
+
+def _adaptive(ctx, node, kind: str, output_size) -> str:
+    _check_4d(ctx, node)
+    h, w = ctx.shape(node.args[0])[2:]
+    oh, ow = pair(output_size)
+    oh, ow = oh or h, ow or w
+    if (oh, ow) == (1, 1):
+        name, out = ctx.layer(node)
+        ctx.builder.add_pooling(name, 1, 1, 1, 1, kind, "VALID", ctx.inp(node.args[0]), out,
+                                is_global=True)
+        return out
+    if h % oh or w % ow:
+        raise ctx.unsupported(node, f"adaptive pooling from {h}x{w} to {oh}x{ow} (sizes must divide)")
+    k = (h // oh, w // ow)
+    return _pool(ctx, node, kind, k, k, 0)
+
+
+@register_module(nn.AdaptiveAvgPool2d)
+def adaptive_avg_pool2d(ctx, node, m) -> str:
+    return _adaptive(ctx, node, "AVERAGE", m.output_size)
+
+
+@register_module(nn.AdaptiveMaxPool2d)
+def adaptive_max_pool2d(ctx, node, m) -> str:
+    if m.return_indices:
+        raise ctx.unsupported(node, "AdaptiveMaxPool2d with return_indices")
+    return _adaptive(ctx, node, "MAX", m.output_size)
+
+
+@register_function(F.adaptive_avg_pool2d)
+def adaptive_avg_pool2d_fn(ctx, node, target) -> str:
+    return _adaptive(ctx, node, "AVERAGE", arg(node, 1, "output_size"))
+
+
+@register_function(torch.mean)
+@register_method("mean")
+def mean(ctx, node, target) -> str:
+    """``x.mean((2, 3))`` over the spatial axes of (N, C, H, W): global average pooling."""
+    dims = arg(node, 1, "dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if len(ctx.shape(node.args[0])) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
+        raise ctx.unsupported(node, f"mean over dims {dims} (only the spatial axes (2, 3) of NCHW)")
+    name, out = ctx.layer(node)
+    ctx.builder.add_pooling(name, 1, 1, 1, 1, "AVERAGE", "VALID", ctx.inp(node.args[0]), out,
+                            is_global=True)
+    return out
+
+
+# --- normalization ----------------------------------------------------------------------------
+
+@register_module(nn.BatchNorm1d, nn.BatchNorm2d)
+def batchnorm(ctx, node, m) -> str:
+    if m.training:
+        raise ctx.unsupported(node, "BatchNorm in training mode (call module.eval() first)")
+    if not m.track_running_stats or m.running_mean is None:
+        raise ctx.unsupported(node, "BatchNorm without running statistics")
+    c = m.num_features
+    gamma = m.weight.detach().cpu().numpy() if m.affine else np.ones(c, np.float32)
+    beta = m.bias.detach().cpu().numpy() if m.affine else np.zeros(c, np.float32)
+    name, out = ctx.layer(node)
+    ctx.builder.add_batchnorm(name, c, gamma, beta, m.running_mean.detach().cpu().numpy(),
+                              m.running_var.detach().cpu().numpy(), ctx.inp(node.args[0]), out,
+                              epsilon=float(m.eps))
+    return out
+
+
+# --- shape ------------------------------------------------------------------------------------
+
+@register_module(nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+@register_function(F.dropout, F.dropout2d, torch.dropout)
+@register_method("contiguous")
+def identity(ctx, node, target) -> str:
+    """Dropped at inference: the node's value is its input's blob."""
+    return ctx.inp(node.args[0])
+
+
+@register_module(nn.Flatten)
+@register_function(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+@register_method("view", "reshape", "flatten", "squeeze", "unsqueeze")
+def reshape(ctx, node, target) -> str:
+    """A reshape that keeps the blob (C, H, W) is free; (N, C, H, W) -> (N, -1) is flatten."""
+    src = node.args[0]
+    before, after = ctx.shape(src), ctx.shape(node)
+    if ctx.blob_shape(before) == ctx.blob_shape(after):
+        return ctx.inp(src)
+    if len(after) == 2 and len(before) > 2:
+        name, out = ctx.layer(node)
+        ctx.builder.add_flatten(name, 0, ctx.inp(src), out)  # CHANNEL_FIRST: torch order
+        return out
+    raise ctx.unsupported(node, f"reshape from {tuple(before)} to {tuple(after)}")
+
+
+@register_function(torch.cat, torch.concat)
+def cat(ctx, node, target) -> str:
+    tensors = list(arg(node, 0, "tensors"))
+    dim = arg(node, 1, "dim", 0)
+    rank = len(ctx.shape(node))
+    if any(len(ctx.shape(t)) != rank for t in tensors) or dim % rank != 1:
+        raise ctx.unsupported(node, f"concatenation along dim={dim} (only channels, dim=1)")
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [ctx.inp(t) for t in tensors], out, "CONCAT")
+    return out
+
+
+# --- elementwise ------------------------------------------------------------------------------
+
+def _elementwise(ctx, node, mode: str) -> str:
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1:
+        raise ctx.unsupported(node, "add with alpha != 1")
+    tensors = [x for x in (a, b) if ctx.is_tensor(x)]
+    scalars = [x for x in (a, b) if not ctx.is_tensor(x)]
+    if scalars and not isinstance(scalars[0], (int, float)):
+        raise ctx.unsupported(node, f"{mode.lower()} with an operand of type {type(scalars[0]).__name__}")
+    rank = len(ctx.shape(node))
+    if any(len(ctx.shape(t)) != rank for t in tensors):
+        raise ctx.unsupported(node, "broadcasting between tensors of different ranks")
+    name, out = ctx.layer(node)
+    if scalars:
+        alpha = float(scalars[0])
+        ctx.builder.add_elementwise(name, [ctx.inp(tensors[0])], out, mode, alpha=alpha)
+    else:
+        ctx.builder.add_elementwise(name, [ctx.inp(t) for t in tensors], out, mode)
+    return out
+
+
+@register_function(operator.add, operator.iadd, torch.add)
+@register_method("add", "add_")
+def add(ctx, node, target) -> str:
+    return _elementwise(ctx, node, "ADD")
+
+
+@register_function(operator.mul, operator.imul, torch.mul)
+@register_method("mul", "mul_")
+def mul(ctx, node, target) -> str:
+    return _elementwise(ctx, node, "MULTIPLY")
+
+
+def _scaled(ctx, node, blob: str, alpha: float, suffix: str) -> str:
+    """An extra ``multiply`` layer computing ``alpha * blob`` (named after the node)."""
+    name = ctx.new_blob(f"{node.name}_{suffix}")
+    ctx.used_layers.add(name)
+    ctx.builder.add_elementwise(name, [blob], name, "MULTIPLY", alpha=alpha)
+    return name
+
+
+@register_function(operator.sub, operator.isub, torch.sub)
+@register_method("sub", "sub_")
+def sub(ctx, node, target) -> str:
+    """``a - b``: ``add(a, -1 * b)``; a scalar operand becomes the add's alpha."""
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1:
+        raise ctx.unsupported(node, "sub with alpha != 1")
+    if ctx.is_tensor(a) and ctx.is_tensor(b):
+        if len(ctx.shape(a)) != len(ctx.shape(b)):
+            raise ctx.unsupported(node, "broadcasting between tensors of different ranks")
+        neg = _scaled(ctx, node, ctx.inp(b), -1.0, "neg")
+        name, out = ctx.layer(node)
+        ctx.builder.add_elementwise(name, [ctx.inp(a), neg], out, "ADD")
+        return out
+    if ctx.is_tensor(a) and isinstance(b, (int, float)):
+        name, out = ctx.layer(node)
+        ctx.builder.add_elementwise(name, [ctx.inp(a)], out, "ADD", alpha=-float(b))
+        return out
+    if ctx.is_tensor(b) and isinstance(a, (int, float)):
+        neg = _scaled(ctx, node, ctx.inp(b), -1.0, "neg")
+        name, out = ctx.layer(node)
+        ctx.builder.add_elementwise(name, [neg], out, "ADD", alpha=float(a))
+        return out
+    raise ctx.unsupported(node, "sub of these operand types")
+
+
+@register_function(operator.truediv, operator.itruediv, torch.div)
+@register_method("div", "div_")
+def div(ctx, node, target) -> str:
+    """``x / c`` for a number ``c``: multiply by ``1 / c``."""
+    a, b = node.args[0], node.args[1]
+    if not (ctx.is_tensor(a) and isinstance(b, (int, float)) and b != 0) or node.kwargs.get("rounding_mode"):
+        raise ctx.unsupported(node, "division except tensor / non-zero number")
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [ctx.inp(a)], out, "MULTIPLY", alpha=1.0 / float(b))
+    return out

@@ -1,0 +1,147 @@
+"""The mlpersonal command line: inspect and predict on exported and coremltools-built models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import mlpersonal as mp
+from exporters.convert import ClassifierConfig, convert
+from mlpersonal.cli import COMMANDS, main
+
+ct = pytest.importorskip("coremltools")
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["heart", "star", "sun", "house"]
+
+
+@pytest.fixture
+def sticker(tmp_path):
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(4 * 7 * 7, 4)).eval()
+    spec = convert(m, [mp.ImageType("image", (1, 14, 14), color="grayscale", scale=1 / 255.0)],
+                   classifier=ClassifierConfig(labels=LABELS), metadata={"author": "Ada"})
+    path = tmp_path / "sticker.mlmodel"
+    mp.save(spec, path)
+    return path
+
+
+def test_inspect_lists_io_metadata_and_layers(sticker, capsys):
+    assert main(["inspect", str(sticker)]) == 0
+    out = capsys.readouterr().out
+    assert "model: neuralNetworkClassifier" in out
+    assert "image: image 14x14 grayscale" in out
+    assert "multiArray" not in out
+    assert "labelProbs: dictionary(string -> double)" in out and "label: string" in out
+    assert "author: Ada" in out
+    assert "class labels (4): heart, star, sun, house" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[out.splitlines().index(
+        next(x for x in out.splitlines() if x.startswith("layers"))) + 1:]}
+    assert list(lines) == ["0", "1", "2", "3", "4", "softmax"]
+    assert "convolution" in lines["0"] and "image[1, 14, 14] -> 0[4, 14, 14]" in lines["0"]
+    assert lines["0"].split()[-2:] == [str(4 * 9 + 4), "float32"]
+    assert "2[4, 7, 7] -> 3[196, 1, 1]" in lines["3"] and "flatten" in lines["3"]
+    assert lines["4"].split()[-2:] == [str(196 * 4 + 4), "float32"]
+
+
+def test_predict_prints_runtime_label(sticker, tmp_path, capsys):
+    pixels = np.random.default_rng(2).integers(0, 256, (14, 14)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    expected = mp.load(sticker).predict({"image": pixels})
+    assert main(["predict", str(sticker), "--input", f"image={tmp_path / 'x.png'}", "--top", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"label: {expected['label']}" in out
+    top = sorted(expected["labelProbs"].items(), key=lambda kv: -kv[1])[:2]
+    i = out.index("labelProbs:")
+    assert out[i + 1:i + 3] == [f"  {k}: {p:.6f}" for k, p in top]
+
+
+def test_predict_npy_and_errors(tmp_path, capsys):
+    m = nn.Sequential(nn.Linear(3, 2)).eval()
+    spec = convert(m, [mp.TensorType("x", (3,))], regressor="y")
+    path = tmp_path / "r.mlmodel"
+    mp.save(spec, path)
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", str(path), "-i", f"x={tmp_path / 'x.npy'}"]) == 0
+    out = capsys.readouterr().out
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    got = np.array([float(v) for v in out.split("[", 2)[2].split("]")[0].split(",")])
+    assert np.abs(got - ref).max() < 1e-4
+    assert main(["predict", str(path), "-i", "z=1"]) == 2
+    assert "no input 'z'" in capsys.readouterr().err
+    assert main(["predict", str(path)]) == 2
+    assert main(["inspect", str(tmp_path / "missing.mlmodel")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_inspect_updatable_builder_model(tmp_path, capsys):
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import AdamParams, NeuralNetworkBuilder
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("probs", datatypes.Array(2))],
+                             mode="classifier")
+    b.add_inner_product("fc", np.ones((2, 3), np.float32), np.zeros(2, np.float32), 3, 2, True, "x", "z")
+    b.add_softmax("sm", "z", "probs")
+    b.set_class_labels(["a", "b"])
+    b.make_updatable(["fc"])
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_adam_optimizer(AdamParams(lr=0.01, batch=4))
+    b.set_epochs(3, [1, 3, 5])
+    path = tmp_path / "u.mlmodel"
+    mp.save(b.spec, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "updatable: yes" in out
+    fc = next(line for line in out.splitlines() if line.strip().startswith("fc "))
+    assert fc.rstrip().endswith("updatable") and " 8 " in fc
+    assert "epochs = 3  set [1, 3, 5]" in out
+    assert "learning_rate = 0.01  range" in out and "mini_batch_size = 4" in out
+    assert "loss: loss (categoricalCrossEntropyLossLayer)" in out and "optimizer: adamOptimizer" in out
+
+
+def test_inspect_pipeline_with_knn(tmp_path, capsys):
+    from coremltools.models import datatypes
+    from coremltools.models.nearest_neighbors import KNearestNeighborsClassifierBuilder
+    from coremltools.models.pipeline import PipelineClassifier
+
+    emb = convert(nn.Sequential(nn.Linear(4, 3)).eval(), [mp.TensorType("x", (4,))], outputs=["features"])
+    knn = KNearestNeighborsClassifierBuilder("features", "label", number_of_dimensions=3,
+                                             default_class_label="none", number_of_neighbors=3)
+    knn.add_samples(np.eye(3, dtype=np.float32), ["a", "b", "c"])
+    pipe = PipelineClassifier([("x", datatypes.Array(4))], ["a", "b", "c"])
+    pipe.add_model(emb)
+    pipe.add_model(knn.spec)
+    pipe.set_training_input([("x", datatypes.Array(4)), ("label", datatypes.String())])
+    path = tmp_path / "p.mlmodel"
+    mp.save(pipe.spec, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "model: pipelineClassifier" in out and "sub-models (2):" in out
+    assert "  model: neuralNetwork" in out and "model: kNearestNeighborsClassifier" in out
+    assert "k-NN: 3 dimensions, 3 samples, 3 labels, k=3" in out
+    assert "number_of_neighbors = 3" in out
+
+
+def test_python_dash_m_and_help_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in top
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert f"Example:\n  mlpersonal {name} " in capsys.readouterr().out
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "mlpersonal", "inspect", "--help"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "Example:" in r.stdout and "mlpersonal inspect" in r.stdout

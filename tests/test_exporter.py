@@ -1,0 +1,471 @@
+"""exporters.convert: torch modules -> specs that coremltools accepts and the runtime runs exactly
+like torch (oracle: the torch module itself, in eval mode)."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mlpersonal as mp
+from exporters.convert import ClassifierConfig, convert
+
+ct = pytest.importorskip("coremltools")
+
+
+# --- architectures ----------------------------------------------------------------------------
+
+class Sticker(nn.Module):
+    """The sticker CNN: 3x [conv3x3 + ReLU + maxpool2], 576 -> 128 -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(576, 128), nn.ReLU(),
+                                        nn.Dropout(0.5), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc2(self.act(self.fc1(x))))
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 6)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.bn_plain = nn.BatchNorm2d(8, affine=False)
+
+    def forward(self, x):
+        x = F.relu(self.bn_plain(self.bn(self.conv(x))))
+        return self.bn1(self.fc(x.view(x.size(0), -1)))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding="same"), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        y = self.block(x)
+        x = self.relu(x + y)
+        x = torch.add(x, self.block(x))  # the block again: a module used twice
+        return self.head(x)
+
+
+class GlobalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        a = torch.flatten(self.pool(x), 1)
+        b = x.mean((2, 3))
+        return self.fc(torch.cat([a, b * 2.0], dim=1))
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Conv2d(3, 4, 1)
+        self.right = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Sigmoid())
+        self.gate = nn.Conv2d(3, 10, 1)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], 1)
+        y = y * torch.sigmoid(self.gate(x))
+        return (self.pool(y) + 1.5 - y.mean((2, 3)).view(-1, 10, 1, 1)) / 4 - 0.25 * 2
+
+
+class Mix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.a1 = nn.Linear(12, 16), nn.LeakyReLU(0.2)
+        self.fc2, self.a2 = nn.Linear(16, 16), nn.ELU(0.7)
+        self.fc3, self.a3 = nn.Linear(16, 8), nn.Tanh()
+        self.out = nn.Linear(8, 4)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        x = self.a1(self.fc1(x))
+        x = F.leaky_relu(self.a2(self.fc2(x)), 0.05) + F.elu(x)
+        x = self.a3(self.fc3(x - x * 0.5)) - torch.sigmoid(self.fc3(x))
+        return self.softmax(self.out(x))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.dw = nn.Conv2d(8, 8, (3, 5), padding=(1, 2), groups=8)
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = self.pool(F.relu(self.dw(x)))
+        return self.pw(x).reshape(x.shape[0], -1)
+
+
+class RGBNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 5, stride=3)
+        self.fc = nn.Linear(5 * 5 * 5, 3)
+        self.logsm = nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        return self.logsm(self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)))
+
+
+def _randomize(module):
+    """Random non-trivial BatchNorm statistics/affine params; eval mode."""
+    g = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return module.eval()
+
+
+def _nn(spec):
+    return getattr(spec, spec.WhichOneof("Type"))
+
+
+def _roundtrip(spec, tmp_path):
+    ct.models.MLModel(spec)  # coremltools accepts it
+    path = tmp_path / "m.mlmodel"
+    mp.save(spec, path)
+    back = mp.load_spec(path)
+    assert back == spec
+    return back
+
+
+def _array_case(module, shape, tmp_path, n=5, **kw):
+    module = _randomize(module)
+    spec = convert(module, [mp.TensorType("x", shape)], **kw)
+    spec = _roundtrip(spec, tmp_path)
+    x = torch.randn(n, *shape)
+    with torch.no_grad():
+        ref = module(x)
+    outs = mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])
+    return spec, ref, outs
+
+
+ARRAY_CASES = {
+    "mlp": (MLP, (20,)),
+    "batchnorm": (BNNet, (3, 8, 8)),
+    "residual": (Residual, (3, 9, 7)),
+    "global_pool": (GlobalPool, (3, 10, 10)),
+    "branches": (Branches, (3, 11, 9)),
+    "grouped_conv": (Grouped, (4, 16, 15)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARRAY_CASES))
+def test_array_models_match_torch(case, tmp_path):
+    cls, shape = ARRAY_CASES[case]
+    spec, ref, outs = _array_case(cls(), shape, tmp_path, regressor="y")
+    assert spec.WhichOneof("Type") == "neuralNetworkRegressor"
+    assert spec.specificationVersion >= 4
+    got = np.stack([o["y"] for o in outs])
+    assert got.shape == tuple(ref.shape)
+    names = {layer.name for layer in _nn(spec).layers}
+    weighted = [p for p, m in cls().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    assert weighted and set(weighted) <= names  # every weighted module is the layer of its path
+    assert np.abs(got - ref.numpy()).max() <= 1e-5
+
+
+def test_layer_names_are_module_paths(tmp_path):
+    spec, _, _ = _array_case(Residual(), (3, 9, 7), tmp_path)
+    names = [layer.name for layer in _nn(spec).layers]
+    assert names == ["stem", "relu", "block.0", "block.1", "block.2", "block.3", "block.4", "add",
+                     "relu@2", "block.0@2", "block.1@2", "block.2@2", "block.3@2", "block.4@2",
+                     "add_1", "head"]
+    kinds = [layer.WhichOneof("layer") for layer in _nn(spec).layers]
+    assert kinds[:4] == ["convolution", "activation", "convolution", "batchnorm"]
+    assert kinds[7] == "add"
+    # the model's one output is the last layer's blob
+    assert _nn(spec).layers[-1].output[0] == "output"
+
+
+def test_sticker_classifier_with_image_input(tmp_path):
+    m = _randomize(Sticker())
+    labels = ["heart", "star", "sun", "house", "cat", "dog", "tree", "car", "moon", "fish"]
+    spec = convert(m, [mp.ImageType("image", (1, 28, 28), color="grayscale", scale=1 / 255.0)],
+                   classifier=ClassifierConfig(labels=labels),
+                   metadata={"author": "me", "license": "MIT", "description": "stickers",
+                             "version": "1.2", "user_defined": {"k": "v"}})
+    spec = _roundtrip(spec, tmp_path)
+    nn_spec = spec.neuralNetworkClassifier
+    assert [la.name for la in nn_spec.layers] == [
+        "features.0", "features.1", "features.2", "features.3", "features.4", "features.5",
+        "features.6", "features.7", "features.8", "classifier.0", "classifier.1", "classifier.2",
+        "classifier.4", "softmax"]
+    assert nn_spec.layers[-1].WhichOneof("layer") == "softmax"
+    assert list(nn_spec.stringClassLabels.vector) == labels
+    assert spec.description.predictedFeatureName == "label"
+    assert spec.description.predictedProbabilitiesName == "labelProbs"
+    assert spec.description.input[0].type.imageType.colorSpace == 10  # GRAYSCALE
+    assert nn_spec.preprocessing[0].scaler.channelScale == pytest.approx(1 / 255.0)
+    md = spec.description.metadata
+    assert (md.author, md.license, md.shortDescription, md.versionString) == ("me", "MIT", "stickers", "1.2")
+    assert dict(md.userDefined) == {"k": "v"}
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 28, 28)).astype(np.uint8)
+    outs = mp.load(spec).predict_batch([{"image": p} for p in pixels])
+    with torch.no_grad():
+        ref = torch.softmax(m(torch.from_numpy(pixels[:, None] / 255.0).float()), 1).numpy()
+    got = np.array([[o["labelProbs"][k] for k in labels] for o in outs])
+    assert np.abs(got - ref).max() <= 1e-5
+    assert [o["label"] for o in outs] == [labels[i] for i in ref.argmax(1)]
+
+
+@pytest.mark.parametrize("color", ["rgb", "bgr"])
+def test_color_classifier_scale_bias_logsoftmax(color, tmp_path):
+    m = _randomize(RGBNet())
+    bias = [-0.5, 0.1, 0.25]  # in the model's colour order
+    spec = convert(m, [mp.ImageType("photo", (3, 32, 32), color=color, scale=0.02, bias=bias)],
+                   classifier=ClassifierConfig(labels=[3, 7, 11], predicted_feature_name="cls",
+                                               probabilities_name="p"))
+    spec = _roundtrip(spec, tmp_path)
+    nn_spec = spec.neuralNetworkClassifier
+    assert list(nn_spec.int64ClassLabels.vector) == [3, 7, 11]
+    kinds = [la.WhichOneof("layer") for la in nn_spec.layers]
+    assert kinds[-1] == "softmax" and nn_spec.layers[-1].name == "logsm"  # LogSoftmax -> softmax
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)
+    outs = mp.load(spec).predict_batch([{"photo": a} for a in rgb])
+    chw = rgb.transpose(0, 3, 1, 2).astype(np.float32)
+    if color == "bgr":
+        chw = chw[:, ::-1]
+    x = torch.from_numpy(chw * 0.02 + np.array(bias, np.float32).reshape(1, 3, 1, 1))
+    with torch.no_grad():
+        ref = torch.exp(m(x)).numpy()
+    got = np.array([[o["p"][k] for k in (3, 7, 11)] for o in outs])
+    assert np.abs(got - ref).max() <= 1e-5
+    assert [o["cls"] for o in outs] == [[3, 7, 11][i] for i in ref.argmax(1)]
+
+
+def test_activation_mix_classifier_keeps_its_softmax(tmp_path):
+    m = _randomize(Mix())
+    spec = convert(m, [mp.TensorType("x", (12,))], classifier=ClassifierConfig(labels=list("abcd")))
+    spec = _roundtrip(spec, tmp_path)
+    layers = spec.neuralNetworkClassifier.layers
+    assert layers[-1].name == "softmax" and layers[-1].output[0] == "labelProbs"
+    assert sum(la.WhichOneof("layer") == "softmax" for la in layers) == 1
+    acts = {la.name: la.activation.WhichOneof("NonlinearityType") for la in layers
+            if la.WhichOneof("layer") == "activation"}
+    assert acts["a1"] == "leakyReLU" and acts["a2"] == "ELU" and acts["a3"] == "tanh"
+    x = torch.randn(7, 12)
+    outs = mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = np.array([[o["labelProbs"][k] for k in "abcd"] for o in outs])
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_multiple_outputs_and_identity_output(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.drop = nn.Dropout()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h, torch.relu(h), self.drop(x), h
+
+    m = Two().eval()
+    keys = ["h", "r", "same", "h2"]
+    spec = convert(m, [mp.TensorType("x", (4,))], outputs=keys)
+    spec = _roundtrip(spec, tmp_path)
+    assert [o.name for o in spec.description.output] == keys
+    x = torch.randn(3, 4)
+    outs = mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])
+    with torch.no_grad():
+        refs = m(x)
+    for key, ref in zip(keys, refs):
+        assert np.abs(np.stack([o[key] for o in outs]) - ref.numpy()).max() <= 1e-6
+
+
+def test_unsupported_module_names_op_and_path():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.GELU()))
+    with pytest.raises(mp.UnsupportedLayerError, match=r"'1\.1'.*GELU"):
+        convert(m, [mp.TensorType("x", (4,))])
+
+
+def test_unsupported_function_names_op():
+    class Exp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.exp(self.fc(x))
+
+    with pytest.raises(mp.UnsupportedLayerError, match="exp"):
+        convert(Exp(), [mp.TensorType("x", (4,))])
+
+
+def test_unsupported_arguments_are_refused():
+    with pytest.raises(mp.UnsupportedLayerError, match="dim=1"):
+        convert(nn.Sequential(nn.Conv2d(1, 2, 1), nn.Softmax(dim=2)), [mp.TensorType("x", (1, 4, 4))])
+    with pytest.raises(mp.UnsupportedLayerError, match="LogSoftmax"):
+        convert(nn.Sequential(nn.Linear(3, 3), nn.LogSoftmax(1)), [mp.TensorType("x", (3,))])
+
+
+def test_bad_arguments_raise_conversion_error():
+    with pytest.raises(mp.ConversionError, match="channel"):
+        mp.ImageType("img", (3, 8, 8), color="grayscale")
+    with pytest.raises(mp.ConversionError, match="bias"):
+        mp.ImageType("img", (3, 8, 8), bias=[1, 2])
+    with pytest.raises(mp.ConversionError, match="color"):
+        mp.ImageType("img", (3, 8, 8), color="cmyk")
+    with pytest.raises(mp.ConversionError, match="shape"):
+        mp.TensorType("x", (3, 4))
+    with pytest.raises(mp.ConversionError, match="labels"):
+        convert(MLP(), [mp.TensorType("x", (20,))], classifier=ClassifierConfig(labels=list("abc")))
+    with pytest.raises(mp.ConversionError, match="declares 2"):
+        convert(MLP(), [mp.TensorType("x", (20,)), mp.TensorType("z", (20,))])
+    with pytest.raises(mp.ConversionError, match="metadata"):
+        convert(MLP(), [mp.TensorType("x", (20,))], metadata={"autor": "typo"})
+
+
+def test_training_mode_module_is_exported_in_eval_and_restored():
+    m = BNNet()
+    _randomize(m).train()
+    spec = convert(m, [mp.TensorType("x", (3, 8, 8))])
+    assert m.training and m.bn.training
+    x = torch.randn(2, 3, 8, 8)
+    m.eval()
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = np.stack([o["output"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_respect_trainable_refuses_trainable_batchnorm():
+    m = _randomize(BNNet())
+    m.conv.requires_grad_(False)
+    with pytest.raises(mp.ConversionError, match=r"'bn'.*requires_grad_\(False\)"):
+        convert(m, [mp.TensorType("x", (3, 8, 8))], respect_trainable=True)
+
+
+def test_respect_trainable_passes_updatable_layers(monkeypatch):
+    calls = []
+    fake = types.ModuleType("exporters.updatable")
+    fake.make_updatable = lambda spec, names, update: calls.append((spec, names, update))
+    monkeypatch.setitem(sys.modules, "exporters.updatable", fake)
+    m = Sticker().eval()
+    m.requires_grad_(False)
+    m.classifier[4].requires_grad_(True)
+    m.features[6]._mlpersonal_updatable = True
+    cfg = object()
+    spec = convert(m, [mp.TensorType("x", (1, 28, 28))], classifier=ClassifierConfig(labels=list("0123456789")),
+                   respect_trainable=True, update=cfg)
+    assert len(calls) == 1 and calls[0][0] is spec
+    assert calls[0][1] == ["features.6", "classifier.4"] and calls[0][2] is cfg
+    # without respect_trainable nothing is updatable and the hook is not called
+    spec = convert(m, [mp.TensorType("x", (1, 28, 28))], classifier=ClassifierConfig(labels=list("0123456789")))
+    assert len(calls) == 1 and not spec.isUpdatable
+
+
+def test_custom_conversion_function_writes_custom_layer(tmp_path):
+    class Swish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.beta = nn.Parameter(torch.tensor([1.5, 2.0]))
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.beta[0] * x)
+
+    m = nn.Sequential(nn.Linear(3, 3), Swish(), nn.Linear(3, 2))
+
+    def swish(mod):
+        return {"className": "Swish", "description": "x * sigmoid(beta x)",
+                "parameters": {"beta": 1.5, "n": 2, "tag": "s", "on": True}, "weights": [mod.beta]}
+
+    spec = convert(m, [mp.TensorType("x", (3,))], custom_conversion_functions={Swish: swish})
+    ct.models.MLModel(spec)
+    layer = spec.neuralNetwork.layers[1]
+    assert layer.name == "1" and layer.WhichOneof("layer") == "custom"
+    c = layer.custom
+    assert c.className == "Swish" and c.description == "x * sigmoid(beta x)"
+    assert c.parameters["beta"].doubleValue == 1.5 and c.parameters["n"].longValue == 2
+    assert c.parameters["tag"].stringValue == "s" and c.parameters["on"].boolValue
+    assert list(c.weights[0].floatValue) == [1.5, 2.0]
+    assert list(layer.input) == [spec.neuralNetwork.layers[0].output[0]]
+
+
+def test_two_inputs_concat_and_regressor_list(tmp_path):
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(4 + 5, 2)
+
+        def forward(self, image, extra):
+            h = self.fc(torch.cat([self.img(image), extra], 1))
+            return h, torch.tanh(h)
+
+    m = TwoIn().eval()
+    spec = convert(m, [mp.TensorType("image", (3, 6, 6)), mp.TensorType("extra", (5,))],
+                   regressor=["a", "b"])
+    spec = _roundtrip(spec, tmp_path)
+    assert [f.name for f in spec.description.input] == ["image", "extra"]
+    # the flatten of (N, 4, 1, 1) keeps the blob: no layer
+    assert [la.name for la in spec.neuralNetworkRegressor.layers][:5] == ["img.0", "img.1", "img.2", "cat", "fc"]
+    img, extra = torch.randn(4, 3, 6, 6), torch.randn(4, 5)
+    outs = mp.load(spec).predict_batch([{"image": a.numpy(), "extra": b.numpy()} for a, b in zip(img, extra)])
+    with torch.no_grad():
+        ra, rb = m(img, extra)
+    assert np.abs(np.stack([o["a"] for o in outs]) - ra.numpy()).max() <= 1e-5
+    assert np.abs(np.stack([o["b"] for o in outs]) - rb.numpy()).max() <= 1e-5
+
+
+def test_public_names_resolve_to_functions():
+    import exporters.convert as module  # importing the submodule must not shadow mp.convert
+
+    assert mp.convert is module.convert and callable(mp.convert)
+    assert mp.ClassifierConfig is ClassifierConfig
+    from mlpersonal.features import ImageType, TensorType
+
+    assert mp.ImageType is ImageType and mp.TensorType is TensorType
+
+
+def test_bare_leaf_module_is_one_layer(tmp_path):
+    m = nn.Conv2d(2, 3, 3, padding=1).eval()
+    spec = _roundtrip(convert(m, [mp.TensorType("x", (2, 5, 5))]), tmp_path)
+    assert [la.name for la in spec.neuralNetwork.layers] == ["conv2d"]
+    x = torch.randn(2, 2, 5, 5)
+    got = np.stack([o["output"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    with torch.no_grad():
+        assert np.abs(got - m(x).numpy()).max() <= 1e-5
