@@ -309,9 +309,12 @@ class CrossEntropyLoss:
     def log_probs(self, env: dict) -> torch.Tensor:
         """``(batch, classes)`` log-probabilities."""
         x = env[self.blob]
+        if self.axis is None and x.dim() >= 3 and x.shape[-1] == x.shape[-2] == 1:
+            x = x.reshape(x.shape[0], -1)  # (B, C, 1, 1): classes on the last axis
         if self.from_logits:
             dim = self.axis if self.axis is not None else (-3 if x.dim() >= 3 else -1)
-            lp = F.log_softmax(x, dim=dim).movedim(dim, -1)
+            lp = F.log_softmax(x, dim=dim)
+            lp = lp if dim in (-1, x.dim() - 1) else lp.movedim(dim, -1)
         else:
             lp = torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
             lp = lp.movedim(-3, -1) if x.dim() >= 3 else lp
@@ -395,7 +398,7 @@ class NeuralNetworkUpdater(Updater):
         return self.loss.target, "index"
 
     def prepare(self, training_data, values: dict) -> None:
-        if isinstance(training_data, dict) or not hasattr(training_data, "__len__"):
+        if isinstance(training_data, (dict, str, bytes)) or not hasattr(training_data, "__iter__"):
             raise InvalidInputError("training_data must be a list of feature dicts (model inputs + target)")
         data = list(training_data)
         if not data:
@@ -575,16 +578,17 @@ class NeuralNetworkUpdater(Updater):
             pos += bs
             self._sync_hyperparameters(values)
             loss = self._batch_loss(idx)
-            if not torch.isfinite(loss):
+            value = float(loss.detach())
+            if not math.isfinite(value):
                 raise TrainingError(
-                    f"the loss became {float(loss)} at epoch {epoch} (examples {pos - bs}..{min(pos, n) - 1} "
+                    f"the loss became {value} at epoch {epoch} (examples {pos - bs}..{min(pos, n) - 1} "
                     "of the epoch's order); lower the learning rate or check the training data. "
                     "Nothing was written."
                 )
             self._opt.zero_grad(set_to_none=True)
             loss.backward()
             self._opt.step()
-            yield float(loss.detach())
+            yield value
 
     def result(self) -> CompiledModel:
         for p in self.params:

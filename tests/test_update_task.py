@@ -353,3 +353,18 @@ def test_nd_model_matches_torch(leading_one):
     got = layer_weights(trained.spec, "fc")
     np.testing.assert_allclose(got["weights"], w.detach().numpy().ravel(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got["bias"], bb.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_context_model_is_a_snapshot(cnn):
+    m, spec, data, X, y = cnn
+    snaps = []
+    task, ctx = _run(mp.load(spec), iter(data), parameters={"shuffle": False},  # any iterable
+                     progress_handlers={"epoch_end": lambda c: snaps.append(c.model)})
+    assert len(snaps) == 2 and snaps[0] is not ctx.model
+    ref = copy.deepcopy(m)
+    torch_train(ref, X, y, "ce", "sgd", **{**SGD_KW, "epochs": 1})
+    np.testing.assert_allclose(layer_weights(snaps[0].spec, "fc")["weights"],
+                               ref.fc.weight.detach().numpy().ravel(), rtol=1e-5, atol=1e-7)
+    feats = [{"image": X[i].numpy()} for i in range(3)]
+    assert snaps[0].predict_batch(feats) != ctx.model.predict_batch(feats)
+    assert snaps[1].predict_batch(feats) == ctx.model.predict_batch(feats)
