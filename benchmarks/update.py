@@ -10,7 +10,9 @@ Printed per row: the median time per mini-batch after the first epoch (ours betw
 task's mini_batch_end events, torch around one loop iteration; medians resist the load of other
 processes), the same in CPU time of the training thread (time.thread_time(); with one torch
 thread all the work runs in that thread, so this resists other processes' load best), the ratio
-ours/torch of each, the end-to-end
+ours/torch of each; the same torch loop with channels_last images (the UpdateTask keeps image
+blobs channels_last on cpu, where torch's convolution and max pooling are much faster), the
+end-to-end
 time per mini-batch of the task (copy + validation/encoding + training + write-back), and the
 peak RSS of a child process doing only that training (2 epochs; both children import the same
 modules and build the same spec first; ours also holds its copy of the model and the encoded
@@ -22,6 +24,7 @@ examples).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -125,10 +128,11 @@ def run_ours(spec, data):
     return wall, cpu, (t1 - t0) / len(stamps)
 
 
-def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int):
-    """(wall, cpu) seconds per mini-batch after the first epoch of a plain torch loop."""
-    import copy
-
+def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
+    """(wall, cpu) seconds per mini-batch after the first epoch of a plain torch loop
+    (``channels_last``: the images in that memory format, as the UpdateTask keeps them on cpu)."""
+    if channels_last:
+        X = X.contiguous(memory_format=torch.channels_last)
     m = copy.deepcopy(m)
     for p in m.parameters():
         p.requires_grad_(False)
@@ -144,7 +148,7 @@ def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for s in range(0, n, BATCH):
             idx = perm[s:s + BATCH]
-            loss = F.cross_entropy(m(X.index_select(0, idx)), y.index_select(0, idx))
+            loss = F.cross_entropy(m(X[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,6 +159,80 @@ def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int):
                 cpu.append(c2 - c)
             t, c = t2, c2
     return wall, cpu
+
+
+def export_onnx(m: StickerCNN, path: str) -> None:
+    """The torch module as an ONNX training graph (for onnxruntime-training's artifacts)."""
+    torch.onnx.export(m, (torch.rand(BATCH, 3, 28, 28),), path, input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                      training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                      opset_version=17, dynamo=False)
+
+
+def ort_child(args) -> None:
+    """In onnxruntime-training's venv: build artifacts, train, print timings and peak RSS."""
+    import tempfile
+
+    import onnx
+    from onnxruntime import SessionOptions
+    from onnxruntime.training import artifacts, onnxblock
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    model = onnx.load(args.onnx)
+    updatable = {f"{n}.{w}" for n in VARIANTS[args.variant] for w in ("weight", "bias")}
+    names = [i.name for i in model.graph.initializer]
+    opt = (onnxblock.optim.SGD() if args.optimizer == "sgd"
+           else onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0))
+    d = tempfile.mkdtemp()
+    artifacts.generate_artifacts(model, requires_grad=[n for n in names if n in updatable],
+                                 frozen_params=[n for n in names if n not in updatable],
+                                 loss=artifacts.LossType.CrossEntropyLoss, optimizer=opt, artifact_directory=d)
+    for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        g = onnx.load(os.path.join(d, f))
+        if g.ir_version > 10:  # onnx writes a newer IR than onnxruntime 1.19 reads
+            g.ir_version = 10
+            onnx.save(g, os.path.join(d, f))
+    so = SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    state = CheckpointState.load_checkpoint(os.path.join(d, "checkpoint"))
+    module = Module(os.path.join(d, "training_model.onnx"), state, os.path.join(d, "eval_model.onnx"),
+                    device="cpu", session_options=so)
+    optimizer = Optimizer(os.path.join(d, "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(0.01 if args.optimizer == "sgd" else 1e-3)
+    module.train()
+    X, y, _ = make_data(args.examples)
+    X, y = X.numpy(), y.numpy().astype(np.int64)
+    base = peak_mib()
+    wall, cpu = [], []
+    n = len(X)
+    for epoch in range(args.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).numpy()
+        for s in range(0, n, BATCH):
+            idx = perm[s:s + BATCH]
+            t, c = time.perf_counter(), time.process_time()
+            module(X[idx], y[idx])
+            optimizer.step()
+            module.lazy_reset_grad()
+            if epoch >= 1:
+                wall.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+    print(json.dumps({"wall": wall, "cpu": cpu, "base_mib": base, "peak_mib": peak_mib()}))
+
+
+def run_ort(args, onnx_path: str, variant: str, optimizer: str):
+    """Run ort_child with $MLPERSONAL_ORT_PYTHON; None when that venv is not given."""
+    py = os.environ.get("MLPERSONAL_ORT_PYTHON")
+    if not py:
+        return None
+    cmd = [py, os.path.abspath(__file__), "--child", "ort", "--onnx", onnx_path, "--variant", variant,
+           "--optimizer", optimizer, "--threads", str(args.threads), "--epochs", str(args.epochs),
+           "--examples", str(args.examples)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"onnxruntime-training run failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 VARIANTS = {"head-only": FCS, "all-updatable": CONVS + FCS}
@@ -207,10 +285,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--examples", type=int, default=384)
-    ap.add_argument("--child", choices=["ours", "torch"])
+    ap.add_argument("--child", choices=["ours", "torch", "ort"])
+    ap.add_argument("--onnx")
     ap.add_argument("--variant", choices=list(VARIANTS), default="head-only")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     args = ap.parse_args()
+    if args.child == "ort":
+        return ort_child(args)
     if args.child:
         return child(args)
 
@@ -223,13 +304,20 @@ def main():
     print(f"sticker CNN, {args.examples} examples, batch {BATCH}, {args.epochs} epochs "
           f"(timed: epochs 2..{args.epochs}), torch threads {args.threads}, "
           f"medians over {args.rounds} interleaved rounds, torch {torch.__version__}")
-    rows = []
+    import tempfile
+
+    onnx_path = None
+    if os.environ.get("MLPERSONAL_ORT_PYTHON"):
+        onnx_path = os.path.join(tempfile.mkdtemp(), "sticker.onnx")
+        export_onnx(copy.deepcopy(m), onnx_path)
+    rows, ort_rows = [], []
+    med = statistics.median
     for variant, upd in VARIANTS.items():
         for optimizer in ("sgd", "adam"):
             spec = build_spec(m, upd, optimizer, args.epochs)
             run_ours(spec, data[:BATCH * 2])  # warm-up (first torch.optim import, allocator)
             run_torch(m, upd, optimizer, X[:BATCH * 2], y[:BATCH * 2], 2)
-            ours, ours_cpu, e2e, ref, ref_cpu = [], [], [], [], []
+            ours, ours_cpu, e2e, ref, ref_cpu, cl, cl_cpu = [], [], [], [], [], [], []
             for _ in range(args.rounds):
                 w, c, e = run_ours(spec, data)
                 ours += w
@@ -238,20 +326,52 @@ def main():
                 w, c = run_torch(m, upd, optimizer, X, y, args.epochs)
                 ref += w
                 ref_cpu += c
+                w, c = run_torch(m, upd, optimizer, X, y, args.epochs, channels_last=True)
+                cl += w
+                cl_cpu += c
             rss_o = peak_rss(args, "ours", variant, optimizer)
             rss_t = peak_rss(args, "torch", variant, optimizer)
-            med = statistics.median
             rows.append((variant, optimizer, med(ours) * 1e3, med(ref) * 1e3, med(ours) / med(ref),
                          med(ours_cpu) * 1e3, med(ref_cpu) * 1e3, med(ours_cpu) / med(ref_cpu),
+                         med(cl_cpu) * 1e3, med(ours_cpu) / med(cl_cpu),
                          med(e2e) * 1e3, rss_o["peak_mib"], rss_t["peak_mib"]))
+            if onnx_path:
+                ort = run_ort(args, onnx_path, variant, optimizer)
+                if ort:
+                    ort_rows.append((variant, optimizer, med(ours) * 1e3, med(ort["wall"]) * 1e3,
+                                     med(ours) / med(ort["wall"]), med(ours_cpu) * 1e3,
+                                     med(ort["cpu"]) * 1e3, med(ours_cpu) / med(ort["cpu"]),
+                                     rss_o["peak_mib"], ort["peak_mib"]))
     head = ("variant", "optimizer", "UpdateTask ms/mb", "torch loop ms/mb", "ratio",
-            "UpdateTask CPU ms/mb", "torch CPU ms/mb", "CPU ratio", "task end-to-end ms/mb",
-            "peak RSS ours MiB", "peak RSS torch MiB")
+            "UpdateTask CPU ms/mb", "torch CPU ms/mb", "CPU ratio", "torch channels_last CPU ms/mb",
+            "CPU ratio vs channels_last", "task end-to-end ms/mb", "peak RSS ours MiB", "peak RSS torch MiB")
+    _table(head, rows)
+    if ort_rows:
+        print("\nvs onnxruntime-training (its own process, run once after ours; sgd: ORT's plain SGD "
+              "vs ours with momentum 0.9; adam: ORT's AdamW with weight_decay=0)")
+        _table(("variant", "optimizer", "UpdateTask ms/mb", "ORT-training ms/mb", "ratio",
+                "UpdateTask CPU ms/mb", "ORT CPU ms/mb", "CPU ratio", "peak RSS ours MiB",
+                "peak RSS ORT MiB"), ort_rows)
+    elif not onnx_path:
+        print("\n(onnxruntime-training: set MLPERSONAL_ORT_PYTHON to the python of a venv with "
+              "onnxruntime-training==1.19.2, onnx and torch importable, to compare with it)")
+
+
+def _table(head, rows) -> None:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for v, opt, o, r, ratio, oc, rc, cratio, e, po, pt in rows:
-        print(f"| {v} | {opt} | {o:.2f} | {r:.2f} | {ratio:.3f}x | {oc:.2f} | {rc:.2f} | {cratio:.3f}x "
-              f"| {e:.2f} | {po:.0f} | {pt:.0f} |")
+    for row in rows:
+        cells = []
+        for h, v in zip(head, row):
+            if isinstance(v, str):
+                cells.append(v)
+            elif "ratio" in h:
+                cells.append(f"{v:.3f}x")
+            elif "MiB" in h:
+                cells.append(f"{v:.0f}")
+            else:
+                cells.append(f"{v:.2f}")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
