@@ -99,7 +99,16 @@ class UpdateContext:
 
 # --- task --------------------------------------------------------------------------------------
 class UpdateTask:
-    """Train a copy of an updatable model on ``training_data`` in a background thread."""
+    """Train a copy of an updatable model on ``training_data`` in a background thread.
+
+    ``model_or_path``: a CompiledModel, a path, bytes or a spec (loaded with ``compute_units``).
+    ``training_data``: feature dicts, each with the model inputs and the target (a classifier's
+    class label under its predicted-feature name; otherwise the loss layer's target name, e.g.
+    ``"output_true"``). ``parameters``: overrides (``learning_rate``, ``epochs``, ... or Core ML's
+    ``learningRate`` ...), checked against what the model allows. ``progress_handlers``:
+    ``{"training_began" | "mini_batch_end" | "epoch_end": fn(ctx)}``;
+    ``completion_handler(ctx)`` runs once when the task ends, whatever the outcome.
+    """
 
     def __init__(self, model_or_path, training_data, parameters: Optional[dict] = None,
                  progress_handlers: Optional[dict] = None,
@@ -120,7 +129,6 @@ class UpdateTask:
         self._done = threading.Event()
         self._pending: dict = {}
         self._params = None  # the model's Parameter table, once known
-        self._values: Optional[dict] = None
         self._state = "ready"
         self._context: Optional[UpdateContext] = None
         self._thread: Optional[threading.Thread] = None
@@ -223,7 +231,6 @@ class UpdateTask:
             up = self._load().make_updater()
             self._params = up.parameters()
             values = resolve(self._params, self._overrides)
-            self._values = values
             up.prepare(self._data, values)
             self._emit("training_began", metrics, values, up)
             epoch = 0
@@ -436,8 +443,9 @@ class NeuralNetworkUpdater(Updater):
                     "needs one shape per input"
                 )
         self.n = len(data)
-        self.feeds = feeds
-        self.blobs = self._layout(self.model.to_blobs(feeds)) if self.model._batchable else None
+        batchable = self.model._batchable
+        self.blobs = self._layout(self.model.to_blobs(feeds)) if batchable else None
+        self.feeds = None if batchable else feeds  # per-example path only
         self.targets = self._encode_targets(data)
         if "learning_rate" not in values:
             raise InvalidModelError("the model's optimizer has no learningRate")
