@@ -98,6 +98,8 @@ class CompiledModel:
         task = UpdateTask(self, training_data, **options)
         task.resume()
         ctx = task.wait()
+        if ctx.error is not None:
+            raise ctx.error
         return ctx.model
 
     def make_updater(self):

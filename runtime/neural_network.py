@@ -90,6 +90,13 @@ class NeuralNetworkModel(CompiledModel):
                 steps[name] = (lambda x, mean=mean: x - mean.reshape(x.shape[1:]))
         return steps
 
+    # --- update ----------------------------------------------------------------------------
+    def make_updater(self):
+        """A :class:`runtime.update.NeuralNetworkUpdater` training a private copy of this model."""
+        from .update import NeuralNetworkUpdater
+
+        return NeuralNetworkUpdater(self)
+
     # --- running ---------------------------------------------------------------------------
     def to_blobs(self, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Model inputs (user layout) -> network input blobs (internal layout).

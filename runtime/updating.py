@@ -1,16 +1,25 @@
 """The Updater protocol: how UpdateTask trains any kind of compiled model.
 
 ``CompiledModel.make_updater()`` returns an :class:`Updater` working on a private copy of the
-model. :class:`runtime.update.UpdateTask` drives it:
+model (the original keeps predicting unchanged). :class:`runtime.update.UpdateTask` drives it:
 
-    up = model.make_updater()
+    up = model.make_updater()                          # raises if the model is not updatable
     values = resolve(up.parameters(), overrides)       # defaults + checked overrides
     up.prepare(training_data, values)                  # validate + encode; raises InvalidInputError
-    for epoch in range(up.num_epochs(values)):
+    epoch = 0
+    while epoch < up.num_epochs(values):
         for loss in up.mini_batches(epoch, values):    # one optimizer step per yielded loss
             ...                                        # mini_batch_end event
         ...                                            # epoch_end event
+        epoch += 1
     updated = up.result()                              # CompiledModel with the new spec
+
+``values`` is one live dict: handlers may change it between two yields (``task.resume(
+parameters=...)``), so ``mini_batches`` reads it again before each step (learning rate,
+mini-batch size, ...) and at the start of each epoch (shuffle, seed); ``num_epochs`` is asked
+again after every epoch. Everything that can be checked is checked in ``prepare`` (nothing is
+trained or written when it raises). ``result()`` may be called more than once (the task calls
+it for a snapshot when a handler reads ``ctx.model``).
 
 Neural networks train by backprop (runtime.update), kNN classifiers append examples
 (runtime.knn), pipelines transform examples through the stages before the updatable one and

@@ -1,0 +1,631 @@
+"""On-device update: :class:`UpdateTask` (Core ML's ``MLUpdateTask`` in Python idiom),
+:class:`UpdateContext`, the neural-network updater and its losses.
+
+Task life cycle::
+
+    task = UpdateTask(model_or_path, training_data, parameters={...},
+                      progress_handlers={"epoch_end": f}, completion_handler=done)
+    task.resume()            # "ready" -> "running": trains in a background thread
+    ctx = task.wait()        # -> "completed" | "cancelled" | "failed"
+
+Everything the task needs is checked in the background thread *before the first optimizer step*
+(model updatable, overrides inside the allowed range/set, every example valid). A failure ends
+the task ``"failed"``: ``wait()`` returns the final context with ``ctx.error`` holding the
+:class:`~mlpersonal.errors.MLPersonalError` and ``ctx.model`` ``None`` (nothing is written).
+``CompiledModel.update(...)`` (the synchronous form) raises that error instead.
+
+Events, in order: ``training_began`` once; ``mini_batch_end`` after every optimizer step;
+``epoch_end`` after every epoch. Metrics: ``loss`` (the mini-batch's mean loss; for
+``epoch_end`` the mean of the epoch's mini-batch losses; ``None`` at ``training_began``),
+``epoch_index`` and ``mini_batch_index`` (0-based, the index restarts every epoch). Handlers
+run in the training thread between steps and may call ``task.cancel()`` (honoured before the
+next mini-batch) or ``task.resume(parameters={...})`` (checked at once against the model's
+allowed values; applies from the next mini-batch, or epoch for epochs/shuffle/seed).
+
+Losses (the spec's single loss layer, mean over the mini-batch):
+- categorical cross-entropy: ``-log p[target]`` on the softmax output, computed stably as
+  ``log_softmax`` of the softmax layer's input, i.e. ``torch.nn.CrossEntropyLoss`` on the logits;
+- mean squared error: ``mean((input - target) ** 2)`` over every element, as
+  ``torch.nn.MSELoss()`` (no 1/2 factor; Core ML's documentation does not define one).
+
+Optimizers are ``torch.optim.SGD(lr, momentum)`` and ``torch.optim.Adam(lr, betas, eps)``.
+Shuffling draws ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))``;
+without a seed in the model (or the overrides) a random seed is drawn once per task. The last
+partial mini-batch of an epoch is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import warnings
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlpersonal.errors import (
+    InvalidInputError,
+    InvalidModelError,
+    MLPersonalError,
+    TrainingError,
+    UpdateParameterError,
+)
+from mlpersonal.update_params import normalize_key, resolve
+
+from .features import feature_kind
+from .model import CompiledModel, compile_spec, load
+from .updating import Updater
+
+EVENTS = ("training_began", "mini_batch_end", "epoch_end")
+_EVENT_ALIASES = {"trainingBegan": "training_began", "miniBatchEnd": "mini_batch_end",
+                  "epochEnd": "epoch_end"}
+STATES = ("ready", "running", "completed", "cancelled", "failed")
+
+
+# --- context -----------------------------------------------------------------------------------
+class UpdateContext:
+    """What handlers receive and :meth:`UpdateTask.wait` returns.
+
+    ``task``, ``event`` (an event name, or the final state for the completion context),
+    ``metrics`` (``loss``, ``epoch_index``, ``mini_batch_index``), ``parameters`` (the values in
+    force), ``error`` (the MLPersonalError of a failed task, else ``None``) and ``model``: a
+    predictable, savable CompiledModel (during training a snapshot made when first accessed).
+    """
+
+    def __init__(self, task: "UpdateTask", event: str, metrics: dict, parameters: dict, *,
+                 model: Optional[CompiledModel] = None,
+                 model_fn: Optional[Callable[[], CompiledModel]] = None,
+                 error: Optional[MLPersonalError] = None):
+        self.task = task
+        self.event = event
+        self.metrics = metrics
+        self.parameters = parameters
+        self.error = error
+        self._model = model
+        self._model_fn = model_fn
+
+    @property
+    def model(self) -> Optional[CompiledModel]:
+        if self._model is None and self._model_fn is not None:
+            self._model, self._model_fn = self._model_fn(), None
+        return self._model
+
+    def __repr__(self) -> str:
+        return f"<UpdateContext {self.event} {self.metrics}{' error' if self.error else ''}>"
+
+
+# --- task --------------------------------------------------------------------------------------
+class UpdateTask:
+    """Train a copy of an updatable model on ``training_data`` in a background thread.
+
+    ``model_or_path``: a CompiledModel, a path, bytes or a spec (loaded with ``compute_units``).
+    ``training_data``: feature dicts, each with the model inputs and the target (a classifier's
+    class label under its predicted-feature name; otherwise the loss layer's target name, e.g.
+    ``"output_true"``). ``parameters``: overrides (``learning_rate``, ``epochs``, ... or Core ML's
+    ``learningRate`` ...), checked against what the model allows. ``progress_handlers``:
+    ``{"training_began" | "mini_batch_end" | "epoch_end": fn(ctx)}``;
+    ``completion_handler(ctx)`` runs once when the task ends, whatever the outcome.
+    """
+
+    def __init__(self, model_or_path, training_data, parameters: Optional[dict] = None,
+                 progress_handlers: Optional[dict] = None,
+                 completion_handler: Optional[Callable[[UpdateContext], Any]] = None,
+                 compute_units: Optional[str] = None):
+        self._source = model_or_path
+        self._data = training_data
+        if parameters is not None and not isinstance(parameters, dict):
+            raise UpdateParameterError(f"parameters must be a dict, got {type(parameters).__name__}")
+        self._overrides = dict(parameters or {})
+        self._handlers = _check_handlers(progress_handlers)
+        if completion_handler is not None and not callable(completion_handler):
+            raise MLPersonalError("completion_handler must be callable")
+        self._completion = completion_handler
+        self._compute_units = compute_units
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._pending: dict = {}
+        self._params = None  # the model's Parameter table, once known
+        self._state = "ready"
+        self._context: Optional[UpdateContext] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # --- public ----------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``ready``, ``running``, ``completed``, ``cancelled`` or ``failed``."""
+        return self._state
+
+    @property
+    def context(self) -> Optional[UpdateContext]:
+        """The latest context (the final one once the task has ended)."""
+        return self._context
+
+    @property
+    def error(self) -> Optional[MLPersonalError]:
+        ctx = self._context
+        return ctx.error if ctx is not None and self._done.is_set() else None
+
+    def resume(self, parameters: Optional[dict] = None) -> None:
+        """Start the task, or (while running, e.g. from a handler) continue with new values."""
+        with self._lock:
+            if self._state == "ready":
+                if parameters:
+                    self._overrides.update(parameters)
+                self._state = "running"
+                self._thread = threading.Thread(target=self._run, name="mlpersonal-update", daemon=True)
+                self._thread.start()
+                return
+            if self._state != "running":
+                raise MLPersonalError(f"cannot resume a task that is {self._state}")
+            if parameters:
+                if self._params is not None:  # check now, in the caller's thread
+                    resolve(self._params, parameters)
+                self._pending.update(parameters)
+
+    def cancel(self) -> None:
+        """Stop after the current mini-batch (or at once if the task has not started)."""
+        with self._lock:
+            if self._state == "ready":
+                self._state = "cancelled"
+                self._context = UpdateContext(self, "cancelled", _metrics(None, 0, 0), {})
+                self._done.set()
+                self._call_completion()
+                return
+        self._cancel.set()
+
+    def wait(self, timeout: Optional[float] = None) -> UpdateContext:
+        """Block until the task ends; return the final context (``ctx.error`` set on failure)."""
+        if self._state == "ready":
+            raise MLPersonalError("the update task has not been started: call task.resume() first")
+        if self._thread is not None and threading.current_thread() is self._thread and not self._done.is_set():
+            raise MLPersonalError("wait() called from a progress handler would never return")
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the update task is still running after {timeout} s")
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join()
+        return self._context
+
+    def __repr__(self) -> str:
+        return f"<UpdateTask {self._state}>"
+
+    # --- worker ----------------------------------------------------------------------------
+    def _load(self) -> CompiledModel:
+        src, cu = self._source, self._compute_units
+        if isinstance(src, CompiledModel):
+            if cu is None or cu == src.compute_units:
+                return src
+            spec = type(src.spec)()
+            spec.CopyFrom(src.spec)
+            return compile_spec(spec, cu, path=src.path)
+        return load(src, cu or "all")
+
+    def _apply_pending(self, values: dict) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if pending:
+            new = resolve(self._params, pending)
+            values.update({normalize_key(k): new[normalize_key(k)] for k in pending})
+
+    def _emit(self, event: str, metrics: dict, values: dict, up: Updater) -> None:
+        ctx = UpdateContext(self, event, metrics, dict(values), model_fn=lambda: up.result().copy())
+        self._context = ctx
+        handler = self._handlers.get(event)
+        if handler is not None:
+            try:
+                handler(ctx)
+            except MLPersonalError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise TrainingError(f"the {event!r} progress handler raised {type(e).__name__}: {e}") from e
+        self._apply_pending(values)
+
+    def _run(self) -> None:
+        up: Optional[Updater] = None
+        values: dict = {}
+        metrics = _metrics(None, 0, 0)
+        try:
+            up = self._load().make_updater()
+            self._params = up.parameters()
+            values = resolve(self._params, self._overrides)
+            up.prepare(self._data, values)
+            self._emit("training_began", metrics, values, up)
+            epoch = 0
+            while epoch < up.num_epochs(values) and not self._cancel.is_set():
+                losses = []
+                for index, loss in enumerate(up.mini_batches(epoch, values)):
+                    loss = float(loss)
+                    if not math.isfinite(loss):
+                        raise TrainingError(
+                            f"the loss became {loss} at epoch {epoch}, mini-batch {index}; lower the "
+                            "learning rate or check the training data"
+                        )
+                    losses.append(loss)
+                    metrics = _metrics(loss, epoch, index)
+                    self._emit("mini_batch_end", metrics, values, up)
+                    if self._cancel.is_set():
+                        break
+                if self._cancel.is_set():
+                    break
+                metrics = _metrics(sum(losses) / max(len(losses), 1), epoch, max(len(losses) - 1, 0))
+                self._emit("epoch_end", metrics, values, up)
+                epoch += 1
+            state = "cancelled" if self._cancel.is_set() else "completed"
+            ctx = UpdateContext(self, state, metrics, dict(values), model=up.result())
+        except Exception as e:  # noqa: BLE001
+            err = e if isinstance(e, MLPersonalError) else TrainingError(
+                f"training failed: {type(e).__name__}: {e}")
+            if err is not e:
+                err.__cause__ = e
+            state = "failed"
+            ctx = UpdateContext(self, "failed", metrics, dict(values), error=err)
+        self._context = ctx
+        self._state = state
+        self._call_completion()
+        self._done.set()
+
+    def _call_completion(self) -> None:
+        if self._completion is None:
+            return
+        try:
+            self._completion(self._context)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"the update task's completion handler raised {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=2)
+
+
+def _metrics(loss, epoch: int, mini_batch: int) -> dict:
+    return {"loss": loss, "epoch_index": int(epoch), "mini_batch_index": int(mini_batch)}
+
+
+def _check_handlers(handlers: Optional[dict]) -> dict:
+    if handlers is None:
+        return {}
+    if not isinstance(handlers, dict):
+        raise MLPersonalError("progress_handlers must be a dict {event name: callable}")
+    out = {}
+    for key, fn in handlers.items():
+        event = _EVENT_ALIASES.get(key, key)
+        if event not in EVENTS:
+            raise MLPersonalError(f"unknown progress event {key!r}; events: {', '.join(EVENTS)}")
+        if not callable(fn):
+            raise MLPersonalError(f"the handler for {key!r} is not callable")
+        out[event] = fn
+    return out
+
+
+# --- losses ------------------------------------------------------------------------------------
+class CrossEntropyLoss:
+    """Core ML's categorical cross-entropy on a softmax output; targets are class indices."""
+
+    def __init__(self, model, msg):
+        self.input = msg.input
+        self.target = msg.target
+        layers = {l.name: l for l in model.nn_spec.layers}
+        producer = next((s for s in reversed(model.net.steps) if self.input in s.outputs), None)
+        if producer is None:
+            raise InvalidModelError(f"the loss input {self.input!r} is not produced by any layer")
+        # softmax output: use its input (logits) with log_softmax, which is exact and stable
+        self.from_logits = producer.kind in ("softmax", "softmaxND") and len(producer.inputs) == 1
+        self.blob = producer.inputs[0] if self.from_logits else self.input
+        self.axis = int(layers[producer.name].softmaxND.axis) if producer.kind == "softmaxND" else None
+
+    def log_probs(self, env: dict) -> torch.Tensor:
+        """``(batch, classes)`` log-probabilities."""
+        x = env[self.blob]
+        if self.axis is None and x.dim() >= 3 and x.shape[-1] == x.shape[-2] == 1:
+            x = x.reshape(x.shape[0], -1)  # (B, C, 1, 1): classes on the last axis
+        if self.from_logits:
+            dim = self.axis if self.axis is not None else (-3 if x.dim() >= 3 else -1)
+            lp = F.log_softmax(x, dim=dim)
+            lp = lp if dim in (-1, x.dim() - 1) else lp.movedim(dim, -1)
+        else:
+            lp = torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
+            lp = lp.movedim(-3, -1) if x.dim() >= 3 else lp
+        return lp.reshape(x.shape[0], -1)
+
+    def __call__(self, env: dict, target: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(self.log_probs(env), target)
+
+
+class MeanSquaredErrorLoss:
+    """Core ML's mean squared error: mean over every element of (input - target)^2."""
+
+    def __init__(self, model, msg):
+        self.input = msg.input
+        self.target = msg.target
+        self.blob = msg.input
+        if not any(self.input in s.outputs for s in model.net.steps):
+            raise InvalidModelError(f"the loss input {self.input!r} is not produced by any layer")
+
+    def __call__(self, env: dict, target: torch.Tensor) -> torch.Tensor:
+        x = env[self.blob]
+        return F.mse_loss(x, target.reshape(x.shape))
+
+
+LOSSES = {
+    "categoricalCrossEntropyLossLayer": CrossEntropyLoss,
+    "meanSquaredErrorLossLayer": MeanSquaredErrorLoss,
+}
+
+
+# --- the neural-network updater -----------------------------------------------------------------
+class NeuralNetworkUpdater(Updater):
+    """Backprop through the network into its updatable convolution/innerProduct weights."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        work = model.copy()
+        work.path = None
+        self.model = work
+        self.net = work.net
+        self.params = list(self.net.named_updatable().values())
+        if not self.params:
+            raise InvalidModelError(
+                "the model is marked updatable but none of its layers is (no layer with "
+                "isUpdatable convolution/innerProduct weights)"
+            )
+        up = work.nn_spec.updateParams
+        if len(up.lossLayers) != 1:
+            raise InvalidModelError(
+                f"an updatable neural network needs exactly one loss layer, this one has {len(up.lossLayers)}"
+            )
+        which = up.lossLayers[0].WhichOneof("LossLayerType")
+        if which not in LOSSES:
+            raise InvalidModelError(f"loss layer kind {which!r} is not supported (use cross-entropy or MSE)")
+        self.loss = LOSSES[which](work, getattr(up.lossLayers[0], which))
+        self.optimizer_kind = up.optimizer.WhichOneof("OptimizerType")
+        if self.optimizer_kind not in ("sgdOptimizer", "adamOptimizer"):
+            raise InvalidModelError("the model's updateParams name no optimizer (sgdOptimizer or adamOptimizer)")
+        self.plan = self._plan(self.loss.blob)
+        self._dead = self._liveness(self.plan, keep=self.loss.blob)
+        self.target_name, self.target_mode = self._target()
+        self.device = work.device
+        self._opt: Optional[torch.optim.Optimizer] = None
+
+    # --- set-up ----------------------------------------------------------------------------
+    def _plan(self, blob: str) -> list:
+        """The layers the loss depends on, in spec order."""
+        needed, plan = {blob}, []
+        for s in reversed(self.net.steps):
+            if needed.intersection(s.outputs):
+                plan.append(s)
+                needed.update(s.inputs)
+        return plan[::-1]
+
+    @staticmethod
+    def _liveness(plan: list, keep: str) -> list:
+        """Per step, the blobs no later step reads: dropped at once, so the allocator reuses
+        their memory (keeping every blob alive made the forward pass ~3x slower on cpu)."""
+        last = {}
+        for i, s in enumerate(plan):
+            for b in s.inputs:
+                last[b] = i
+        dead: list = [[] for _ in plan]
+        for b, i in last.items():
+            if b != keep:
+                dead[i].append(b)
+        return dead
+
+    def _target(self) -> tuple[str, str]:
+        work, d = self.model, self.model.spec.description
+        names = [t.name for t in d.trainingInput]
+        if isinstance(self.loss, MeanSquaredErrorLoss):
+            return self.loss.target, "array"
+        if work.is_classifier and (work._label_name in names or self.loss.target not in names):
+            return work._label_name, "label"
+        return self.loss.target, "index"
+
+    def prepare(self, training_data, values: dict) -> None:
+        if isinstance(training_data, (dict, str, bytes)) or not hasattr(training_data, "__iter__"):
+            raise InvalidInputError("training_data must be a list of feature dicts (model inputs + target)")
+        data = list(training_data)
+        if not data:
+            raise InvalidInputError("training_data is empty: give at least one example")
+        for i, ex in enumerate(data):
+            if not isinstance(ex, dict):
+                raise InvalidInputError(f"training example {i} must be a dict of features, got {type(ex).__name__}")
+            if self.target_name not in ex:
+                raise InvalidInputError(
+                    f"training example {i} has no target {self.target_name!r} (training inputs: "
+                    f"{[t.name for t in self.model.spec.description.trainingInput] or self.model.input_names + [self.target_name]})"
+                )
+        from .features import encode_inputs
+
+        feeds = encode_inputs(self.model.spec.description.input, data, self.device)
+        for name, v in feeds.items():
+            if isinstance(v, list):
+                raise InvalidInputError(
+                    f"training examples give input {name!r} in different shapes; one update task "
+                    "needs one shape per input"
+                )
+        self.n = len(data)
+        batchable = self.model._batchable
+        self.blobs = self._layout(self.model.to_blobs(feeds)) if batchable else None
+        self.feeds = None if batchable else feeds  # per-example path only
+        self.targets = self._encode_targets(data)
+        if "learning_rate" not in values:
+            raise InvalidModelError("the model's optimizer has no learningRate")
+        self.seed = random.randrange(2**31) if values.get("seed") is None else None
+        try:
+            self._dry_run()
+        except MLPersonalError:
+            raise
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise InvalidInputError(f"the training examples do not fit the model: {e}") from None
+        if self.optimizer_kind == "sgdOptimizer":
+            self._opt = torch.optim.SGD(self.params, lr=values["learning_rate"],
+                                        momentum=values.get("momentum", 0.0))
+        else:
+            self._opt = torch.optim.Adam(self.params, lr=values["learning_rate"],
+                                         betas=(values.get("beta1", 0.9), values.get("beta2", 0.999)),
+                                         eps=values.get("eps", 1e-8))
+
+    def _encode_targets(self, data: list) -> torch.Tensor:
+        name, mode = self.target_name, self.target_mode
+        if mode == "label":
+            labels = self.model.class_labels
+            index = {lab: i for i, lab in enumerate(labels)}
+            out = []
+            for i, ex in enumerate(data):
+                v = ex[name]
+                v = v.item() if isinstance(v, (np.generic, torch.Tensor)) and np.size(v) == 1 else v
+                if isinstance(v, (bytes, bytearray)):
+                    v = v.decode()
+                if isinstance(v, bool) or v not in index:
+                    shown = labels if len(labels) <= 12 else labels[:12] + ["..."]
+                    raise InvalidInputError(
+                        f"training example {i}: unknown class label {v!r} for {name!r}; the model knows "
+                        f"{shown}. A neural network classifier cannot learn new classes on device "
+                        "(use a kNN classifier for that)"
+                    )
+                out.append(index[v])
+            return torch.tensor(out, dtype=torch.int64, device=self.device)
+        if mode == "index":
+            out = []
+            for i, ex in enumerate(data):
+                arr = np.asarray(ex[name].detach().cpu() if isinstance(ex[name], torch.Tensor) else ex[name])
+                if arr.size != 1 or not np.issubdtype(arr.dtype, np.number) or arr.reshape(-1)[0] != int(arr.reshape(-1)[0]):
+                    raise InvalidInputError(
+                        f"training example {i}: target {name!r} must be one integer class index, got {ex[name]!r}"
+                    )
+                out.append(int(arr.reshape(-1)[0]))
+            t = torch.tensor(out, dtype=torch.int64, device=self.device)
+            return t
+        # array targets (MSE)
+        fd = next((t for t in self.model.spec.description.trainingInput if t.name == name), None)
+        shape = tuple(int(s) for s in fd.type.multiArrayType.shape) if fd is not None and \
+            feature_kind(fd) == "multiArrayType" else None
+        arrs = []
+        for i, ex in enumerate(data):
+            v = ex[name]
+            try:
+                arr = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InvalidInputError(f"training example {i}: target {name!r} is not numeric") from None
+            if shape and arr.size != int(np.prod(shape)):
+                raise InvalidInputError(
+                    f"training example {i}: target {name!r} has shape {arr.shape}, the model expects {shape}"
+                )
+            if not np.isfinite(arr).all():
+                raise InvalidInputError(f"training example {i}: target {name!r} contains NaN or Inf")
+            arrs.append(arr.reshape(-1))
+        if len({a.size for a in arrs}) > 1:
+            raise InvalidInputError(f"training examples give target {name!r} in different sizes")
+        return torch.from_numpy(np.stack(arrs)).to(self.device)
+
+    def _layout(self, blobs: dict) -> dict:
+        """Image-like blobs ``(N, C, H, W)`` in channels_last on cpu: torch's cpu convolution and
+        max pooling run 1.4-1.8x faster on it (same values, a different memory order)."""
+        if self.device.type != "cpu":
+            return blobs
+        return {k: (v.contiguous(memory_format=torch.channels_last)
+                    if v.dim() == 4 and v.shape[-1] * v.shape[-2] > 1 else v) for k, v in blobs.items()}
+
+    # --- training --------------------------------------------------------------------------
+    def _forward(self, blobs: dict) -> dict:
+        """Run the layers the loss needs; returns the live blobs (the loss input among them)."""
+        env = dict(blobs)
+        for s, dead in zip(self.plan, self._dead):
+            r = s.fn(*[env[b] for b in s.inputs])
+            if len(s.outputs) == 1:
+                env[s.outputs[0]] = r
+            else:
+                env.update(zip(s.outputs, r))
+            for b in dead:
+                env.pop(b, None)
+        return env
+
+    def _dry_run(self) -> None:
+        """Run the first examples once (no grad) to check shapes and targets before any step."""
+        with torch.no_grad():
+            if self.blobs is not None:
+                env = self._forward({k: v[:2] for k, v in self.blobs.items()})
+            else:
+                env = self._forward({k: t[0] for k, t in self.model.to_blobs(
+                    {k: v[0:1] for k, v in self.feeds.items()}).items()})
+                env = {self.loss.blob: env[self.loss.blob].unsqueeze(0)}
+            if isinstance(self.loss, CrossEntropyLoss):
+                c = self.loss.log_probs(env).shape[1]
+                if self.model.is_classifier and c != len(self.model.class_labels):
+                    raise InvalidModelError(
+                        f"the softmax gives {c} values per example but the classifier has "
+                        f"{len(self.model.class_labels)} labels"
+                    )
+                bad = ((self.targets < 0) | (self.targets >= c)).nonzero()
+                if len(bad):
+                    i = int(bad[0])
+                    raise InvalidInputError(
+                        f"training example {i}: class index {int(self.targets[i])} for "
+                        f"{self.target_name!r} is outside 0..{c - 1}"
+                    )
+            else:
+                per = env[self.loss.blob][0].numel()
+                if per != self.targets.shape[1]:
+                    raise InvalidInputError(
+                        f"target {self.target_name!r} has {self.targets.shape[1]} values per example, "
+                        f"the model's {self.loss.input!r} has {per}"
+                    )
+            self._batch_loss(slice(0, min(self.n, 2)))
+
+    def _batch_loss(self, idx) -> torch.Tensor:
+        """Mean loss over the examples ``idx`` (a slice or an index tensor)."""
+        take = lambda t: t[idx]  # noqa: E731  (slices and index tensors keep channels_last)
+        target = take(self.targets)
+        if self.blobs is not None:
+            env = self._forward({k: take(v) for k, v in self.blobs.items()})
+            return self.loss(env, target)
+        # ND models without a batch axis: one example at a time
+        ids = range(self.n)[idx] if isinstance(idx, slice) else idx.tolist()
+        total = 0.0
+        for j, i in enumerate(ids):
+            one = {k: v[i:i + 1] for k, v in self.feeds.items()}
+            env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
+            env = {self.loss.blob: env[self.loss.blob].unsqueeze(0)}
+            total = total + self.loss(env, target[j:j + 1])
+        return total / len(ids)
+
+    def _sync_hyperparameters(self, values: dict) -> None:
+        for g in self._opt.param_groups:
+            g["lr"] = values["learning_rate"]
+            if self.optimizer_kind == "sgdOptimizer":
+                g["momentum"] = values.get("momentum", 0.0)
+            else:
+                g["betas"] = (values.get("beta1", 0.9), values.get("beta2", 0.999))
+                g["eps"] = values.get("eps", 1e-8)
+
+    def mini_batches(self, epoch: int, values: dict) -> Iterator[float]:
+        n = self.n
+        perm = None
+        if values.get("shuffle", False):
+            seed = values.get("seed")
+            seed = self.seed if seed is None else seed
+            g = torch.Generator().manual_seed(int(seed) + int(epoch))
+            perm = torch.randperm(n, generator=g).to(self.device)
+        pos = 0
+        while pos < n:
+            bs = int(values.get("mini_batch_size") or n)
+            idx = slice(pos, pos + bs) if perm is None else perm[pos:pos + bs]
+            pos += bs
+            self._sync_hyperparameters(values)
+            loss = self._batch_loss(idx)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"the loss became {value} at epoch {epoch} (examples {pos - bs}..{min(pos, n) - 1} "
+                    "of the epoch's order); lower the learning rate or check the training data. "
+                    "Nothing was written."
+                )
+            self._opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._opt.step()
+            yield value
+
+    def result(self) -> CompiledModel:
+        for p in self.params:
+            p.grad = None
+        self.net.write_back()
+        return self.model
