@@ -313,10 +313,12 @@ class CrossEntropyLoss:
         self.blob = producer.inputs[0] if self.from_logits else self.input
         self.axis = int(layers[producer.name].softmaxND.axis) if producer.kind == "softmaxND" else None
 
-    def log_probs(self, env: dict) -> torch.Tensor:
-        """``(batch, classes)`` log-probabilities."""
+    def log_probs(self, env: dict, per_example: bool = False) -> torch.Tensor:
+        """``(batch, classes)`` log-probabilities. ``per_example``: the blob holds one example
+        at its declared (ND) shape, with no batch axis."""
         x = env[self.blob]
-        if self.axis is None and x.dim() >= 3 and x.shape[-1] == x.shape[-2] == 1:
+        n = 1 if per_example else x.shape[0]
+        if self.axis is None and not per_example and x.dim() >= 3 and x.shape[-1] == x.shape[-2] == 1:
             x = x.reshape(x.shape[0], -1)  # (B, C, 1, 1): classes on the last axis
         if self.from_logits:
             dim = self.axis if self.axis is not None else (-3 if x.dim() >= 3 else -1)
@@ -325,10 +327,10 @@ class CrossEntropyLoss:
         else:
             lp = torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
             lp = lp.movedim(-3, -1) if x.dim() >= 3 else lp
-        return lp.reshape(x.shape[0], -1)
+        return lp.reshape(n, -1)
 
-    def __call__(self, env: dict, target: torch.Tensor) -> torch.Tensor:
-        return F.nll_loss(self.log_probs(env), target)
+    def __call__(self, env: dict, target: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+        return F.nll_loss(self.log_probs(env, per_example), target)
 
 
 class MeanSquaredErrorLoss:
@@ -341,7 +343,7 @@ class MeanSquaredErrorLoss:
         if not any(self.input in s.outputs for s in model.net.steps):
             raise InvalidModelError(f"the loss input {self.input!r} is not produced by any layer")
 
-    def __call__(self, env: dict, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, env: dict, target: torch.Tensor, per_example: bool = False) -> torch.Tensor:
         x = env[self.blob]
         return F.mse_loss(x, target.reshape(x.shape))
 
@@ -443,7 +445,7 @@ class NeuralNetworkUpdater(Updater):
                     "needs one shape per input"
                 )
         self.n = len(data)
-        batchable = self.model._batchable
+        batchable = not self.model.nd  # ND layers run one example at its declared shape
         self.blobs = self._layout(self.model.to_blobs(feeds)) if batchable else None
         self.feeds = None if batchable else feeds  # per-example path only
         self.targets = self._encode_targets(data)
@@ -547,9 +549,9 @@ class NeuralNetworkUpdater(Updater):
             else:
                 env = self._forward({k: t[0] for k, t in self.model.to_blobs(
                     {k: v[0:1] for k, v in self.feeds.items()}).items()})
-                env = {self.loss.blob: env[self.loss.blob].unsqueeze(0)}
+            per_example = self.blobs is None
             if isinstance(self.loss, CrossEntropyLoss):
-                c = self.loss.log_probs(env).shape[1]
+                c = self.loss.log_probs(env, per_example).shape[1]
                 if self.model.is_classifier and c != len(self.model.class_labels):
                     raise InvalidModelError(
                         f"the softmax gives {c} values per example but the classifier has "
@@ -563,7 +565,7 @@ class NeuralNetworkUpdater(Updater):
                         f"{self.target_name!r} is outside 0..{c - 1}"
                     )
             else:
-                per = env[self.loss.blob][0].numel()
+                per = env[self.loss.blob].numel() if per_example else env[self.loss.blob][0].numel()
                 if per != self.targets.shape[1]:
                     raise InvalidInputError(
                         f"target {self.target_name!r} has {self.targets.shape[1]} values per example, "
@@ -584,8 +586,7 @@ class NeuralNetworkUpdater(Updater):
         for j, i in enumerate(ids):
             one = {k: v[i:i + 1] for k, v in self.feeds.items()}
             env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
-            env = {self.loss.blob: env[self.loss.blob].unsqueeze(0)}
-            total = total + self.loss(env, target[j:j + 1])
+            total = total + self.loss(env, target[j:j + 1], per_example=True)
         return total / len(ids)
 
     def _sync_hyperparameters(self, values: dict) -> None:
