@@ -1,33 +1,24 @@
 """torch module -> Core ML spec: op mapping registry, classifier/regressor, update params, kNN,
-pipelines, quantized weights, flexible shapes, custom conversion hooks, ONNX export.
+pipelines, quantized weights, flexible shapes, custom conversion hooks, ONNX export."""
 
-Names resolve lazily from the module that defines them.
-"""
+from .convert import ClassifierConfig, convert
+from .custom_layers import add_custom_layer, custom_layer_params
+from .flexible import (
+    is_flexible,
+    set_enumerated_image_sizes,
+    set_enumerated_shapes,
+    set_image_size_range,
+    set_shape_range,
+)
+from .knn import knn_classifier
+from .onnx_export import to_onnx
+from .pipeline import linked_model, pipeline
+from .quantized import apply_qat_weights, quantized_weight_params
+from .updatable import SGD, Adam, UpdateConfig, make_updatable
 
-from __future__ import annotations
-
-import importlib
-
-_LAZY = {
-    "convert": "exporters.convert",
-    "ClassifierConfig": "exporters.convert",
-    "UpdateConfig": "exporters.updatable",
-    "SGD": "exporters.updatable",
-    "Adam": "exporters.updatable",
-    "make_updatable": "exporters.updatable",
-    "to_onnx": "exporters.onnx_export",
-    "knn_classifier": "exporters.knn",
-    "pipeline": "exporters.pipeline",
-    "is_flexible": "exporters.flexible",
-}
-
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'exporters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "Adam", "ClassifierConfig", "SGD", "UpdateConfig", "add_custom_layer", "apply_qat_weights",
+    "convert", "custom_layer_params", "is_flexible", "knn_classifier", "linked_model",
+    "make_updatable", "pipeline", "quantized_weight_params", "set_enumerated_image_sizes",
+    "set_enumerated_shapes", "set_image_size_range", "set_shape_range", "to_onnx",
+]

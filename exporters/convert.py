@@ -247,27 +247,9 @@ def _custom_layer(ctx: Context, node, target, fn) -> str:
         raise ConversionError(f"custom conversion for {describe(ctx.gm, node)} must return a dict "
                               "with a non-empty 'className' (and optional description, parameters, "
                               "weights)")
-    params = NeuralNetwork_pb2.CustomLayerParams()
-    params.className = desc["className"]
-    params.description = str(desc.get("description", ""))
-    for key, value in (desc.get("parameters") or {}).items():
-        v = params.parameters[str(key)]
-        if isinstance(value, bool):
-            v.boolValue = value
-        elif isinstance(value, (int, np.integer)):
-            v.longValue = int(value)
-        elif isinstance(value, (float, np.floating)):
-            v.doubleValue = float(value)
-        elif isinstance(value, str):
-            v.stringValue = value
-        elif isinstance(value, bytes):
-            v.bytesValue = value
-        else:
-            raise ConversionError(f"custom layer parameter {key!r} has unsupported type "
-                                  f"{type(value).__name__} (bool, int, float, str, bytes)")
-    for w in desc.get("weights") or []:
-        arr = w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
-        params.weights.add().floatValue.extend(arr.astype(np.float32).ravel())
+    from .custom_layers import custom_layer_params
+
+    params = custom_layer_params(desc)
     tensors = [a for a in node.all_input_nodes if ctx.is_tensor(a)]
     name, out = ctx.layer(node)
     ctx.builder.add_custom(name, [ctx.inp(t) for t in tensors], [out], params)

@@ -304,6 +304,17 @@ register_command("inspect", _inspect_args, run_inspect)
 register_command("predict", _predict_args, run_predict)
 
 
+def _register_more() -> None:
+    """Subcommands that live next to the feature they drive."""
+    from .quantization_cli import COMMANDS as quantization_commands
+
+    for name, (add_args, run) in quantization_commands.items():
+        register_command(name, add_args, run)
+
+
+_register_more()
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

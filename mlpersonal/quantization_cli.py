@@ -1,7 +1,8 @@
 """CLI subcommands ``mlpersonal quantize`` and ``mlpersonal compare``.
 
-Each subcommand is a pair (``add_*_parser(subparsers)``, ``run_*(args) -> exit code``), listed in
-:data:`COMMANDS` for the main CLI's subcommand table.
+Each subcommand is a pair (``add_*_args(parser)``, ``run_*(args) -> exit code``), listed in
+:data:`COMMANDS`, which ``mlpersonal.cli`` adds to its subcommand table. The first line of a
+``run_*`` docstring is the short help; the rest (with an example) is the ``--help`` epilog.
 """
 
 from __future__ import annotations
@@ -9,17 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
 from .errors import InvalidInputError
 
 
-def add_quantize_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("quantize", help="quantize a model's weights (fp16, linear or LUT n-bit)",
-                       description="Quantize the weights of a .mlmodel (updatable layers stay "
-                                   "float32) and write a new file.")
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input .mlmodel")
     p.add_argument("output", help="output .mlmodel")
     p.add_argument("--nbits", type=int, default=8, help="1..8, or 16 for fp16 (default 8)")
@@ -34,10 +31,15 @@ def add_quantize_parser(sub) -> argparse.ArgumentParser:
                    help="fail instead of skipping updatable layers")
     p.add_argument("--compare", default=None, metavar="IMAGES",
                    help="a folder of images: print compare_models(original, quantized) on it")
-    return p
 
 
 def run_quantize(args) -> int:
+    """Quantize a model's weights (fp16, linear or LUT n-bit); updatable layers stay float32.
+
+    Example:
+      mlpersonal quantize stickers.mlmodel stickers-4bit.mlmodel --nbits 4 --mode kmeans
+      mlpersonal quantize stickers.mlmodel stickers-fp16.mlmodel --nbits 16 --compare drawings/
+    """
     from . import save
     from .quantization import quantize_weights
 
@@ -58,15 +60,11 @@ def run_quantize(args) -> int:
     return 0
 
 
-def add_compare_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("compare", help="compare a quantized model with the full-precision one",
-                       description="Top-1 agreement, max/mean |diff| and SNR of the quantized "
-                                   "model's outputs against the full model's.")
+def add_compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("full", help="full-precision .mlmodel")
     p.add_argument("quantized", help="quantized .mlmodel")
     p.add_argument("data", help="a folder of images (single image input), or an .npz whose "
                                 "arrays are named after the inputs (first axis: samples)")
-    return p
 
 
 def load_samples(path: str) -> list[dict] | str:
@@ -86,6 +84,11 @@ def load_samples(path: str) -> list[dict] | str:
 
 
 def run_compare(args) -> int:
+    """Compare a quantized model with the full one: top-1 agreement, max/mean |diff|, SNR.
+
+    Example:
+      mlpersonal compare stickers.mlmodel stickers-4bit.mlmodel drawings/
+    """
     from .compare import compare_models
 
     print(compare_models(args.full, args.quantized, load_samples(args.data)))
@@ -93,20 +96,6 @@ def run_compare(args) -> int:
 
 
 COMMANDS = {
-    "quantize": (add_quantize_parser, run_quantize),
-    "compare": (add_compare_parser, run_compare),
+    "quantize": (add_quantize_args, run_quantize),
+    "compare": (add_compare_args, run_compare),
 }
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run one of these subcommands on its own (the package CLI wires them in)."""
-    parser = argparse.ArgumentParser(prog="mlpersonal")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command][1](args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

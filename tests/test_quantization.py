@@ -210,7 +210,7 @@ def test_compare_models_numbers_match_an_independent_computation(tmp_path):
 
 
 def test_cli_quantize_and_compare(tmp_path, capsys):
-    from mlpersonal.quantization_cli import main
+    from mlpersonal.cli import main
 
     src, dst = tmp_path / "m.mlmodel", tmp_path / "q.mlmodel"
     mp.save(mixed_spec(updatable=False), src)

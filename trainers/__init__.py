@@ -1,5 +1,6 @@
 """Training on the PyTorch side: quantization-aware training, updatable marks, fit loops, DDP."""
 
 from .marking import MARKER, freeze, is_marked_updatable, mark_updatable
+from .qat import prepare_qat
 
-__all__ = ["MARKER", "freeze", "is_marked_updatable", "mark_updatable"]
+__all__ = ["MARKER", "freeze", "is_marked_updatable", "mark_updatable", "prepare_qat"]
