@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SIZE = 28
 _CANVAS = 112  # drawn at 4x, then box-filtered down
@@ -362,7 +362,8 @@ def draw_sticker(name: str, rng: np.random.Generator) -> np.ndarray:
             d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=255)
             continue
         s = (_wobble(s, rng, wob) @ m.T + shift) * _SPAN + _HALF
-        d.line([tuple(q) for q in s.tolist()], fill=255, width=int(round(width)), joint="curve")
+        d.line([tuple(q) for q in s.tolist()], fill=255, width=int(round(width)) - 2)
+    img = img.filter(ImageFilter.MaxFilter(3))  # rounds off the joints of the polyline segments
     return np.asarray(img.reduce(_CANVAS // SIZE), dtype=np.uint8)
 
 
