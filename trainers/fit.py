@@ -34,15 +34,17 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 
 
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)``; joins the process group when launched by torchrun and not yet joined."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+def distributed_context(backend: str | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``; joins the process group when launched by torchrun and not yet joined.
+
+    ``backend`` defaults to gloo (CPU tensors); pass "nccl" for modules on CUDA.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("FIT_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    dist.init_process_group(backend or "gloo")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -144,8 +146,8 @@ def fit(module: nn.Module, train_data: Dataset | tuple, *, epochs: int = 1, batc
         raise TrainingError("no parameter of the module requires grad: nothing to train "
                             "(unfreeze some layers, e.g. trainers.mark_updatable)")
     loss_fn = _loss_fn(loss)
-    rank, world = distributed_context()
     device = params[0].device
+    rank, world = distributed_context("gloo" if device.type == "cpu" else "nccl")
     net = module
     if world > 1:
         net = nn.parallel.DistributedDataParallel(module, device_ids=None if device.type == "cpu" else [device])

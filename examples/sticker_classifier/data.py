@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 SIZE = 28
 _CANVAS = 112  # drawn at 4x, then box-filtered down
@@ -341,6 +341,14 @@ def _wobble(s: Stroke, rng: np.random.Generator, amp: float) -> Stroke:
     return s + d.T
 
 
+def _corners(s: Stroke, min_turn: float = 0.35) -> np.ndarray:
+    """Indices of a polyline's two ends and of its vertices turning by more than ~20 degrees."""
+    v = np.diff(s, axis=0)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+    turn = 1.0 - (v[1:] * v[:-1]).sum(1)  # 1 - cos(angle)
+    return np.concatenate([[0], np.flatnonzero(turn > 1 - np.cos(min_turn)) + 1, [len(s) - 1]])
+
+
 def draw_sticker(name: str, rng: np.random.Generator) -> np.ndarray:
     """One random drawing of sticker ``name``: uint8 array (28, 28), white strokes on black."""
     strokes = _SHAPES[name](_Pen(rng))
@@ -355,15 +363,18 @@ def draw_sticker(name: str, rng: np.random.Generator) -> np.ndarray:
     wob = rng.uniform(0.005, 0.025)
     img = Image.new("L", (_CANVAS, _CANVAS), 0)
     d = ImageDraw.Draw(img)
+    w = int(round(width))
+    r = (w - 1) / 2
     for s in strokes:
         if len(s) == 1:
             c = (s[0] @ m.T + shift) * _SPAN + _HALF
-            r = width * rng.uniform(0.6, 1.0)
-            d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=255)
+            rd = width * rng.uniform(0.6, 1.0)
+            d.ellipse([c[0] - rd, c[1] - rd, c[0] + rd, c[1] + rd], fill=255)
             continue
         s = (_wobble(s, rng, wob) @ m.T + shift) * _SPAN + _HALF
-        d.line([tuple(q) for q in s.tolist()], fill=255, width=int(round(width)) - 2)
-    img = img.filter(ImageFilter.MaxFilter(3))  # rounds off the joints of the polyline segments
+        d.line([tuple(q) for q in s.tolist()], fill=255, width=w)
+        for c in s[_corners(s)].tolist():  # round pen at ends and sharp turns (cheaper than joint="curve")
+            d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=255)
     return np.asarray(img.reduce(_CANVAS // SIZE), dtype=np.uint8)
 
 
