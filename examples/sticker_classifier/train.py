@@ -48,7 +48,7 @@ class TrainOptions:
     embedding_dim: int = EMBEDDING_DIM
     qat_bits: int = 0
     classes: int = 0  # train on the first N base stickers only (0: all); for quick runs
-    label_smoothing: float = 0.1  # spreads the embedding: kNN on new stickers 98.3 -> 99.4 %
+    label_smoothing: float = 0.1  # better embedding for new stickers (knn_eval: 5-way 98.3 -> 99.4 %)
     threads: int = 1  # 2 intra-op threads ran 10x slower on a busy 2-core machine (measured)
     progress: bool = True
 
