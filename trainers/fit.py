@@ -129,7 +129,8 @@ def fit(module: nn.Module, train_data: Dataset | tuple, *, epochs: int = 1, batc
     """Train ``module`` in place on ``train_data``; returns one record per epoch.
 
     ``train_data``/``val_data``: a map-style Dataset of ``(input, target)`` or an ``(inputs,
-    targets)`` pair.  Only parameters with ``requires_grad`` are optimised.  ``seed`` drives the
+    targets)`` pair.  Only parameters with ``requires_grad`` are optimised, by ``optimizer``: "adam",
+    "sgd" (momentum 0.9), an Optimizer over them, or a callable(params).  ``seed`` drives the
     per-epoch shuffling (global batch order is identical for any number of processes).
     Records hold ``epoch``, ``loss`` (mean training loss), ``seconds`` and, with ``val_data``,
     ``val_loss`` (+ ``val_accuracy`` for classification).
@@ -174,9 +175,13 @@ def fit(module: nn.Module, train_data: Dataset | tuple, *, epochs: int = 1, batc
             x, y = (t.to(device) for t in _batch(ds, mine.tolist()))
             opt.zero_grad(set_to_none=True)
             value = loss_fn(net(x), y)
-            if not torch.isfinite(value):
-                raise TrainingError(f"loss became {float(value)} at epoch {epoch + 1}, batch {b + 1}; "
-                                    f"lower the learning rate (lr={lr})")
+            bad = not torch.isfinite(value)
+            if world > 1:  # every rank must stop together, or the others hang in the next all-reduce
+                bad = _all_sum([float(bad)], world)[0] > 0
+            if bad:
+                raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, batch {b + 1} (rank {rank}: "
+                                    f"{float(value)}); check the data for NaN/inf or lower the learning "
+                                    f"rate (lr={lr})")
             (value * weight if weight != 1.0 else value).backward()
             opt.step()
             total += float(value.detach()) * len(mine) * (weight > 0)
