@@ -59,3 +59,21 @@ def test_classes_are_separable_by_nearest_centroid():
 def test_unknown_class_is_refused():
     with pytest.raises(ValueError, match="unknown sticker"):
         make_dataset(["unicorn"], 1, seed=0)
+
+
+def test_extend_classifier_keeps_old_logits_and_adds_zero_rows():
+    import torch
+
+    from examples.sticker_classifier.model import StickerNet, embed, extend_classifier, to_tensor
+
+    torch.manual_seed(0)
+    m = StickerNet(4)
+    x, _ = make_dataset(CLASSES[:2], 2, seed=0)
+    with torch.no_grad():
+        before = m(to_tensor(x))
+        extend_classifier(m, 3)
+        after = m(to_tensor(x))
+    assert after.shape == (4, 7)
+    assert torch.equal(after[:, :4], before) and not after[:, 4:].any()
+    # the embedding the kNN pipeline uses is the head's input
+    torch.testing.assert_close(m.classifier(torch.from_numpy(embed(m, x))), after)

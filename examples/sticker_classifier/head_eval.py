@@ -13,6 +13,7 @@ Prints top-1 on fresh new/old drawings before -> after, averaged over ``--trials
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.sticker_classifier.data import BASE_STICKERS, NEW_STICKERS, make_dataset  # noqa: E402
-from examples.sticker_classifier.model import embed  # noqa: E402
+from examples.sticker_classifier.model import embed, extend_classifier  # noqa: E402
 from examples.sticker_classifier.train import load  # noqa: E402
 
 
@@ -47,12 +48,12 @@ def personalize_head(model, labels, init: str, replay: int, epochs: int, lr: flo
         if replay:
             eb, yb = data(BASE_STICKERS, replay, seed + 200 + t)
             es, ys = torch.cat([es, eb]), torch.cat([ys, yb])
-        torch.manual_seed(t)
-        head = torch.nn.Linear(model.classifier.in_features, len(allc))
-        with torch.no_grad():
-            head.weight[:nb], head.bias[:nb] = model.classifier.weight, model.classifier.bias
-            if init == "zero":
-                head.weight[nb:], head.bias[nb:] = 0.0, 0.0
+        head = extend_classifier(copy.deepcopy(model), len(allc) - nb).classifier
+        if init == "random":
+            torch.manual_seed(t)
+            fresh = torch.nn.Linear(head.in_features, len(allc) - nb)
+            with torch.no_grad():
+                head.weight[nb:], head.bias[nb:] = fresh.weight, fresh.bias
 
         def acc():
             with torch.no_grad():

@@ -52,3 +52,21 @@ def embed(model: StickerNet, images: np.ndarray, batch_size: int = 1024) -> np.n
     net = embedding_net(model).eval()
     x = to_tensor(images)
     return torch.cat([net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def extend_classifier(model: StickerNet, extra: int) -> StickerNet:
+    """Give the head ``extra`` more output rows, all zero, for stickers a user adds later.
+
+    A Core ML classifier cannot grow labels during an update, so the updatable head is exported
+    with rows for the new stickers already in place; at zero they never win before the update.
+    Works in place and returns the model.
+    """
+    old = model.classifier
+    head = nn.Linear(old.in_features, old.out_features + extra)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[:old.out_features] = old.weight
+        head.bias[:old.out_features] = old.bias
+    model.classifier = head
+    return model
