@@ -1,6 +1,6 @@
 """Prediction speed of the sticker CNN, all measured side by side in one run:
 
-* mlpersonal runtime ``predict_batch`` on the spec from ``exporters.convert``
+* mlpersonal runtime ``predict_batch`` on the spec from ``exporters.converter``
 * torch eager on the source module
 * onnxruntime on ``exporters.to_onnx`` of the same module
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlpersonal as mp  # noqa: E402
 from _util import medians_ms, table  # noqa: E402
-from exporters.convert import ClassifierConfig, convert  # noqa: E402
+from exporters.converter import ClassifierConfig, convert  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
 
 LABELS = ["heart", "star", "sun", "house", "cat", "dog", "tree", "car", "moon", "fish"]

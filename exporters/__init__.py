@@ -1,7 +1,7 @@
 """torch module -> Core ML spec: op mapping registry, classifier/regressor, update params, kNN,
 pipelines, quantized weights, flexible shapes, custom conversion hooks, ONNX export."""
 
-from .convert import ClassifierConfig, convert
+from .converter import ClassifierConfig, convert
 from .custom_layers import add_custom_layer, custom_layer_params
 from .flexible import (
     is_flexible,
@@ -12,7 +12,7 @@ from .flexible import (
 )
 from .knn import knn_classifier
 from .onnx_export import to_onnx
-from .pipeline import linked_model, pipeline
+from .pipelines import linked_model, pipeline
 from .quantized import apply_qat_weights, quantized_weight_params
 from .updatable import SGD, Adam, UpdateConfig, make_updatable
 

@@ -1,7 +1,7 @@
 """The op-mapping registry: one small converter per torch module type, function or method.
 
 A converter ``fn(ctx, node, target)`` emits classic (rank-5 mapping) NeuralNetwork layers for one
-``torch.fx`` node through ``ctx`` (see :class:`exporters.convert.Context`) and returns the name of
+``torch.fx`` node through ``ctx`` (see :class:`exporters.converter.Context`) and returns the name of
 the blob holding the node's value. ``target`` is the module instance for ``call_module`` nodes and
 the function / method name otherwise. Ops that only relabel a blob (dropout, a no-op view) return
 their input blob and emit nothing.

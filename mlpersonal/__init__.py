@@ -32,7 +32,7 @@ _LAZY = {
     "register_custom_layer": "runtime:register_custom_layer",
     "register_custom_model": "runtime:register_custom_model",
     # exporters
-    "convert": "exporters.convert:convert",  # not "exporters:convert": the submodule shadows it
+    "convert": "exporters:convert",
     "ImageType": "mlpersonal.features:ImageType",
     "TensorType": "mlpersonal.features:TensorType",
     "ClassifierConfig": "exporters:ClassifierConfig",
@@ -40,8 +40,8 @@ _LAZY = {
     "SGD": "exporters:SGD",
     "Adam": "exporters:Adam",
     "to_onnx": "exporters:to_onnx",
-    "knn_classifier": "exporters.knn:knn_classifier",
-    "pipeline": "exporters.pipeline:pipeline",  # not "exporters:": the submodule shadows it
+    "knn_classifier": "exporters:knn_classifier",
+    "pipeline": "exporters:pipeline",
     "is_flexible": "exporters:is_flexible",
     # quantization
     "quantize_weights": "mlpersonal.quantization:quantize_weights",

@@ -12,7 +12,7 @@ import torch.nn as nn
 from PIL import Image
 
 import mlpersonal as mp
-from exporters.convert import ClassifierConfig, convert
+from exporters.converter import ClassifierConfig, convert
 from mlpersonal.cli import COMMANDS, main
 
 ct = pytest.importorskip("coremltools")

@@ -1,4 +1,4 @@
-"""exporters.convert: torch modules -> specs that coremltools accepts and the runtime runs exactly
+"""exporters.converter: torch modules -> specs that coremltools accepts and the runtime runs exactly
 like torch (oracle: the torch module itself, in eval mode)."""
 
 import sys
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mlpersonal as mp
-from exporters.convert import ClassifierConfig, convert
+from exporters.converter import ClassifierConfig, convert
 
 ct = pytest.importorskip("coremltools")
 
@@ -419,7 +419,7 @@ def test_custom_conversion_function_writes_custom_layer(tmp_path):
     assert layer.name == "1" and layer.WhichOneof("layer") == "custom"
     c = layer.custom
     assert c.className == "Swish" and c.description == "x * sigmoid(beta x)"
-    assert c.parameters["beta"].doubleValue == 1.5 and c.parameters["n"].longValue == 2
+    assert c.parameters["beta"].doubleValue == 1.5 and c.parameters["n"].intValue == 2  # int32 fits: intValue, as coremltools writes
     assert c.parameters["tag"].stringValue == "s" and c.parameters["on"].boolValue
     assert list(c.weights[0].floatValue) == [1.5, 2.0]
     assert list(layer.input) == [spec.neuralNetwork.layers[0].output[0]]
@@ -452,7 +452,7 @@ def test_two_inputs_concat_and_regressor_list(tmp_path):
 
 
 def test_public_names_resolve_to_functions():
-    import exporters.convert as module  # importing the submodule must not shadow mp.convert
+    import exporters.converter as module  # importing the submodule must not shadow mp.convert
 
     assert mp.convert is module.convert and callable(mp.convert)
     assert mp.ClassifierConfig is ClassifierConfig

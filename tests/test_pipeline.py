@@ -13,7 +13,7 @@ from coremltools.models.neural_network import NeuralNetworkBuilder
 from sklearn.neighbors import KNeighborsClassifier
 
 import mlpersonal as mp
-from exporters.pipeline import linked_model, pipeline
+from exporters.pipelines import linked_model, pipeline
 from mlpersonal.proto import Model_pb2
 
 from _drive import drive, drive_local
@@ -329,6 +329,6 @@ def test_pipeline_with_updatable_nn_head(rng, weights):
 
 
 def test_public_names_resolve_to_functions():
-    import exporters.pipeline  # noqa: F401  (the submodule is also an attribute of `exporters`)
+    import exporters.pipelines  # noqa: F401  (the submodule is also an attribute of `exporters`)
 
     assert mp.pipeline is pipeline and mp.knn_classifier.__name__ == "knn_classifier"
