@@ -445,7 +445,7 @@ def worker(seed: int, start: int, stop: int, timeout: float, mem_mib: int) -> No
 
 
 def run(cases: int, seed: int = 0, timeout: float = 5.0, mem_mib: int = 1024,
-        log=None) -> dict:
+        log=None, inject: str = "") -> dict:
     """Run ``cases`` fuzz cases in worker subprocesses; return counts and the escapes."""
     counts = Counter()
     escapes = []
@@ -453,7 +453,7 @@ def run(cases: int, seed: int = 0, timeout: float = 5.0, mem_mib: int = 1024,
     max_rss = 0
     slowest = 0.0
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", FUZZ_INJECT=inject)
     i = 0
     restarts = 0
     while i < cases:
