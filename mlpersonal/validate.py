@@ -14,7 +14,7 @@ import math
 from typing import Iterable, Optional
 
 from .codecs import count_of, storage_of
-from .errors import InvalidModelError
+from .errors import InvalidModelError, LinkedModelError
 
 #: Largest number of values one declared multi-array feature (or layer shape field) may hold.
 MAX_ELEMENTS = 2**26
@@ -86,6 +86,8 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
         _check_network(spec, getattr(spec, kind), kind, pre)
     elif kind == "kNearestNeighborsClassifier":
         _check_knn(spec, pre)
+    elif kind == "linkedModel":
+        _check_linked(spec.linkedModel, pre)
     elif kind in PIPELINE_KINDS:
         pipe = getattr(spec, kind)
         _check_pipeline(spec, pipe if kind == "pipeline" else pipe.pipeline, pre, _depth)
@@ -205,7 +207,11 @@ def _check_sizes(msg, where: str) -> None:
         if field.type == field.TYPE_MESSAGE:
             if field.message_type.name == "WeightParams":
                 continue
-            items = value if _is_repeated(field) else [value]
+            if field.message_type.GetOptions().map_entry:
+                vf = field.message_type.fields_by_name["value"]
+                items = list(value.values()) if vf.type == vf.TYPE_MESSAGE else []
+            else:
+                items = value if _is_repeated(field) else [value]
             for item in items:
                 _check_sizes(item, where)
             continue
@@ -481,6 +487,18 @@ def _check_knn(spec, pre: str) -> None:
             raise fail(f"{pre}kNN: numberOfNeighbors set {list(k.set.values)} must hold values "
                        "of at least 1")
         _check_default("numberOfNeighbors", k, f"{pre}kNN")
+
+
+# --- linked models -----------------------------------------------------------------------------
+def _check_linked(linked, pre: str) -> None:
+    """A linked model names a file *inside* its search path: a plain relative name."""
+    name = linked.linkedModelFile.linkedModelFileName.defaultValue
+    parts = name.replace("\\", "/").split("/")
+    if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts
+            or (len(name) > 1 and name[1] == ":")):
+        raise LinkedModelError(
+            f"{pre}linked model file name {name!r} is not a plain relative file name; it must "
+            "name a file inside the linked-model search path (no '..', no absolute path)")
 
 
 # --- pipelines ---------------------------------------------------------------------------------
