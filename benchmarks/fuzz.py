@@ -119,8 +119,22 @@ def base_specs() -> dict:
         m.specificationVersion = max(m.specificationVersion, 4)
     pipe.pipelineClassifier.pipeline.names.extend(["embed", "knn"])
     pipe.description.output[0].type.stringType.SetInParent()
+    # 6. NN with a custom layer (className + parameters map; unregistered, so it never runs)
+    c = NeuralNetworkBuilder([("x", datatypes.Array(6))], [("y", datatypes.Array(4))])
+    c.add_inner_product("fc", rng.normal(size=(4, 6)).astype(f32), None, 6, 4, False, "x", "h")
+    layer = c.spec.neuralNetwork.layers.add()
+    layer.name, layer.custom.className = "cust", "NotRegisteredLayer"
+    layer.input.append("h")
+    layer.output.append("y")
+    layer.custom.parameters["alpha"].doubleValue = 0.5
+    layer.custom.parameters["mode"].stringValue = "fast"
+    w = layer.custom.weights.add()
+    w.floatValue.extend([1.0, 2.0])
+    custom = c.spec
+    custom.specificationVersion = 4
     return {"nn_image_classifier": image_spec, "updatable_nn": updatable,
-            "updatable_regressor": regressor, "knn": knn, "pipeline": pipe}
+            "updatable_regressor": regressor, "knn": knn, "pipeline": pipe,
+            "custom_layer": custom}
 
 
 def valid_input(spec, rng) -> dict:
@@ -221,6 +235,12 @@ def _fields(msg, path=()):
     """Every (message, field descriptor, path) under ``msg`` that is set (depth-first)."""
     out = []
     for fd, value in msg.ListFields():
+        if fd.type == fd.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+            vf = fd.message_type.fields_by_name["value"]
+            if vf.type == vf.TYPE_MESSAGE:
+                for item in list(value.values())[:64]:
+                    out.extend(_fields(item, path + (fd.name,)))
+            continue
         out.append((msg, fd, path + (fd.name,)))
         if fd.type == fd.TYPE_MESSAGE:
             items = value if _repeated(fd) else [value]
@@ -477,9 +497,9 @@ def run(cases: int, seed: int = 0, timeout: float = 5.0, mem_mib: int = 1024,
                     chunk = os.read(proc.stdout.fileno(), 65536)
                     if not chunk:  # the worker died: a crash in case i
                         proc.wait()
-                        if not ready:
+                        if not ready or proc.returncode >= 0:  # not a signal: a harness bug
                             err.seek(0)
-                            raise RuntimeError("fuzz worker failed to start:\n"
+                            raise RuntimeError(f"fuzz worker failed (case {i}):\n"
                                                + err.read().decode(errors="replace")[-3000:])
                         counts["crash"] += 1
                         escapes.append({"i": i, "outcome": "crash",
@@ -518,7 +538,7 @@ def run(cases: int, seed: int = 0, timeout: float = 5.0, mem_mib: int = 1024,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", type=int, default=2000)
+    ap.add_argument("--cases", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--mem-mib", type=int, default=1024)

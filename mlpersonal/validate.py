@@ -182,7 +182,7 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
         _check_sizes(getattr(layer, lk), f"{pre}layer {layer.name!r}")
         check = WEIGHT_CHECKS.get(lk)
         if check is not None:
-            check(getattr(layer, lk), _Weights(f"{pre}layer {layer.name!r}"))
+            check(getattr(layer, lk), _Weights(f"{pre}layer {layer.name!r}", len(layer.input)))
         if layer.isUpdatable:
             updatable.append((layer, lk))
         available.update(layer.output)
@@ -238,8 +238,9 @@ def _is_repeated(field) -> bool:
 class _Weights:
     """Checks a layer's WeightParams against the count its declared shape needs."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, n_inputs: int = 1):
         self.where = where
+        self.n_inputs = n_inputs
 
     def __call__(self, wp, field: str, *dims: int, optional: bool = False) -> None:
         where = f"{self.where} ({field})"
@@ -281,6 +282,10 @@ def _conv(p, w: _Weights) -> None:
     kh, kw = (k + k)[:2] if len(k) == 1 else k[:2]
     if p.outputChannels % groups:
         raise fail(f"{w.where}: outputChannels {p.outputChannels} is not divisible by nGroups {groups}")
+    if w.n_inputs == 2:  # weights come from the second input: none may be stored
+        if count_of(p.weights) or len(p.weights.int8RawValue):
+            raise fail(f"{w.where}: takes its weights from a second input but also stores weights")
+        return
     if p.isDeconvolution:
         w(p.weights, "weights", p.kernelChannels, p.outputChannels // groups, kh, kw)
     else:

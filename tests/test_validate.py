@@ -170,6 +170,8 @@ RULES = [
     ("conv_weights", "nn_image_classifier", lambda s: _set(img(s).layers[0].convolution, kernelChannels=2),
      "layer 'conv' (weights): holds 108 values but its declared shape [4, 2, 3, 3] needs 72; the "
      "model is corrupt or its weights are missing"),
+    ("conv_two_weights", "nn_image_classifier", lambda s: img(s).layers[0].input.append("image"),
+     "layer 'conv': takes its weights from a second input but also stores weights"),
     ("conv_groups", "nn_image_classifier", lambda s: _set(img(s).layers[0].convolution, nGroups=3),
      "layer 'conv': outputChannels 4 is not divisible by nGroups 3"),
     ("bn_mean", "nn_image_classifier", lambda s: img(s).layers[1].batchnorm.mean.ClearField("floatValue"),
