@@ -14,7 +14,7 @@ import math
 from typing import Iterable, Optional
 
 from .codecs import count_of, storage_of
-from .errors import InvalidModelError, LinkedModelError
+from .errors import InvalidModelError
 
 #: Largest number of values one declared multi-array feature (or layer shape field) may hold.
 MAX_ELEMENTS = 2**26
@@ -77,6 +77,13 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
         raise fail(f"pipelines are nested more than {MAX_PIPELINE_DEPTH} levels deep")
     _check_description(spec.description, pre)
     kind = spec.WhichOneof("Type")
+    if kind and kind.endswith("Classifier"):
+        outputs = [f.name for f in spec.description.output]
+        d = spec.description
+        for field in ("predictedFeatureName", "predictedProbabilitiesName"):
+            name = getattr(d, field)
+            if name and name not in outputs:
+                raise fail(f"{pre}{field} {name!r} is not one of the model's outputs {outputs}")
     if spec.isUpdatable and spec.specificationVersion < 4:
         raise fail(
             f"{pre}the model is updatable but its specificationVersion is "
@@ -86,8 +93,6 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
         _check_network(spec, getattr(spec, kind), kind, pre)
     elif kind == "kNearestNeighborsClassifier":
         _check_knn(spec, pre)
-    elif kind == "linkedModel":
-        _check_linked(spec.linkedModel, pre)
     elif kind in PIPELINE_KINDS:
         pipe = getattr(spec, kind)
         _check_pipeline(spec, pipe if kind == "pipeline" else pipe.pipeline, pre, _depth)
@@ -179,7 +184,10 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
         if lk not in MULTI_OUTPUT and len(layer.output) != 1:
             raise fail(f"{pre}layer {layer.name!r} ({lk}) has {len(layer.output)} outputs; it "
                        "produces exactly 1")
-        _check_sizes(getattr(layer, lk), f"{pre}layer {layer.name!r}")
+        params = getattr(layer, lk)
+        # global pooling ignores its (often zero) kernel size and stride
+        _check_sizes(params, f"{pre}layer {layer.name!r}",
+                     positive=not (lk == "pooling" and params.globalPooling))
         check = WEIGHT_CHECKS.get(lk)
         if check is not None:
             check(getattr(layer, lk), _Weights(f"{pre}layer {layer.name!r}", len(layer.input)))
@@ -201,7 +209,7 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
         _check_update(spec, nn, updatable, kinds, is_classifier, pre)
 
 
-def _check_sizes(msg, where: str) -> None:
+def _check_sizes(msg, where: str, positive: bool = True) -> None:
     """Every declared size field of a layer (recursively, weights excluded) is bounded."""
     for field, value in msg.ListFields():
         if field.type == field.TYPE_MESSAGE:
@@ -213,7 +221,7 @@ def _check_sizes(msg, where: str) -> None:
             else:
                 items = value if _is_repeated(field) else [value]
             for item in items:
-                _check_sizes(item, where)
+                _check_sizes(item, where, positive)
             continue
         name = field.name
         if name not in GEOMETRY_FIELDS and name not in EXTENT_FIELDS:
@@ -224,7 +232,7 @@ def _check_sizes(msg, where: str) -> None:
         values = [int(v) for v in value] if _is_repeated(field) else [int(value)]
         if name in GEOMETRY_FIELDS and any(abs(v) > MAX_DIM for v in values):
             raise fail(f"{where}: {name} {values} exceeds the limit of {MAX_DIM} per dimension")
-        if name in POSITIVE_FIELDS and any(v < 1 for v in values):
+        if positive and name in POSITIVE_FIELDS and any(v < 1 for v in values):
             raise fail(f"{where}: {name} {values} must be at least 1")
         if math.prod(abs(v) for v in values) > MAX_ELEMENTS:
             raise fail(f"{where}: {name} {values} declares more than {MAX_ELEMENTS} values")
@@ -464,11 +472,11 @@ def _check_knn(spec, pre: str) -> None:
     which = knn.WhichOneof("ClassLabels")
     labels = len(getattr(knn, which).vector) if which else 0
     if samples != labels:
-        raise fail(f"{pre}kNN: {samples} samples but {labels} class labels; every sample needs "
-                   "exactly one label")
+        raise fail(f"{pre}kNN: {samples} samples but {labels} labels; every sample needs "
+                   "exactly one class label")
     for i, s in enumerate(idx.floatSamples):
         if len(s.vector) != d:
-            raise fail(f"{pre}kNN: sample #{i} has {len(s.vector)} values but numberOfDimensions "
+            raise fail(f"{pre}kNN: sample {i} has {len(s.vector)} values but numberOfDimensions "
                        f"is {d}")
     arrays = [f for f in spec.description.input if f.type.WhichOneof("Type") == "multiArrayType"]
     if len(arrays) != 1:
@@ -492,18 +500,6 @@ def _check_knn(spec, pre: str) -> None:
             raise fail(f"{pre}kNN: numberOfNeighbors set {list(k.set.values)} must hold values "
                        "of at least 1")
         _check_default("numberOfNeighbors", k, f"{pre}kNN")
-
-
-# --- linked models -----------------------------------------------------------------------------
-def _check_linked(linked, pre: str) -> None:
-    """A linked model names a file *inside* its search path: a plain relative name."""
-    name = linked.linkedModelFile.linkedModelFileName.defaultValue
-    parts = name.replace("\\", "/").split("/")
-    if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts
-            or (len(name) > 1 and name[1] == ":")):
-        raise LinkedModelError(
-            f"{pre}linked model file name {name!r} is not a plain relative file name; it must "
-            "name a file inside the linked-model search path (no '..', no absolute path)")
 
 
 # --- pipelines ---------------------------------------------------------------------------------
@@ -530,8 +526,8 @@ def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
             if fd.name not in produced:
                 if fd.type.isOptional:
                     continue
-                raise fail(f"{pre}{label}: input {fd.name!r} is not produced by an earlier stage "
-                           "or a pipeline input")
+                raise fail(f"{pre}{label} reads {fd.name!r}, which no earlier stage or pipeline "
+                           "input produces")
             t, src = produced[fd.name]
             if t != _type_name(fd):
                 raise fail(f"{pre}{label}: input {fd.name!r} expects a {_type_name(fd)} but "

@@ -18,7 +18,7 @@ from .features import decode_outputs, encode_inputs
 
 #: What torch/numpy raise when a (validated) spec's layers do not fit together at run time;
 #: reported as InvalidModelError. MemoryError: an allocation refused by the process limit.
-_RUN_ERRORS = (RuntimeError, ValueError, IndexError, ZeroDivisionError, OverflowError, MemoryError)
+_RUN_ERRORS = (RuntimeError, ValueError, LookupError, ZeroDivisionError, OverflowError, MemoryError)
 
 #: spec Type oneof name -> class compiling it
 MODEL_KINDS: dict[str, Callable[..., "CompiledModel"]] = {}

@@ -94,6 +94,12 @@ def _quant(wp, nbytes, bits=8):
     wp.quantization.linearQuantization.bias.append(0.0)
 
 
+def _add_output(s, name):
+    f = s.description.output.add()
+    f.name = name
+    f.type.stringType.SetInParent()
+
+
 def _two_losses(s):
     up(s).lossLayers.add().CopyFrom(up(s).lossLayers[0])
 
@@ -134,6 +140,11 @@ RULES = [
     ("image_size_huge", "nn_image_classifier",
      lambda s: _set(s.description.input[0].type.imageType, height=2**40),
      f"input 'image': image size 8x{2**40} is outside 1..16384 pixels per side"),
+    ("predicted_feature", "knn", lambda s: _set(s.description, predictedFeatureName="os.system"),
+     "predictedFeatureName 'os.system' is not one of the model's outputs ['label', 'labelProbs']"),
+    ("predicted_probs", "nn_image_classifier",
+     lambda s: _set(s.description, predictedProbabilitiesName="p"),
+     "predictedProbabilitiesName 'p' is not one of the model's outputs ['probs', 'label']"),
     # layer graph
     ("layer_name", "nn_image_classifier", lambda s: _set(img(s).layers[2], name=""),
      "layer #2 has no name"),
@@ -204,6 +215,11 @@ RULES = [
     ("kernel_bounded", "nn_image_classifier",
      lambda s: img(s).layers[3].pooling.kernelSize.__setitem__(0, 2**30),
      f"layer 'pool': kernelSize [{2**30}, 2] exceeds the limit of 65536 per dimension"),
+    ("global_pool_kernel_zero_ok", "nn_image_classifier",
+     lambda s: (_set(img(s).layers[3].pooling, globalPooling=True),
+                img(s).layers[3].pooling.kernelSize.__setitem__(0, 0),
+                _set(img(s).layers[0].convolution, nGroups=3)),
+     "layer 'conv': outputChannels 4 is not divisible by nGroups 3"),
     ("stride_positive", "nn_image_classifier",
      lambda s: img(s).layers[3].pooling.stride.__setitem__(1, 0),
      "layer 'pool': stride [2, 0] must be at least 1"),
@@ -278,12 +294,12 @@ RULES = [
      "float32 (floatValue)"),
     # kNN
     ("knn_labels", "knn", lambda s: knn(s).stringClassLabels.vector.append("d"),
-     "kNN: 6 samples but 7 class labels; every sample needs exactly one label"),
+     "kNN: 6 samples but 7 labels; every sample needs exactly one class label"),
     ("knn_dims_positive", "knn", lambda s: _set(knn(s).nearestNeighborsIndex, numberOfDimensions=0),
      "kNN: numberOfDimensions must be at least 1, got 0"),
     ("knn_sample_dims", "knn",
      lambda s: knn(s).nearestNeighborsIndex.floatSamples[2].vector.append(0.0),
-     "kNN: sample #2 has 5 values but numberOfDimensions is 4"),
+     "kNN: sample 2 has 5 values but numberOfDimensions is 4"),
     ("knn_input_shape", "knn",
      lambda s: s.description.input[0].type.multiArrayType.shape.__setitem__(0, 5),
      "kNN: input 'features' has shape [5] (5 values) but numberOfDimensions is 4"),
@@ -307,15 +323,15 @@ RULES = [
     ("pipe_empty", "pipeline", lambda s: (pipe(s).ClearField("models"), pipe(s).ClearField("names")),
      "pipeline has no models"),
     ("pipe_inputs", "pipeline", lambda s: _set(pipe(s).models[1].description.input[0], name="emb"),
-     "pipeline stage 1 ('knn'): input 'emb' is not produced by an earlier stage or a pipeline input"),
+     "pipeline stage 1 ('knn') reads 'emb', which no earlier stage or pipeline input produces"),
     ("pipe_types", "pipeline",
      lambda s: pipe(s).models[0].description.output[0].type.stringType.SetInParent(),
      "pipeline stage 1 ('knn'): input 'features' expects a multiArrayType but pipeline stage 0 "
      "('embed') gives a stringType"),
-    ("pipe_outputs", "pipeline", lambda s: _set(s.description.output[0], name="answer"),
+    ("pipe_outputs", "pipeline", lambda s: _add_output(s, "answer"),
      "pipeline output 'answer' is not produced by any stage"),
     ("pipe_substage", "pipeline", lambda s: knn(pipe(s).models[1]).stringClassLabels.vector.append("z"),
-     "pipeline stage 1 ('knn'): kNN: 6 samples but 7 class labels; every sample needs exactly one "
+     "pipeline stage 1 ('knn'): kNN: 6 samples but 7 labels; every sample needs exactly one class "
      "label"),
 ]
 
