@@ -264,11 +264,13 @@ class _Weights:
         elif wp.HasField("quantization") and stored == ["rawValue"]:
             bits = int(wp.quantization.numberOfBits)
             if not 1 <= bits <= 8:
-                raise fail(f"{where}: quantized weights declare {bits} bits; 1..8 are allowed")
+                raise fail(f"{where}: quantization.numberOfBits is {bits}; n-bit quantization "
+                           "needs 1..8 bits")
             need = (n * bits + 7) // 8
             if len(wp.rawValue) != need:
-                raise fail(f"{where}: holds {len(wp.rawValue)} bytes of {bits}-bit values but its "
-                           f"declared shape {list(dims)} needs {need}; the model is corrupt")
+                raise fail(f"{where}: rawValue holds {len(wp.rawValue)} bytes but its declared "
+                           f"shape {list(dims)} of {bits}-bit values needs {need}; the model is "
+                           "corrupt")
             return
         else:
             have = count_of(wp)

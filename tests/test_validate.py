@@ -192,10 +192,10 @@ RULES = [
      "layer 'fc' (weights): holds 191 values but its declared shape [3, 64] needs 192; the model "
      "is corrupt or its weights are missing"),
     ("quant_bytes", "nn_image_classifier", lambda s: _quant(img(s).layers[5].innerProduct.weights, 95, 4),
-     "layer 'fc' (weights): holds 95 bytes of 4-bit values but its declared shape [3, 64] needs 96; "
-     "the model is corrupt"),
+     "layer 'fc' (weights): rawValue holds 95 bytes but its declared shape [3, 64] of 4-bit values "
+     "needs 96; the model is corrupt"),
     ("quant_bits", "nn_image_classifier", lambda s: _quant(img(s).layers[5].innerProduct.weights, 96, 0),
-     "layer 'fc' (weights): quantized weights declare 0 bits; 1..8 are allowed"),
+     "layer 'fc' (weights): quantization.numberOfBits is 0; n-bit quantization needs 1..8 bits"),
     ("two_formats", "nn_image_classifier",
      lambda s: _set(img(s).layers[5].innerProduct.weights, float16Value=bytes(4)),
      "layer 'fc' (weights): weights are stored in more than one format (floatValue, float16Value)"),
