@@ -132,9 +132,24 @@ def base_specs() -> dict:
     w.floatValue.extend([1.0, 2.0])
     custom = c.spec
     custom.specificationVersion = 4
+    # 7. n-bit quantized NN classifier (coremltools quantize_weights: 4-bit linear, 3-bit LUT)
+    from coremltools.models import MLModel
+    from coremltools.models.neural_network.quantization_utils import quantize_weights
+
+    q = NeuralNetworkBuilder([("x", datatypes.Array(6))], [("probs", datatypes.Array(3))],
+                             mode="classifier")
+    q.add_inner_product("fc1", rng.normal(size=(8, 6)).astype(f32), rng.normal(size=8).astype(f32),
+                        6, 8, True, "x", "h")
+    q.add_activation("relu", "RELU", "h", "hr")
+    q.add_inner_product("fc2", rng.normal(size=(3, 8)).astype(f32), None, 8, 3, False, "hr", "l")
+    q.add_softmax("sm", "l", "probs")
+    q.set_class_labels(["x", "y", "z"], predicted_feature_name="label")
+    quantized = quantize_weights(MLModel(q.spec), nbits=4, quantization_mode="linear").get_spec()
+    lut = quantize_weights(MLModel(q.spec), nbits=3, quantization_mode="linear_lut").get_spec()
+    quantized.neuralNetworkClassifier.layers[2].CopyFrom(lut.neuralNetworkClassifier.layers[2])
     return {"nn_image_classifier": image_spec, "updatable_nn": updatable,
             "updatable_regressor": regressor, "knn": knn, "pipeline": pipe,
-            "custom_layer": custom}
+            "custom_layer": custom, "quantized_nn": quantized}
 
 
 def valid_input(spec, rng) -> dict:
