@@ -28,7 +28,7 @@ def test_fuzz_cases_in_capped_subprocess():
     assert res["other"] == 1 and res["hangs"] == 1 and res["crashes"] == 1  # the injected ones
     assert res["loaded"] + res["load_errors"] == 200
     # both outcomes are exercised: some mutants still load and predict, most are refused
-    assert res["predicted"] >= 10 and res["load_errors"] >= 100
+    assert res["predicted"] >= 5 and res["load_errors"] >= 100
     assert res["max_rss_growth_mib"] < 1024
 
 
