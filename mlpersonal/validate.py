@@ -1,18 +1,18 @@
 """The load-time validator: refuse a malformed spec before anything is allocated or run.
 
 ``validate(spec)`` checks what Core ML's validators (NeuralNetworkValidator,
-UpdatableNeuralNetworkValidator, KNNValidator, PipelineValidator) check, and bounds every size a
-file can declare, so that a hostile file cannot make the runtime allocate more than its own bytes
-(weights must match the stored data) plus the bounded feature/layer sizes below. It raises
-:class:`InvalidModelError` with one exact message per rule; it never imports, evaluates or
-unpickles anything named in the spec.
+UpdatableNeuralNetworkValidator, KNNValidator, PipelineValidator) check, and bounds the sizes a
+file declares: every weight tensor must match the data actually stored (so a declared
+``outputChannels=2**40`` is refused before anything is allocated), declared features and layer
+shape fields hold at most :data:`MAX_ELEMENTS` values, layer geometry at most :data:`MAX_DIM`.
+(Intermediate activations are not shape-inferred: a chain of layers can still grow them; the
+runtime reports a refused allocation as InvalidModelError.) It raises :class:`InvalidModelError`
+with one exact message per rule and never imports, evaluates or unpickles anything in the spec.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
-
 from .codecs import count_of, storage_of
 from .errors import InvalidModelError
 
@@ -38,7 +38,7 @@ ARITY = {
         "upsample", "unary", "l2normalize", "lrn", "mvn", "reduce", "reorganizeData",
         "sequenceRepeat", "flattenTo2D", "reshapeStatic", "squeeze", "expandDims", "transpose",
         "split", "splitND", "sliceStatic", "reduceSum", "reduceMean", "reduceMax", "reduceMin",
-        "argMax", "argMin", "softmaxND", "tile", "clip", "exp", "log", "sqrt", "abs")},
+        "argMax", "argMin", "tile", "clip", "exp", "log", "sqrt", "abs")},
     "convolution": (1, 2), "batchedMatMul": (1, 2), "crop": (1, 2),
     "loadConstant": (0, 0), "loadConstantND": (0, 0),
     **{k: (1, None) for k in ("add", "multiply", "max", "min", "average", "concat",
@@ -67,6 +67,7 @@ EXTENT_FIELDS = frozenset({
 
 
 def fail(msg: str) -> InvalidModelError:
+    """The error every rule raises (one exact message per rule)."""
     return InvalidModelError(msg)
 
 
@@ -78,12 +79,7 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
     _check_description(spec.description, pre)
     kind = spec.WhichOneof("Type")
     if kind and kind.endswith("Classifier"):
-        outputs = [f.name for f in spec.description.output]
-        d = spec.description
-        for field in ("predictedFeatureName", "predictedProbabilitiesName"):
-            name = getattr(d, field)
-            if name and name not in outputs:
-                raise fail(f"{pre}{field} {name!r} is not one of the model's outputs {outputs}")
+        _check_classifier_names(spec.description, pre)
     if spec.isUpdatable and spec.specificationVersion < 4:
         raise fail(
             f"{pre}the model is updatable but its specificationVersion is "
@@ -110,6 +106,14 @@ def _check_description(desc, pre: str) -> None:
                 raise fail(f"{pre}two model {group}s are named {fd.name!r}; feature names must be unique")
             seen.add(fd.name)
             _check_feature_type(fd, f"{pre}{group} {fd.name!r}")
+
+
+def _check_classifier_names(desc, pre: str) -> None:
+    outputs = [f.name for f in desc.output]
+    for field in ("predictedFeatureName", "predictedProbabilitiesName"):
+        name = getattr(desc, field)
+        if name and name not in outputs:
+            raise fail(f"{pre}{field} {name!r} is not one of the model's outputs {outputs}")
 
 
 def _check_shape(shape, what: str) -> None:

@@ -166,7 +166,7 @@ RULES = [
     ("layer_arity_out", "nn_image_classifier", lambda s: img(s).layers[2].output.append("r2"),
      "layer 'relu' (activation) has 2 outputs; it produces exactly 1"),
     ("output_produced", "updatable_regressor",
-     lambda s: _set(reg(s).layers[0], output=["z"]) if False else reg(s).layers[0].output.__setitem__(0, "z"),
+     lambda s: reg(s).layers[0].output.__setitem__(0, "z"),
      "output 'y' is not produced by any layer of the network"),
     ("prob_layer_produced", "nn_image_classifier",
      lambda s: _set(img(s), labelProbabilityLayerName="nope"),
