@@ -8,12 +8,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mlpersonal.errors import UnsupportedLayerError
+from mlpersonal.errors import InvalidModelError, MLPersonalError, UnsupportedLayerError
 from mlpersonal.proto import Model_pb2
 from mlpersonal.specio import SpecLike, check_header, load_spec, save
+from mlpersonal.validate import validate
 
 from .device import autocast, select_device, uses_low_precision
 from .features import decode_outputs, encode_inputs
+
+#: What torch/numpy raise when a (validated) spec's layers do not fit together at run time;
+#: reported as InvalidModelError. MemoryError: an allocation refused by the process limit.
+_RUN_ERRORS = (RuntimeError, ValueError, LookupError, ZeroDivisionError, OverflowError, MemoryError)
 
 #: spec Type oneof name -> class compiling it
 MODEL_KINDS: dict[str, Callable[..., "CompiledModel"]] = {}
@@ -77,9 +82,17 @@ class CompiledModel:
         """Predict a list of examples in one batched pass."""
         batch = list(batch) if not isinstance(batch, dict) else batch
         feeds = encode_inputs(self.spec.description.input, batch, self.device)
-        with torch.inference_mode(), self.autocast():
-            out = self.forward(feeds, len(batch))
-        return decode_outputs(self.spec.description.output, out, len(batch))
+        try:
+            with torch.inference_mode(), self.autocast():
+                out = self.forward(feeds, len(batch))
+            return decode_outputs(self.spec.description.output, out, len(batch))
+        except MLPersonalError:
+            raise
+        except _RUN_ERRORS as e:
+            raise InvalidModelError(
+                f"the model failed while predicting ({type(e).__name__}: {e}); its layers do not "
+                "fit its declared inputs, so the model is corrupt or inconsistent"
+            ) from e
 
     def autocast(self):
         """float16 autocast on the model's GPU when low precision is allowed; else a no-op."""
@@ -122,6 +135,7 @@ def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
                  allow_low_precision_accumulation_on_gpu: bool = False) -> CompiledModel:
     """Compile ``spec`` with the class registered for its kind (see runtime.device for the options)."""
     check_header(spec, path or "model")
+    validate(spec)
     kind = spec.WhichOneof("Type")
     cls = MODEL_KINDS.get(kind)
     if cls is None:
@@ -130,8 +144,16 @@ def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
             f"{', '.join(sorted(MODEL_KINDS))})"
         )
     dev = device if device is not None else select_device(compute_units)
-    return cls(spec, dev, compute_units=compute_units, path=path,
-               allow_low_precision_accumulation_on_gpu=allow_low_precision_accumulation_on_gpu)
+    try:
+        return cls(spec, dev, compute_units=compute_units, path=path,
+                   allow_low_precision_accumulation_on_gpu=allow_low_precision_accumulation_on_gpu)
+    except MLPersonalError:
+        raise
+    except _RUN_ERRORS as e:
+        raise InvalidModelError(
+            f"{path or 'model'}: cannot be compiled ({type(e).__name__}: {e}); the model is "
+            "corrupt or inconsistent"
+        ) from e
 
 
 def load(source: SpecLike | CompiledModel, compute_units: str = "all", *,

@@ -1,0 +1,546 @@
+"""The load-time validator: refuse a malformed spec before anything is allocated or run.
+
+``validate(spec)`` checks what Core ML's validators (NeuralNetworkValidator,
+UpdatableNeuralNetworkValidator, KNNValidator, PipelineValidator) check, and bounds the sizes a
+file declares: every weight tensor must match the data actually stored (so a declared
+``outputChannels=2**40`` is refused before anything is allocated), declared features and layer
+shape fields hold at most :data:`MAX_ELEMENTS` values, layer geometry at most :data:`MAX_DIM`.
+(Intermediate activations are not shape-inferred: a chain of layers can still grow them; the
+runtime reports a refused allocation as InvalidModelError.) It raises :class:`InvalidModelError`
+with one exact message per rule and never imports, evaluates or unpickles anything in the spec.
+"""
+
+from __future__ import annotations
+
+import math
+from .codecs import count_of, storage_of
+from .errors import InvalidModelError
+
+#: Largest number of values one declared multi-array feature (or layer shape field) may hold.
+MAX_ELEMENTS = 2**26
+#: Largest image side (pixels) a feature may declare.
+MAX_IMAGE_SIDE = 2**14
+#: Largest kernel size / stride / dilation / padding / single dimension a layer may declare.
+MAX_DIM = 2**16
+#: Deepest nesting of pipelines inside pipelines.
+MAX_PIPELINE_DEPTH = 16
+
+NN_KINDS = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
+PIPELINE_KINDS = ("pipeline", "pipelineClassifier", "pipelineRegressor")
+UPDATABLE_LAYER_KINDS = ("convolution", "innerProduct", "uniDirectionalLSTM")
+
+_ONE = (1, 1)
+#: layer kind -> (min inputs, max inputs or None); kinds not listed are left to their builder.
+ARITY = {
+    **{k: _ONE for k in (
+        "activation", "softmax", "softmaxND", "innerProduct", "embedding", "embeddingND",
+        "batchnorm", "pooling", "flatten", "scale", "bias", "reshape", "permute", "padding",
+        "upsample", "unary", "l2normalize", "lrn", "mvn", "reduce", "reorganizeData",
+        "sequenceRepeat", "flattenTo2D", "reshapeStatic", "squeeze", "expandDims", "transpose",
+        "split", "splitND", "sliceStatic", "reduceSum", "reduceMean", "reduceMax", "reduceMin",
+        "argMax", "argMin", "tile", "clip", "exp", "log", "sqrt", "abs")},
+    "convolution": (1, 2), "batchedMatMul": (1, 2), "crop": (1, 2),
+    "loadConstant": (0, 0), "loadConstantND": (0, 0),
+    **{k: (1, None) for k in ("add", "multiply", "max", "min", "average", "concat",
+                              "concatND", "dot")},
+}
+#: layer kinds that may produce several outputs
+MULTI_OUTPUT = frozenset({"split", "splitND", "uniDirectionalLSTM", "biDirectionalLSTM",
+                          "simpleRecurrent", "gru", "topK", "argSort", "custom", "loop",
+                          "branch", "constantPad", "nonMaximumSuppression"})
+
+#: Layer geometry fields: each value must lie within [-MAX_DIM, MAX_DIM].
+GEOMETRY_FIELDS = frozenset({
+    "kernelSize", "stride", "dilationFactor", "startEdgeSize", "endEdgeSize", "paddingAmounts",
+    "scalingFactor", "blockSize", "size", "nGroups",
+})
+#: Of those, the ones that must be >= 1 when given.
+POSITIVE_FIELDS = frozenset({"kernelSize", "stride", "dilationFactor"})
+#: Fields declaring a tensor shape or a count: the product of their values is at most MAX_ELEMENTS
+#: (tensors with stored data are further checked against the stored bytes).
+EXTENT_FIELDS = frozenset({
+    "outputShape", "targetShape", "shape", "reps", "outputChannels", "kernelChannels",
+    "inputChannels", "inputDim", "channels", "vocabSize", "embeddingSize",
+    "weightMatrixFirstDimension", "weightMatrixSecondDimension", "shapeScale", "shapeBias",
+    "inputVectorSize", "outputVectorSize",
+})
+
+
+def fail(msg: str) -> InvalidModelError:
+    """The error every rule raises (one exact message per rule)."""
+    return InvalidModelError(msg)
+
+
+def validate(spec, *, where: str = "", _depth: int = 0) -> None:
+    """Raise :class:`InvalidModelError` unless ``spec`` (a ``Model_pb2.Model``) is well formed."""
+    pre = f"{where}: " if where else ""
+    if _depth > MAX_PIPELINE_DEPTH:
+        raise fail(f"pipelines are nested more than {MAX_PIPELINE_DEPTH} levels deep")
+    _check_description(spec.description, pre)
+    kind = spec.WhichOneof("Type")
+    if kind and kind.endswith("Classifier"):
+        _check_classifier_names(spec.description, pre)
+    if spec.isUpdatable and spec.specificationVersion < 4:
+        raise fail(
+            f"{pre}the model is updatable but its specificationVersion is "
+            f"{spec.specificationVersion}; updatable models need version 4 (Core ML 3) or newer"
+        )
+    if kind in NN_KINDS:
+        _check_network(spec, getattr(spec, kind), kind, pre)
+    elif kind == "kNearestNeighborsClassifier":
+        _check_knn(spec, pre)
+    elif kind in PIPELINE_KINDS:
+        pipe = getattr(spec, kind)
+        _check_pipeline(spec, pipe if kind == "pipeline" else pipe.pipeline, pre, _depth)
+
+
+# --- feature descriptions ----------------------------------------------------------------------
+def _check_description(desc, pre: str) -> None:
+    for group, feats in (("input", desc.input), ("output", desc.output),
+                         ("training input", desc.trainingInput)):
+        seen = set()
+        for i, fd in enumerate(feats):
+            if not fd.name:
+                raise fail(f"{pre}model {group} #{i} has no name")
+            if fd.name in seen:
+                raise fail(f"{pre}two model {group}s are named {fd.name!r}; feature names must be unique")
+            seen.add(fd.name)
+            _check_feature_type(fd, f"{pre}{group} {fd.name!r}")
+
+
+def _check_classifier_names(desc, pre: str) -> None:
+    outputs = [f.name for f in desc.output]
+    for field in ("predictedFeatureName", "predictedProbabilitiesName"):
+        name = getattr(desc, field)
+        if name and name not in outputs:
+            raise fail(f"{pre}{field} {name!r} is not one of the model's outputs {outputs}")
+
+
+def _check_shape(shape, what: str) -> None:
+    shape = [int(s) for s in shape]
+    if any(s < 0 for s in shape):
+        raise fail(f"{what}: multi-array shape {shape} has a negative dimension")
+    n = math.prod(shape)
+    if n > MAX_ELEMENTS:
+        raise fail(f"{what}: multi-array shape {shape} holds {n} values, more than the "
+                   f"{MAX_ELEMENTS} limit")
+
+
+def _check_feature_type(fd, what: str) -> None:
+    t = fd.type
+    kind = t.WhichOneof("Type")
+    if kind is None:
+        raise fail(f"{what}: no feature type set (multi-array, image, string, ...)")
+    if kind == "multiArrayType":
+        m = t.multiArrayType
+        _check_shape(m.shape, what)
+        flex = m.WhichOneof("ShapeFlexibility")
+        if flex == "enumeratedShapes":
+            for e in m.enumeratedShapes.shapes:
+                _check_shape(e.shape, what)
+        elif flex == "shapeRange":
+            lows = [int(r.lowerBound) for r in m.shapeRange.sizeRanges]
+            _check_shape(lows, what)
+    elif kind == "imageType":
+        it = t.imageType
+        sizes = [(int(it.width), int(it.height))]
+        flex = it.WhichOneof("SizeFlexibility")
+        if flex == "enumeratedSizes":
+            sizes += [(int(s.width), int(s.height)) for s in it.enumeratedSizes.sizes]
+        elif flex == "imageSizeRange":
+            r = it.imageSizeRange
+            sizes.append((int(r.widthRange.lowerBound), int(r.heightRange.lowerBound)))
+        for w, h in sizes:
+            if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
+                raise fail(f"{what}: image size {w}x{h} is outside 1..{MAX_IMAGE_SIDE} pixels per side")
+
+
+# --- neural networks ---------------------------------------------------------------------------
+def _check_network(spec, nn, kind: str, pre: str) -> None:
+    desc = spec.description
+    available = {f.name for f in desc.input}
+    names: set[str] = set()
+    kinds: dict[str, str] = {}  # blob -> kind of the layer producing it
+    updatable = []
+    for i, layer in enumerate(nn.layers):
+        if not layer.name:
+            raise fail(f"{pre}layer #{i} has no name")
+        lk = layer.WhichOneof("layer")
+        if lk is None:
+            raise fail(f"{pre}layer {layer.name!r} has no layer kind set; the file is corrupt or "
+                       "from a newer Core ML")
+        if layer.name in names:
+            raise fail(f"{pre}two layers are named {layer.name!r}; layer names must be unique")
+        names.add(layer.name)
+        for blob in layer.input:
+            if blob not in available:
+                raise fail(f"{pre}layer {layer.name!r} reads blob {blob!r}, which no earlier layer "
+                           "or model input produces (layers must be in topological order, "
+                           "without cycles)")
+        if not layer.output:
+            raise fail(f"{pre}layer {layer.name!r} has no output")
+        lo, hi = ARITY.get(lk, (0, None))
+        if len(layer.input) < lo or (hi is not None and len(layer.input) > hi):
+            want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi is not None else
+                                                      f"at least {lo}")
+            raise fail(f"{pre}layer {layer.name!r} ({lk}) has {len(layer.input)} inputs; it takes "
+                       f"{want}")
+        if lk not in MULTI_OUTPUT and len(layer.output) != 1:
+            raise fail(f"{pre}layer {layer.name!r} ({lk}) has {len(layer.output)} outputs; it "
+                       "produces exactly 1")
+        params = getattr(layer, lk)
+        # global pooling ignores its (often zero) kernel size and stride
+        _check_sizes(params, f"{pre}layer {layer.name!r}",
+                     positive=not (lk == "pooling" and params.globalPooling))
+        check = WEIGHT_CHECKS.get(lk)
+        if check is not None:
+            check(getattr(layer, lk), _Weights(f"{pre}layer {layer.name!r}", len(layer.input)))
+        if layer.isUpdatable:
+            updatable.append((layer, lk))
+        available.update(layer.output)
+        for o in layer.output:
+            kinds[o] = lk
+    is_classifier = kind == "neuralNetworkClassifier"
+    exempt = {desc.predictedFeatureName or "classLabel", desc.predictedProbabilitiesName} \
+        if is_classifier else set()
+    for fd in desc.output:
+        if fd.name not in exempt and fd.name not in available:
+            raise fail(f"{pre}output {fd.name!r} is not produced by any layer of the network")
+    if is_classifier and nn.labelProbabilityLayerName and nn.labelProbabilityLayerName not in available:
+        raise fail(f"{pre}labelProbabilityLayerName {nn.labelProbabilityLayerName!r} is not "
+                   "produced by any layer of the network")
+    if spec.isUpdatable:
+        _check_update(spec, nn, updatable, kinds, is_classifier, pre)
+
+
+def _check_sizes(msg, where: str, positive: bool = True) -> None:
+    """Every declared size field of a layer (recursively, weights excluded) is bounded."""
+    for field, value in msg.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            if field.message_type.name == "WeightParams":
+                continue
+            if field.message_type.GetOptions().map_entry:
+                vf = field.message_type.fields_by_name["value"]
+                items = list(value.values()) if vf.type == vf.TYPE_MESSAGE else []
+            else:
+                items = value if _is_repeated(field) else [value]
+            for item in items:
+                _check_sizes(item, where, positive)
+            continue
+        name = field.name
+        if name not in GEOMETRY_FIELDS and name not in EXTENT_FIELDS:
+            continue
+        if field.cpp_type not in (field.CPPTYPE_INT32, field.CPPTYPE_INT64,
+                                  field.CPPTYPE_UINT32, field.CPPTYPE_UINT64):
+            continue
+        values = [int(v) for v in value] if _is_repeated(field) else [int(value)]
+        if name in GEOMETRY_FIELDS and any(abs(v) > MAX_DIM for v in values):
+            raise fail(f"{where}: {name} {values} exceeds the limit of {MAX_DIM} per dimension")
+        if positive and name in POSITIVE_FIELDS and any(v < 1 for v in values):
+            raise fail(f"{where}: {name} {values} must be at least 1")
+        if math.prod(abs(v) for v in values) > MAX_ELEMENTS:
+            raise fail(f"{where}: {name} {values} declares more than {MAX_ELEMENTS} values")
+
+
+def _is_repeated(field) -> bool:
+    rep = getattr(field, "is_repeated", None)
+    return bool(rep) if rep is not None else field.label == field.LABEL_REPEATED
+
+
+class _Weights:
+    """Checks a layer's WeightParams against the count its declared shape needs."""
+
+    def __init__(self, where: str, n_inputs: int = 1):
+        self.where = where
+        self.n_inputs = n_inputs
+
+    def __call__(self, wp, field: str, *dims: int, optional: bool = False) -> None:
+        where = f"{self.where} ({field})"
+        stored = [n for n in ("floatValue", "float16Value", "rawValue", "int8RawValue")
+                  if len(getattr(wp, n))]
+        if len(stored) > 1:
+            raise fail(f"{where}: weights are stored in more than one format ({', '.join(stored)})")
+        n = math.prod(int(d) for d in dims)
+        if optional and not stored:
+            return
+        if stored == ["int8RawValue"]:
+            have = len(wp.int8RawValue)
+        elif wp.HasField("quantization") and stored == ["rawValue"]:
+            bits = int(wp.quantization.numberOfBits)
+            if not 1 <= bits <= 8:
+                raise fail(f"{where}: quantization.numberOfBits is {bits}; n-bit quantization "
+                           "needs 1..8 bits")
+            need = (n * bits + 7) // 8
+            if len(wp.rawValue) != need:
+                raise fail(f"{where}: rawValue holds {len(wp.rawValue)} bytes but its declared "
+                           f"shape {list(dims)} of {bits}-bit values needs {need}; the model is "
+                           "corrupt")
+            return
+        else:
+            have = count_of(wp)
+        if have != n:
+            raise fail(f"{where}: holds {have} values but its declared shape {list(dims)} needs "
+                       f"{n}; the model is corrupt or its weights are missing")
+
+
+def _positive(where: str, **values) -> None:
+    for name, v in values.items():
+        if int(v) < 1:
+            raise fail(f"{where}: {name} must be at least 1, got {int(v)}")
+
+
+def _conv(p, w: _Weights) -> None:
+    _positive(w.where, outputChannels=p.outputChannels, kernelChannels=p.kernelChannels)
+    groups = max(int(p.nGroups), 1)
+    k = [int(x) for x in p.kernelSize] or [3, 3]
+    kh, kw = (k + k)[:2] if len(k) == 1 else k[:2]
+    if p.outputChannels % groups:
+        raise fail(f"{w.where}: outputChannels {p.outputChannels} is not divisible by nGroups {groups}")
+    if w.n_inputs == 2:  # weights come from the second input: none may be stored
+        if count_of(p.weights) or len(p.weights.int8RawValue):
+            raise fail(f"{w.where}: takes its weights from a second input but also stores weights")
+        return
+    if p.isDeconvolution:
+        w(p.weights, "weights", p.kernelChannels, p.outputChannels // groups, kh, kw)
+    else:
+        w(p.weights, "weights", p.outputChannels, p.kernelChannels, kh, kw)
+    if p.hasBias:
+        w(p.bias, "bias", p.outputChannels)
+
+
+def _inner_product(p, w: _Weights) -> None:
+    _positive(w.where, inputChannels=p.inputChannels, outputChannels=p.outputChannels)
+    w(p.weights, "weights", p.outputChannels, p.inputChannels)
+    if p.hasBias:
+        w(p.bias, "bias", p.outputChannels)
+
+
+def _embedding(p, w: _Weights) -> None:
+    _positive(w.where, inputDim=p.inputDim, outputChannels=p.outputChannels)
+    w(p.weights, "weights", p.outputChannels, p.inputDim)
+    if p.hasBias:
+        w(p.bias, "bias", p.outputChannels)
+
+
+def _embedding_nd(p, w: _Weights) -> None:
+    _positive(w.where, vocabSize=p.vocabSize, embeddingSize=p.embeddingSize)
+    w(p.weights, "weights", p.embeddingSize, p.vocabSize)
+    if p.hasBias:
+        w(p.bias, "bias", p.embeddingSize)
+
+
+def _batchnorm(p, w: _Weights) -> None:
+    _positive(w.where, channels=p.channels)
+    w(p.gamma, "gamma", p.channels)
+    w(p.beta, "beta", p.channels)
+    if not (p.computeMeanVar or p.instanceNormalization):
+        w(p.mean, "mean", p.channels)
+        w(p.variance, "variance", p.channels)
+
+
+def _scale(p, w: _Weights) -> None:
+    w(p.scale, "scale", *(p.shapeScale or [1]))
+    if p.hasBias:
+        w(p.bias, "bias", *(p.shapeBias or [1]))
+
+
+def _bias(p, w: _Weights) -> None:
+    w(p.bias, "bias", *(p.shape or [1]))
+
+
+def _load_constant(p, w: _Weights) -> None:
+    if len(p.shape) != 3:
+        raise fail(f"{w.where}: loadConstant shape {list(p.shape)} must have 3 dimensions (C, H, W)")
+    w(p.data, "data", *p.shape)
+
+
+def _load_constant_nd(p, w: _Weights) -> None:
+    w(p.data, "data", *(p.shape or [1]))
+
+
+def _batched_matmul(p, w: _Weights) -> None:
+    if count_of(p.weights) or p.weightMatrixFirstDimension or p.weightMatrixSecondDimension:
+        w(p.weights, "weights", p.weightMatrixFirstDimension, p.weightMatrixSecondDimension)
+        if p.hasBias:
+            w(p.bias, "bias", p.weightMatrixSecondDimension)
+
+
+WEIGHT_CHECKS = {
+    "convolution": _conv,
+    "innerProduct": _inner_product,
+    "embedding": _embedding,
+    "embeddingND": _embedding_nd,
+    "batchnorm": _batchnorm,
+    "scale": _scale,
+    "bias": _bias,
+    "loadConstant": _load_constant,
+    "loadConstantND": _load_constant_nd,
+    "batchedMatMul": _batched_matmul,
+}
+
+
+# --- update parameters -------------------------------------------------------------------------
+def _check_update(spec, nn, updatable, kinds: dict, is_classifier: bool, pre: str) -> None:
+    desc = spec.description
+    if not nn.HasField("updateParams"):
+        raise fail(f"{pre}the model is updatable but has no update parameters (updateParams); "
+                   "set a loss, an optimizer and epochs (coremltools: make_updatable, "
+                   "set_categorical_cross_entropy_loss, set_sgd_optimizer, set_epochs)")
+    up = nn.updateParams
+    if not desc.trainingInput:
+        raise fail(f"{pre}the model is updatable but declares no training inputs "
+                   "(description.trainingInput is empty)")
+    if len(up.lossLayers) != 1:
+        raise fail(f"{pre}update parameters: exactly one loss layer is required, found "
+                   f"{len(up.lossLayers)}")
+    loss = up.lossLayers[0]
+    lk = loss.WhichOneof("LossLayerType")
+    if lk is None:
+        raise fail(f"{pre}update parameters: loss layer {loss.name!r} has no loss kind set "
+                   "(categoricalCrossEntropyLossLayer or meanSquaredErrorLossLayer)")
+    lp = getattr(loss, lk)
+    if lp.input not in kinds:
+        raise fail(f"{pre}update parameters: loss layer {loss.name!r} reads {lp.input!r}, which no "
+                   "layer of the network produces")
+    if lk == "categoricalCrossEntropyLossLayer" and kinds[lp.input] != "softmax":
+        raise fail(f"{pre}update parameters: categorical cross-entropy loss {loss.name!r} reads "
+                   f"{lp.input!r}, the output of a {kinds[lp.input]!r} layer; it must read the "
+                   "output of a (classic) softmax layer")
+    targets = {f.name for f in desc.trainingInput}
+    if lp.target not in targets and not (is_classifier and desc.predictedFeatureName in targets):
+        raise fail(f"{pre}update parameters: loss target {lp.target!r} is not a training input "
+                   f"(trainingInput: {sorted(targets)})")
+    opt_kind = up.optimizer.WhichOneof("OptimizerType")
+    if opt_kind is None:
+        raise fail(f"{pre}update parameters: no optimizer set (sgdOptimizer or adamOptimizer)")
+    opt = getattr(up.optimizer, opt_kind)
+    for key in ("learningRate", "miniBatchSize"):
+        if not opt.HasField(key):
+            raise fail(f"{pre}update parameters: {opt_kind} has no {key}; it is required")
+    if not up.HasField("epochs"):
+        raise fail(f"{pre}update parameters: epochs is missing; it is required")
+    params = [(f.name, getattr(opt, f.name)) for f in opt.DESCRIPTOR.fields if opt.HasField(f.name)]
+    params += [(n, getattr(up, n)) for n in ("epochs", "seed") if up.HasField(n)]
+    for name, p in params:
+        _check_default(name, p, pre + "update parameters")
+    for name, minimum in (("miniBatchSize", 1), ("epochs", 1)):
+        value = opt.miniBatchSize.defaultValue if name == "miniBatchSize" else up.epochs.defaultValue
+        if value < minimum:
+            raise fail(f"{pre}update parameters: {name} default {value} must be at least {minimum}")
+    if not opt.learningRate.defaultValue > 0:
+        raise fail(f"{pre}update parameters: learningRate default {opt.learningRate.defaultValue} "
+                   "must be positive")
+    if not updatable:
+        raise fail(f"{pre}the model is updatable but none of its layers is marked updatable")
+    for layer, lk in updatable:
+        if lk not in UPDATABLE_LAYER_KINDS:
+            raise fail(f"{pre}layer {layer.name!r} is marked updatable but is a {lk!r} layer; only "
+                       f"{', '.join(UPDATABLE_LAYER_KINDS)} layers can be updated")
+        p = getattr(layer, lk)
+        for field in ("weights", "bias"):
+            wp = getattr(p, field, None)
+            if wp is None or (field == "bias" and not getattr(p, "hasBias", False)):
+                continue
+            storage = storage_of(wp)
+            if storage != "float32":
+                raise fail(f"{pre}layer {layer.name!r} ({field}) is updatable but stored as "
+                           f"{storage}; updatable weights must be float32 (floatValue)")
+
+
+def _check_default(name: str, p, where: str) -> None:
+    """A DoubleParameter/Int64Parameter's default lies inside its own range/set."""
+    v = p.defaultValue
+    if v != v or v in (math.inf, -math.inf):
+        raise fail(f"{where}: {name} default {v} is not a finite number")
+    allowed = p.WhichOneof("AllowedValues")
+    if allowed == "range":
+        lo, hi = p.range.minValue, p.range.maxValue
+        if lo > hi:
+            raise fail(f"{where}: {name} allows the empty range [{lo}, {hi}]")
+        if not lo <= v <= hi:
+            raise fail(f"{where}: {name} default {v} is outside its allowed range [{lo}, {hi}]")
+    elif allowed == "set":
+        values = list(p.set.values)
+        if v not in values:
+            raise fail(f"{where}: {name} default {v} is not in its allowed set {values}")
+
+
+# --- kNN ---------------------------------------------------------------------------------------
+def _check_knn(spec, pre: str) -> None:
+    knn = spec.kNearestNeighborsClassifier
+    idx = knn.nearestNeighborsIndex
+    d = int(idx.numberOfDimensions)
+    if d < 1:
+        raise fail(f"{pre}kNN: numberOfDimensions must be at least 1, got {d}")
+    if d > MAX_ELEMENTS:
+        raise fail(f"{pre}kNN: numberOfDimensions {d} exceeds the {MAX_ELEMENTS} limit")
+    samples = len(idx.floatSamples)
+    which = knn.WhichOneof("ClassLabels")
+    labels = len(getattr(knn, which).vector) if which else 0
+    if samples != labels:
+        raise fail(f"{pre}kNN: {samples} samples but {labels} labels; every sample needs "
+                   "exactly one class label")
+    for i, s in enumerate(idx.floatSamples):
+        if len(s.vector) != d:
+            raise fail(f"{pre}kNN: sample {i} has {len(s.vector)} values but numberOfDimensions "
+                       f"is {d}")
+    arrays = [f for f in spec.description.input if f.type.WhichOneof("Type") == "multiArrayType"]
+    if len(arrays) != 1:
+        raise fail(f"{pre}kNN: the model needs exactly one multi-array input, found {len(arrays)}")
+    shape = [int(s) for s in arrays[0].type.multiArrayType.shape]
+    if shape and math.prod(shape) != d:
+        raise fail(f"{pre}kNN: input {arrays[0].name!r} has shape {shape} "
+                   f"({math.prod(shape)} values) but numberOfDimensions is {d}")
+    if idx.WhichOneof("IndexType") == "singleKdTreeIndex" and idx.singleKdTreeIndex.leafSize < 1:
+        raise fail(f"{pre}kNN: kd-tree leafSize must be at least 1, got "
+                   f"{idx.singleKdTreeIndex.leafSize}")
+    if knn.HasField("numberOfNeighbors"):
+        k = knn.numberOfNeighbors
+        if k.defaultValue < 1:
+            raise fail(f"{pre}kNN: numberOfNeighbors default {k.defaultValue} must be at least 1")
+        allowed = k.WhichOneof("AllowedValues")
+        if allowed == "range" and k.range.minValue < 1:
+            raise fail(f"{pre}kNN: numberOfNeighbors range [{k.range.minValue}, "
+                       f"{k.range.maxValue}] must start at 1 or more")
+        if allowed == "set" and any(v < 1 for v in k.set.values):
+            raise fail(f"{pre}kNN: numberOfNeighbors set {list(k.set.values)} must hold values "
+                       "of at least 1")
+        _check_default("numberOfNeighbors", k, f"{pre}kNN")
+
+
+# --- pipelines ---------------------------------------------------------------------------------
+def _type_name(fd) -> str:
+    return fd.type.WhichOneof("Type") or "undefined"
+
+
+def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
+    models = list(pipe.models)
+    names = list(pipe.names)
+    if not models:
+        raise fail(f"{pre}pipeline has no models")
+    if names and len(names) != len(models):
+        raise fail(f"{pre}pipeline has {len(names)} stage names for {len(models)} models")
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise fail(f"{pre}pipeline stage name {n!r} is used twice; stage names must be unique")
+        seen.add(n)
+    produced = {f.name: (_type_name(f), "the pipeline input") for f in spec.description.input}
+    for i, sub in enumerate(models):
+        label = f"pipeline stage {i}" + (f" ({names[i]!r})" if names else "")
+        for fd in sub.description.input:
+            if fd.name not in produced:
+                if fd.type.isOptional:
+                    continue
+                raise fail(f"{pre}{label} reads {fd.name!r}, which no earlier stage or pipeline "
+                           "input produces")
+            t, src = produced[fd.name]
+            if t != _type_name(fd):
+                raise fail(f"{pre}{label}: input {fd.name!r} expects a {_type_name(fd)} but "
+                           f"{src} gives a {t}")
+        validate(sub, where=f"{pre}{label}".rstrip(": "), _depth=depth + 1)
+        for fd in sub.description.output:
+            produced[fd.name] = (_type_name(fd), f"{label}")
+    for fd in spec.description.output:
+        if fd.name not in produced:
+            raise fail(f"{pre}pipeline output {fd.name!r} is not produced by any stage")

@@ -1,0 +1,379 @@
+"""The load-time validator: one minimal bad spec per rule, with the exact error.
+
+Each bad spec is a valid coremltools-built spec (benchmarks.fuzz.base_specs) with one field
+corrupted; the same specs unmodified pass and predict.
+"""
+
+import re
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import mlpersonal as mp
+from benchmarks.fuzz import base_specs, valid_input
+from mlpersonal.proto import Model_pb2
+from mlpersonal.validate import MAX_ELEMENTS, MAX_PIPELINE_DEPTH, validate
+
+
+@pytest.fixture(scope="module")
+def bases():
+    return base_specs()
+
+
+def _copy(spec):
+    m = Model_pb2.Model()
+    m.CopyFrom(spec)
+    return m
+
+
+def _layer(nn, name):
+    return next(l for l in nn.layers if l.name == name)
+
+
+# --- (base, corruption, exact message) per rule -------------------------------------------------
+def img(s):
+    return s.neuralNetworkClassifier
+
+
+def upd(s):
+    return s.neuralNetworkClassifier
+
+
+def reg(s):
+    return s.neuralNetwork
+
+
+def up(s):
+    return s.neuralNetworkClassifier.updateParams
+
+
+def knn(s):
+    return s.kNearestNeighborsClassifier
+
+
+def pipe(s):
+    return s.pipelineClassifier.pipeline
+
+
+def _set(obj, **kw):
+    for k, v in kw.items():
+        setattr(obj, k, v)
+
+
+def _dup_input(s):
+    s.description.input.add().CopyFrom(s.description.input[0])
+
+
+def _dup_output(s):
+    s.description.output.add().CopyFrom(s.description.output[0])
+
+
+def _swap_layers(s, i, j):
+    a, b = _copy_msg(img(s).layers[i]), _copy_msg(img(s).layers[j])
+    img(s).layers[i].CopyFrom(b)
+    img(s).layers[j].CopyFrom(a)
+
+
+def _copy_msg(msg):
+    m = type(msg)()
+    m.CopyFrom(msg)
+    return m
+
+
+def _fp16(wp, n):
+    wp.Clear()
+    wp.float16Value = np.zeros(n, dtype="<f2").tobytes()
+
+
+def _quant(wp, nbytes, bits=8):
+    wp.Clear()
+    wp.rawValue = bytes(nbytes)
+    wp.quantization.numberOfBits = bits
+    wp.quantization.linearQuantization.scale.append(1.0)
+    wp.quantization.linearQuantization.bias.append(0.0)
+
+
+def _add_output(s, name):
+    f = s.description.output.add()
+    f.name = name
+    f.type.stringType.SetInParent()
+
+
+def _two_losses(s):
+    up(s).lossLayers.add().CopyFrom(up(s).lossLayers[0])
+
+
+def _nested(spec, depth):
+    m = spec
+    for _ in range(depth):
+        outer = Model_pb2.Model()
+        outer.specificationVersion = 4
+        outer.description.CopyFrom(m.description)
+        outer.pipeline.models.add().CopyFrom(m)
+        m = outer
+    return m
+
+
+RULES = [
+    # feature descriptions
+    ("input_name", "nn_image_classifier", lambda s: _set(s.description.input[0], name=""),
+     "model input #0 has no name"),
+    ("input_unique", "nn_image_classifier", _dup_input,
+     "two model inputs are named 'image'; feature names must be unique"),
+    ("output_unique", "updatable_regressor", _dup_output,
+     "two model outputs are named 'y'; feature names must be unique"),
+    ("training_input_name", "updatable_nn", lambda s: _set(s.description.trainingInput[1], name=""),
+     "model training input #1 has no name"),
+    ("feature_type", "updatable_regressor", lambda s: s.description.input[0].ClearField("type"),
+     "input 'x': no feature type set (multi-array, image, string, ...)"),
+    ("shape_negative", "updatable_regressor",
+     lambda s: s.description.input[0].type.multiArrayType.shape.__setitem__(1, -4),
+     "input 'x': multi-array shape [2, -4, 4] has a negative dimension"),
+    ("shape_bounded", "updatable_regressor",
+     lambda s: s.description.input[0].type.multiArrayType.shape.__setitem__(0, 2**40),
+     f"input 'x': multi-array shape [{2**40}, 4, 4] holds {2**44} values, more than the "
+     f"{MAX_ELEMENTS} limit"),
+    ("image_size", "nn_image_classifier",
+     lambda s: _set(s.description.input[0].type.imageType, width=0),
+     "input 'image': image size 0x8 is outside 1..16384 pixels per side"),
+    ("image_size_huge", "nn_image_classifier",
+     lambda s: _set(s.description.input[0].type.imageType, height=2**40),
+     f"input 'image': image size 8x{2**40} is outside 1..16384 pixels per side"),
+    ("predicted_feature", "knn", lambda s: _set(s.description, predictedFeatureName="os.system"),
+     "predictedFeatureName 'os.system' is not one of the model's outputs ['label', 'labelProbs']"),
+    ("predicted_probs", "nn_image_classifier",
+     lambda s: _set(s.description, predictedProbabilitiesName="p"),
+     "predictedProbabilitiesName 'p' is not one of the model's outputs ['probs', 'label']"),
+    # layer graph
+    ("layer_name", "nn_image_classifier", lambda s: _set(img(s).layers[2], name=""),
+     "layer #2 has no name"),
+    ("layer_kind", "nn_image_classifier", lambda s: img(s).layers[2].ClearField("activation"),
+     "layer 'relu' has no layer kind set; the file is corrupt or from a newer Core ML"),
+    ("layer_unique", "nn_image_classifier", lambda s: _set(img(s).layers[2], name="bn"),
+     "two layers are named 'bn'; layer names must be unique"),
+    ("layer_order", "nn_image_classifier", lambda s: _swap_layers(s, 1, 2),
+     "layer 'relu' reads blob 'n', which no earlier layer or model input produces (layers must be "
+     "in topological order, without cycles)"),
+    ("layer_cycle", "nn_image_classifier",
+     lambda s: img(s).layers[2].input.__setitem__(0, "r"),
+     "layer 'relu' reads blob 'r', which no earlier layer or model input produces (layers must be "
+     "in topological order, without cycles)"),
+    ("layer_output", "nn_image_classifier", lambda s: img(s).layers[2].ClearField("output"),
+     "layer 'relu' has no output"),
+    ("layer_arity_in", "nn_image_classifier", lambda s: img(s).layers[6].input.append("f"),
+     "layer 'sm' (softmax) has 2 inputs; it takes exactly 1"),
+    ("layer_arity_out", "nn_image_classifier", lambda s: img(s).layers[2].output.append("r2"),
+     "layer 'relu' (activation) has 2 outputs; it produces exactly 1"),
+    ("output_produced", "updatable_regressor",
+     lambda s: reg(s).layers[0].output.__setitem__(0, "z"),
+     "output 'y' is not produced by any layer of the network"),
+    ("prob_layer_produced", "nn_image_classifier",
+     lambda s: _set(img(s), labelProbabilityLayerName="nope"),
+     "labelProbabilityLayerName 'nope' is not produced by any layer of the network"),
+    # weight sizes vs declared shapes
+    ("ip_weights", "nn_image_classifier", lambda s: _set(img(s).layers[5].innerProduct, inputChannels=63),
+     "layer 'fc' (weights): holds 192 values but its declared shape [3, 63] needs 189; the model "
+     "is corrupt or its weights are missing"),
+    ("ip_bias", "nn_image_classifier", lambda s: img(s).layers[5].innerProduct.bias.floatValue.append(1),
+     "layer 'fc' (bias): holds 4 values but its declared shape [3] needs 3; the model is corrupt "
+     "or its weights are missing"),
+    ("conv_weights", "nn_image_classifier", lambda s: _set(img(s).layers[0].convolution, kernelChannels=2),
+     "layer 'conv' (weights): holds 108 values but its declared shape [4, 2, 3, 3] needs 72; the "
+     "model is corrupt or its weights are missing"),
+    ("conv_two_weights", "nn_image_classifier", lambda s: img(s).layers[0].input.append("image"),
+     "layer 'conv': takes its weights from a second input but also stores weights"),
+    ("conv_groups", "nn_image_classifier", lambda s: _set(img(s).layers[0].convolution, nGroups=3),
+     "layer 'conv': outputChannels 4 is not divisible by nGroups 3"),
+    ("bn_mean", "nn_image_classifier", lambda s: img(s).layers[1].batchnorm.mean.ClearField("floatValue"),
+     "layer 'bn' (mean): holds 0 values but its declared shape [4] needs 4; the model is corrupt "
+     "or its weights are missing"),
+    ("fp16_count", "nn_image_classifier", lambda s: _fp16(img(s).layers[5].innerProduct.weights, 191),
+     "layer 'fc' (weights): holds 191 values but its declared shape [3, 64] needs 192; the model "
+     "is corrupt or its weights are missing"),
+    ("quant_bytes", "nn_image_classifier", lambda s: _quant(img(s).layers[5].innerProduct.weights, 95, 4),
+     "layer 'fc' (weights): rawValue holds 95 bytes but its declared shape [3, 64] of 4-bit values "
+     "needs 96; the model is corrupt"),
+    ("quant_bits", "nn_image_classifier", lambda s: _quant(img(s).layers[5].innerProduct.weights, 96, 0),
+     "layer 'fc' (weights): quantization.numberOfBits is 0; n-bit quantization needs 1..8 bits"),
+    ("two_formats", "nn_image_classifier",
+     lambda s: _set(img(s).layers[5].innerProduct.weights, float16Value=bytes(4)),
+     "layer 'fc' (weights): weights are stored in more than one format (floatValue, float16Value)"),
+    ("huge_channels", "nn_image_classifier",
+     lambda s: _set(img(s).layers[5].innerProduct, outputChannels=2**40),
+     f"layer 'fc': outputChannels [{2**40}] declares more than {MAX_ELEMENTS} values"),
+    ("huge_product", "nn_image_classifier",
+     lambda s: _set(img(s).layers[5].innerProduct, outputChannels=2**20, inputChannels=2**20),
+     f"layer 'fc' (weights): holds 192 values but its declared shape [{2**20}, {2**20}] needs "
+     f"{2**40}; the model is corrupt or its weights are missing"),
+    ("uint64_negative", "nn_image_classifier",
+     lambda s: _set(img(s).layers[0].convolution, outputChannels=2**64 - 1),
+     f"layer 'conv': outputChannels [{2**64 - 1}] declares more than {MAX_ELEMENTS} values"),
+    ("positive_channels", "nn_image_classifier",
+     lambda s: _set(img(s).layers[5].innerProduct, outputChannels=0),
+     "layer 'fc': outputChannels must be at least 1, got 0"),
+    ("kernel_bounded", "nn_image_classifier",
+     lambda s: img(s).layers[3].pooling.kernelSize.__setitem__(0, 2**30),
+     f"layer 'pool': kernelSize [{2**30}, 2] exceeds the limit of 65536 per dimension"),
+    ("global_pool_kernel_zero_ok", "nn_image_classifier",
+     lambda s: (_set(img(s).layers[3].pooling, globalPooling=True),
+                img(s).layers[3].pooling.kernelSize.__setitem__(0, 0),
+                _set(img(s).layers[0].convolution, nGroups=3)),
+     "layer 'conv': outputChannels 4 is not divisible by nGroups 3"),
+    ("stride_positive", "nn_image_classifier",
+     lambda s: img(s).layers[3].pooling.stride.__setitem__(1, 0),
+     "layer 'pool': stride [2, 0] must be at least 1"),
+    # update parameters
+    ("upd_version", "updatable_nn", lambda s: _set(s, specificationVersion=3),
+     "the model is updatable but its specificationVersion is 3; updatable models need version 4 "
+     "(Core ML 3) or newer"),
+    ("upd_params", "updatable_nn", lambda s: upd(s).ClearField("updateParams"),
+     "the model is updatable but has no update parameters (updateParams); set a loss, an "
+     "optimizer and epochs (coremltools: make_updatable, set_categorical_cross_entropy_loss, "
+     "set_sgd_optimizer, set_epochs)"),
+    ("upd_training_inputs", "updatable_nn", lambda s: s.description.ClearField("trainingInput"),
+     "the model is updatable but declares no training inputs (description.trainingInput is empty)"),
+    ("one_loss_two", "updatable_nn", _two_losses,
+     "update parameters: exactly one loss layer is required, found 2"),
+    ("one_loss_zero", "updatable_nn", lambda s: up(s).ClearField("lossLayers"),
+     "update parameters: exactly one loss layer is required, found 0"),
+    ("loss_kind", "updatable_nn",
+     lambda s: up(s).lossLayers[0].ClearField("categoricalCrossEntropyLossLayer"),
+     "update parameters: loss layer 'loss' has no loss kind set (categoricalCrossEntropyLossLayer "
+     "or meanSquaredErrorLossLayer)"),
+    ("loss_input", "updatable_nn",
+     lambda s: _set(up(s).lossLayers[0].categoricalCrossEntropyLossLayer, input="nowhere"),
+     "update parameters: loss layer 'loss' reads 'nowhere', which no layer of the network produces"),
+    ("ce_on_softmax", "updatable_nn",
+     lambda s: _set(up(s).lossLayers[0].categoricalCrossEntropyLossLayer, input="logits"),
+     "update parameters: categorical cross-entropy loss 'loss' reads 'logits', the output of a "
+     "'innerProduct' layer; it must read the output of a (classic) softmax layer"),
+    ("loss_target", "updatable_regressor",
+     lambda s: _set(reg(s).updateParams.lossLayers[0].meanSquaredErrorLossLayer, target="t"),
+     "update parameters: loss target 't' is not a training input (trainingInput: ['x', 'y_true'])"),
+    ("optimizer", "updatable_nn", lambda s: up(s).ClearField("optimizer"),
+     "update parameters: no optimizer set (sgdOptimizer or adamOptimizer)"),
+    ("learning_rate_present", "updatable_nn",
+     lambda s: up(s).optimizer.adamOptimizer.ClearField("learningRate"),
+     "update parameters: adamOptimizer has no learningRate; it is required"),
+    ("batch_present", "updatable_regressor",
+     lambda s: reg(s).updateParams.optimizer.sgdOptimizer.ClearField("miniBatchSize"),
+     "update parameters: sgdOptimizer has no miniBatchSize; it is required"),
+    ("epochs_present", "updatable_nn", lambda s: up(s).ClearField("epochs"),
+     "update parameters: epochs is missing; it is required"),
+    ("default_in_range", "updatable_nn",
+     lambda s: _set(up(s).optimizer.adamOptimizer.learningRate, defaultValue=2.0),
+     "update parameters: learningRate default 2.0 is outside its allowed range [0.0, 1.0]"),
+    ("default_in_set", "updatable_nn", lambda s: _set(up(s).epochs, defaultValue=5),
+     "update parameters: epochs default 5 is not in its allowed set [2]"),
+    ("range_nonempty", "updatable_nn",
+     lambda s: _set(up(s).optimizer.adamOptimizer.beta1.range, minValue=0.5, maxValue=0.1),
+     "update parameters: beta1 allows the empty range [0.5, 0.1]"),
+    ("default_finite", "updatable_nn",
+     lambda s: _set(up(s).optimizer.adamOptimizer.eps, defaultValue=float("nan")),
+     "update parameters: eps default nan is not a finite number"),
+    ("batch_positive", "updatable_regressor",
+     lambda s: (_set(reg(s).updateParams.optimizer.sgdOptimizer.miniBatchSize, defaultValue=0),
+                reg(s).updateParams.optimizer.sgdOptimizer.miniBatchSize.set.values.append(0)),
+     "update parameters: miniBatchSize default 0 must be at least 1"),
+    ("lr_positive", "updatable_nn",
+     lambda s: _set(up(s).optimizer.adamOptimizer.learningRate, defaultValue=0.0),
+     "update parameters: learningRate default 0.0 must be positive"),
+    ("some_updatable", "updatable_nn",
+     lambda s: [_set(l, isUpdatable=False) for l in upd(s).layers],
+     "the model is updatable but none of its layers is marked updatable"),
+    ("updatable_kind", "updatable_nn", lambda s: _set(upd(s).layers[1], isUpdatable=True),
+     "layer 'relu' is marked updatable but is a 'activation' layer; only convolution, "
+     "innerProduct, uniDirectionalLSTM layers can be updated"),
+    ("updatable_float", "updatable_nn", lambda s: _fp16(upd(s).layers[2].innerProduct.weights, 10),
+     "layer 'fc2' (weights) is updatable but stored as fp16; updatable weights must be float32 "
+     "(floatValue)"),
+    ("updatable_quantized", "updatable_regressor",
+     lambda s: _quant(reg(s).layers[0].convolution.weights, 18, 8),
+     "layer 'conv' (weights) is updatable but stored as 8-bit linear; updatable weights must be "
+     "float32 (floatValue)"),
+    # kNN
+    ("knn_labels", "knn", lambda s: knn(s).stringClassLabels.vector.append("d"),
+     "kNN: 6 samples but 7 labels; every sample needs exactly one class label"),
+    ("knn_dims_positive", "knn", lambda s: _set(knn(s).nearestNeighborsIndex, numberOfDimensions=0),
+     "kNN: numberOfDimensions must be at least 1, got 0"),
+    ("knn_sample_dims", "knn",
+     lambda s: knn(s).nearestNeighborsIndex.floatSamples[2].vector.append(0.0),
+     "kNN: sample 2 has 5 values but numberOfDimensions is 4"),
+    ("knn_input_shape", "knn",
+     lambda s: s.description.input[0].type.multiArrayType.shape.__setitem__(0, 5),
+     "kNN: input 'features' has shape [5] (5 values) but numberOfDimensions is 4"),
+    ("knn_one_input", "knn", lambda s: s.description.input[0].type.stringType.SetInParent(),
+     "kNN: the model needs exactly one multi-array input, found 0"),
+    ("knn_k_positive", "knn", lambda s: _set(knn(s).numberOfNeighbors, defaultValue=0),
+     "kNN: numberOfNeighbors default 0 must be at least 1"),
+    ("knn_k_range", "knn", lambda s: _set(knn(s).numberOfNeighbors, defaultValue=9),
+     "kNN: numberOfNeighbors default 9 is outside its allowed range [1, 5]"),
+    ("knn_k_range_start", "knn", lambda s: _set(knn(s).numberOfNeighbors.range, minValue=0),
+     "kNN: numberOfNeighbors range [0, 5] must start at 1 or more"),
+    ("knn_k_set", "knn", lambda s: knn(s).numberOfNeighbors.set.values.extend([1, 2]),
+     "kNN: numberOfNeighbors default 3 is not in its allowed set [1, 2]"),
+    ("knn_leaf", "knn", lambda s: knn(s).nearestNeighborsIndex.singleKdTreeIndex.SetInParent(),
+     "kNN: kd-tree leafSize must be at least 1, got 0"),
+    # pipelines
+    ("pipe_names_count", "pipeline", lambda s: pipe(s).names.append("extra"),
+     "pipeline has 3 stage names for 2 models"),
+    ("pipe_names_unique", "pipeline", lambda s: pipe(s).names.__setitem__(1, "embed"),
+     "pipeline stage name 'embed' is used twice; stage names must be unique"),
+    ("pipe_empty", "pipeline", lambda s: (pipe(s).ClearField("models"), pipe(s).ClearField("names")),
+     "pipeline has no models"),
+    ("pipe_inputs", "pipeline", lambda s: _set(pipe(s).models[1].description.input[0], name="emb"),
+     "pipeline stage 1 ('knn') reads 'emb', which no earlier stage or pipeline input produces"),
+    ("pipe_types", "pipeline",
+     lambda s: pipe(s).models[0].description.output[0].type.stringType.SetInParent(),
+     "pipeline stage 1 ('knn'): input 'features' expects a multiArrayType but pipeline stage 0 "
+     "('embed') gives a stringType"),
+    ("pipe_outputs", "pipeline", lambda s: _add_output(s, "answer"),
+     "pipeline output 'answer' is not produced by any stage"),
+    ("pipe_substage", "pipeline", lambda s: knn(pipe(s).models[1]).stringClassLabels.vector.append("z"),
+     "pipeline stage 1 ('knn'): kNN: 6 samples but 7 labels; every sample needs exactly one class "
+     "label"),
+]
+
+
+@pytest.mark.parametrize("base, corrupt, message", [r[1:] for r in RULES], ids=[r[0] for r in RULES])
+def test_rule(bases, base, corrupt, message):
+    spec = _copy(bases[base])
+    validate(spec)  # the uncorrupted base is valid
+    corrupt(spec)
+    with pytest.raises(mp.InvalidModelError, match=f"^{re.escape(message)}$"):
+        validate(spec)
+    # the same error comes out of mlpersonal.load, before any compilation
+    with pytest.raises(mp.InvalidModelError, match=re.escape(message)):
+        mp.load(spec.SerializeToString())
+
+
+def test_deep_pipeline(bases):
+    validate(_nested(bases["knn"], MAX_PIPELINE_DEPTH))
+    with pytest.raises(mp.InvalidModelError,
+                       match=f"^pipelines are nested more than {MAX_PIPELINE_DEPTH} levels deep$"):
+        validate(_nested(bases["knn"], MAX_PIPELINE_DEPTH + 1))
+
+
+@pytest.mark.parametrize("name", ["nn_image_classifier", "updatable_nn", "updatable_regressor"])
+def test_valid_bases_run(bases, name):
+    """The validator accepts coremltools-built specs, and they predict."""
+    m = mp.load(bases[name].SerializeToString())
+    out = m.predict(valid_input(m.spec, np.random.default_rng(0)))
+    assert set(out) == set(m.output_names)
+
+
+def test_huge_declared_size_refused_before_allocating(bases):
+    """A 2^20 x 2^20 innerProduct (4 TiB of floats) is refused with no allocation beyond the file."""
+    spec = _copy(bases["nn_image_classifier"])
+    _set(img(spec).layers[5].innerProduct, outputChannels=2**20, inputChannels=2**20)
+    data = spec.SerializeToString()
+    tracemalloc.start()
+    try:
+        with pytest.raises(mp.InvalidModelError, match="needs 1099511627776"):
+            mp.load(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+
