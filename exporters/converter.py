@@ -355,6 +355,29 @@ def _module_modes(module):
     return [(m, m.training) for m in module.modules()]
 
 
+def _set_flexible_inputs(spec, module, inputs) -> None:
+    """Write the enumerated sizes/shapes or ranges the inputs declare (exporters.flexible)."""
+    from . import flexible
+
+    flex = [i for i in inputs if i.is_flexible]
+    if not flex:
+        return
+    report = flexible.is_flexible(module, (1, *flex[0].shape) if len(inputs) == 1 else None)
+    if not report:
+        raise ConversionError(f"input {flex[0].name!r} asks for flexible shapes, but the network "
+                              f"is not fully convolutional: {report.reason}")
+    for i in flex:
+        if isinstance(i, ImageType):
+            if i.enumerated_sizes is not None:
+                flexible.set_enumerated_image_sizes(spec, i.name, i.enumerated_sizes)
+            else:
+                flexible.set_image_size_range(spec, i.name, *i.size_range)
+        elif i.enumerated_shapes is not None:
+            flexible.set_enumerated_shapes(spec, i.name, i.enumerated_shapes)
+        else:
+            flexible.set_shape_range(spec, i.name, i.shape_range)
+
+
 def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorType]], *,
             classifier: Optional[ClassifierConfig] = None,
             regressor: Union[None, str, Sequence[str]] = None,
@@ -457,6 +480,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
 
     spec = builder.spec
     spec.specificationVersion = max(int(spec.specificationVersion), minimum_spec_version, 4)
+    _set_flexible_inputs(spec, module, inputs)
     _set_metadata(spec, metadata)
     if respect_trainable:
         layer_names = _updatable_layers(root, ctx)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from .errors import ConversionError
 
@@ -35,7 +35,9 @@ def _check_shape(name: str, shape, ranks: Sequence[int]) -> tuple[int, ...]:
 class ImageType:
     """An image input ``(C, H, W)``; the model sees ``pixel * scale + bias`` (Core ML scaler).
 
-    ``bias`` is one value or one per channel (in the model's colour order).
+    ``bias`` is one value or one per channel (in the model's colour order). Flexible sizes (the
+    network must be fully convolutional): ``enumerated_sizes=[(width, height), ...]`` or
+    ``size_range=((min_w, max_w), (min_h, max_h))`` with ``-1`` for an unbounded maximum.
     """
 
     name: str
@@ -43,6 +45,8 @@ class ImageType:
     color: str = "rgb"
     scale: float = 1.0
     bias: Union[float, Sequence[float]] = 0.0
+    enumerated_sizes: Optional[Sequence[tuple]] = None
+    size_range: Optional[tuple] = None
 
     def __post_init__(self):
         _check_name(self.name)
@@ -74,18 +78,36 @@ class ImageType:
                 )
         object.__setattr__(self, "bias", bias)
         object.__setattr__(self, "scale", float(self.scale))
+        if self.enumerated_sizes is not None and self.size_range is not None:
+            raise ConversionError(f"input {self.name!r}: give enumerated_sizes or size_range, not both")
+
+    @property
+    def is_flexible(self) -> bool:
+        return self.enumerated_sizes is not None or self.size_range is not None
 
 
 @dataclass(frozen=True)
 class TensorType:
-    """A multi-array input: ``(C,)`` or ``(C, H, W)`` without the batch axis (rank-5 mapping)."""
+    """A multi-array input: ``(C,)`` or ``(C, H, W)`` without the batch axis (rank-5 mapping).
+
+    Flexible shapes: ``enumerated_shapes=[(C, H, W), ...]`` or ``shape_range=[(lo, hi)] * rank``
+    (``-1``: unbounded maximum).
+    """
 
     name: str
     shape: tuple = field(default=())
+    enumerated_shapes: Optional[Sequence[tuple]] = None
+    shape_range: Optional[Sequence[tuple]] = None
 
     def __post_init__(self):
         _check_name(self.name)
         object.__setattr__(self, "shape", _check_shape(self.name, self.shape, (1, 3)))
+        if self.enumerated_shapes is not None and self.shape_range is not None:
+            raise ConversionError(f"input {self.name!r}: give enumerated_shapes or shape_range, not both")
+
+    @property
+    def is_flexible(self) -> bool:
+        return self.enumerated_shapes is not None or self.shape_range is not None
 
 
 InputType = Union[ImageType, TensorType]
