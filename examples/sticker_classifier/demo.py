@@ -157,6 +157,11 @@ def personalize(model_path, images, labels, cfg: DemoConfig, desc: str, paramete
     return ctx.model, seconds, bars
 
 
+def user_drawings(cfg: DemoConfig) -> tuple[np.ndarray, list[str]]:
+    """The drawings the simulated user makes: ``cfg.shots`` of each new sticker."""
+    return make_dataset(list(cfg.new), cfg.shots, cfg.seed + 2)
+
+
 def run(cfg: DemoConfig, out: Path, retrain: bool = False, figure: bool = True) -> dict:
     """The whole demo; returns the results (also written to ``out/results.json``)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,7 @@ def run(cfg: DemoConfig, out: Path, retrain: bool = False, figure: bool = True) 
     t_export = time.perf_counter() - t
 
     # the user's drawings of the new stickers, and fresh drawings to evaluate on
-    user_x, user_y = make_dataset(list(cfg.new), cfg.shots, cfg.seed + 2)
+    user_x, user_y = user_drawings(cfg)
     qn_x, qn_y = make_dataset(list(cfg.new), cfg.queries_new, cfg.seed + 3)
     qo_x, qo_y = make_dataset(labels, cfg.queries_old, cfg.seed + 4)
 
