@@ -149,7 +149,8 @@ def run_personalize(args) -> int:
 
     Runs an update task exactly as an app would (progress bars per epoch and mini-batch), prints
     top-1 on the given drawings (and on --eval) before and after, writes --out atomically. The
-    model's allowed values apply to the overrides (see `mlpersonal inspect`).
+    model's allowed values apply to the overrides (see `mlpersonal inspect`). A neural-network
+    classifier trained on new labels only forgets the others: add a few drawings of them.
 
     Example:
       mlpersonal personalize stickers.mlmodel --data my_drawings/ --out my_stickers.mlmodel \\

@@ -16,7 +16,8 @@ from mlpersonal import codecs
 def results(tmp_path_factory):
     torch.set_num_threads(1)
     cfg = demo.DemoConfig(
-        train=TrainOptions(epochs=4, per_class=100, val_per_class=10, classes=6, qat_bits=4, progress=False),
+        train=TrainOptions(epochs=4, per_class=100, val_per_class=10, classes=6, qat_bits=4,
+                           qat_embedding=True, progress=False),
         new=("anchor", "crown"), shots=5, replay=2, knn_seed=3, knn_k=1, head_epochs=15,
         queries_new=15, queries_old=5, progress=False)
     out = tmp_path_factory.mktemp("demo")
@@ -31,6 +32,8 @@ def test_exported_models_load_and_are_updatable(results):
     layers = {l.name: l for l in clf.spec.neuralNetworkClassifier.layers}
     assert [n for n, l in layers.items() if l.isUpdatable] == ["classifier"]
     assert codecs.storage_of(layers["features.conv2"].convolution.weights).startswith("4-bit")
+    assert codecs.storage_of(layers["embedding.fc"].innerProduct.weights).startswith("4-bit")
+    assert codecs.storage_of(layers["classifier"].innerProduct.weights) == "float32"
     pipe = mp.load(res["paths"]["knn_pipeline"])
     assert pipe.is_updatable and pipe.spec.WhichOneof("Type") == "pipelineClassifier"
     knn = pipe.spec.pipelineClassifier.pipeline.models[1].kNearestNeighborsClassifier

@@ -1,7 +1,7 @@
 """The sticker demo (what ``make demo`` runs): train, export, personalize on "device", report.
 
-1. Train the base StickerNet on the 31 base stickers, with 4-bit QAT on the feature extractor
-   (or reuse the checkpoint in ``out/sticker_demo/``).
+1. Train the base StickerNet on the 31 base stickers, with 4-bit QAT on the frozen part (conv
+   features and the 128-d embedding layer), or reuse the checkpoint in ``out/sticker_demo/``.
 2. Export (a) an updatable NN classifier: quantized frozen features, updatable FC head with rows
    for all 36 stickers (a Core ML classifier cannot add labels on device), Adam + cross-entropy;
    (b) a pipeline: the quantized embedding network -> an updatable kNN seeded with a few drawings
@@ -47,7 +47,7 @@ IMAGE = "image"
 @dataclass
 class DemoConfig:
     train: TrainOptions = field(default_factory=lambda: TrainOptions(
-        epochs=5, per_class=600, qat_bits=4, progress=True))
+        epochs=5, per_class=600, qat_bits=4, qat_embedding=True, progress=True))
     new: tuple = tuple(NEW_STICKERS)
     shots: int = 5              # drawings per new sticker the user makes
     replay: int = 2             # stored drawings per base sticker mixed into the NN head update
@@ -283,7 +283,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     res = run(cfg, out, a.retrain)
     b = res["base"]
-    print(f"\nbase model: {len(BASE_STICKERS)} stickers, {cfg.train.qat_bits}-bit QAT features, "
+    print(f"\nbase model: {len(BASE_STICKERS)} stickers, {cfg.train.qat_bits}-bit QAT features"
+          f"{' + embedding' if cfg.train.qat_embedding else ''}, "
           f"val top-1 {100 * b['val_accuracy']:.2f}% "
           f"({'cached checkpoint' if b['cached'] else 'trained in %.0f s' % res['train_seconds']})")
     print(f"new stickers: {', '.join(cfg.new)}; user drawings: {cfg.shots} each; evaluated on "
