@@ -282,6 +282,13 @@ def main(argv=None) -> int:
     cfg = replace(cfg, progress=not a.no_progress, train=replace(cfg.train, progress=not a.no_progress))
     out = Path(a.out)
     res = run(cfg, out, a.retrain)
+    from mlpersonal.cli import inspect_lines
+
+    lines = inspect_lines(mp.load_spec(res["paths"]["classifier"]))
+    start = next(i for i, line in enumerate(lines) if line.startswith("layers"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("update parameters"))
+    print(f"\n$ mlpersonal inspect {res['paths']['classifier']}   (the layers part)")
+    print("\n".join(lines[start:end]))
     b = res["base"]
     print(f"\nbase model: {len(BASE_STICKERS)} stickers, {cfg.train.qat_bits}-bit QAT features"
           f"{' + embedding' if cfg.train.qat_embedding else ''}, "
@@ -293,10 +300,15 @@ def main(argv=None) -> int:
           f"+ {cfg.replay} stored drawings per base sticker; kNN: k={cfg.knn_k}, seeded with "
           f"{cfg.knn_seed} drawings per base sticker\n")
     print(table(res, cfg))
-    print(f"\nmodels and figure in {out}/ (figure: {res.get('figure')}); total {res['total_seconds']:.0f} s")
-    print(f"look inside:  mlpersonal inspect {res['paths']['classifier']}")
-    print(f"personalize from PNG folders:  mlpersonal personalize {res['paths']['knn_pipeline']} "
-          "--data DIR --out mine.mlmodel")
+    k, h = res["models"]["knn_pipeline"], res["models"]["classifier"]
+    ok = lambda c: "met" if c else "MISSED"  # noqa: E731
+    print(f"targets: kNN >= 95% on the new stickers: {ok(k['new_after'] >= 0.95)}; NN head improves new "
+          f"stickers and loses <= 2 pt on old ones: "
+          f"{ok(h['new_after'] > h['new_before'] and h['old_after'] >= h['old_before'] - 0.02)}")
+    print(f"\nmodels, results.json and the figure in {out}/; total {res['total_seconds']:.0f} s")
+    print(f"next:  mlpersonal inspect {res['paths']['knn_pipeline']}")
+    print(f"       mlpersonal personalize {res['paths']['knn_pipeline']} --data DIR --out mine.mlmodel"
+          "   (DIR/<label>/*.png)")
     return 0
 
 
