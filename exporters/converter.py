@@ -351,6 +351,23 @@ class _Root(torch.nn.Module):
         return getattr(self, self.name)(x)
 
 
+def _apply_qat(spec, root: torch.nn.Module, ctx: Context) -> None:
+    """Store the n-bit weights of modules prepared by ``trainers.prepare_qat`` (exactly what
+    their eval forward uses) instead of the float values the op converters wrote."""
+    from .quantized import apply_qat_weights, is_qat
+
+    names = {}
+    for path, m in root.named_modules():
+        if path and is_qat(m):
+            layers = ctx.layers_by_path.get(path, [])
+            if len(layers) != 1:
+                raise ConversionError(f"QAT module {path!r} appears {len(layers)} times in the "
+                                      "exported graph; a quantized layer must be used exactly once")
+            names[path] = layers[0]
+    if names:
+        apply_qat_weights(spec, root, names)
+
+
 def _module_modes(module):
     return [(m, m.training) for m in module.modules()]
 
@@ -390,7 +407,9 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     ``custom_conversion_functions`` maps a module type (or a function) to ``fn(module_or_fn)``
     returning ``{"className", "description", "parameters": {...}, "weights": [arrays]}``, written
     as a custom layer. With ``respect_trainable`` the Conv2d/Linear layers whose parameters require
-    grad become updatable (``update``: an :class:`exporters.updatable.UpdateConfig`).
+    grad become updatable (``update``: an :class:`exporters.updatable.UpdateConfig`). Layers
+    prepared by ``trainers.prepare_qat`` are stored with their learned n-bit weights
+    (:func:`exporters.quantized.apply_qat_weights`), so the spec predicts what the module does.
     """
     from coremltools.models import datatypes
     from coremltools.models.neural_network import NeuralNetworkBuilder
@@ -482,6 +501,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     spec.specificationVersion = max(int(spec.specificationVersion), minimum_spec_version, 4)
     _set_flexible_inputs(spec, module, inputs)
     _set_metadata(spec, metadata)
+    _apply_qat(spec, root, ctx)
     if respect_trainable:
         layer_names = _updatable_layers(root, ctx)
         try:

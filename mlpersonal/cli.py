@@ -308,7 +308,9 @@ def _register_more() -> None:
     """Subcommands that live next to the feature they drive."""
     from .quantization_cli import COMMANDS as quantization_commands
 
-    for name, (add_args, run) in quantization_commands.items():
+    from .personalize_cli import COMMANDS as personalize_commands
+
+    for name, (add_args, run) in {**quantization_commands, **personalize_commands}.items():
         register_command(name, add_args, run)
 
 

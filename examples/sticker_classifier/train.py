@@ -51,21 +51,22 @@ class TrainOptions:
     label_smoothing: float = 0.1  # better embedding for new stickers (knn_eval: 5-way 98.3 -> 99.4 %)
     threads: int = 1  # 2 intra-op threads ran 10x slower on a busy 2-core machine (measured)
     progress: bool = True
+    qat_embedding: bool = False  # with qat_bits: also fake-quantize the frozen embedding layer
 
 
-def _apply_qat(model: StickerNet, bits: int) -> None:
+def _apply_qat(model: StickerNet, bits: int, embedding: bool = False) -> None:
     if prepare_qat is None:
         raise SystemExit("--qat-bits needs trainers.qat.prepare_qat, which this checkout does not have yet")
-    out = prepare_qat(model.features, bits)
-    if isinstance(out, torch.nn.Module):
-        model.features = out
+    prepare_qat(model.features, bits)
+    if embedding:
+        prepare_qat(model.embedding, bits)
 
 
 def build_model(labels: list[str], opts: TrainOptions) -> StickerNet:
     torch.manual_seed(opts.seed)
     model = StickerNet(len(labels), opts.embedding_dim)
     if opts.qat_bits:
-        _apply_qat(model, opts.qat_bits)
+        _apply_qat(model, opts.qat_bits, opts.qat_embedding)
     return model
 
 
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
     p.add_argument("--qat-bits", type=int, default=0, help="fake-quantize the feature extractor to N bits")
+    p.add_argument("--qat-embedding", action="store_true", help="with --qat-bits: the embedding layer too")
     p.add_argument("--classes", type=int, default=0, help="use only the first N base stickers (0: all)")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads in total (shared by ranks)")
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/sticker", help="output folder")
     a = p.parse_args(argv)
     opts = TrainOptions(a.epochs, a.per_class, a.val_per_class, a.batch_size, a.lr, a.seed, a.embedding_dim,
-                        a.qat_bits, a.classes, a.label_smoothing, a.threads, not a.no_progress)
+                        a.qat_bits, a.classes, a.label_smoothing, a.threads, not a.no_progress,
+                        a.qat_embedding)
     _, m = train(opts, a.out)
     if distributed_context()[0] == 0:
         print(f"base stickers: {m['classes']}  train images: {m['train_images']}  "
