@@ -28,10 +28,25 @@ Losses (the spec's single loss layer, mean over the mini-batch):
 - mean squared error: ``mean((input - target) ** 2)`` over every element, as
   ``torch.nn.MSELoss()`` (no 1/2 factor; Core ML's documentation does not define one).
 
+Frozen-prefix cache: when layers that only depend on the model inputs through frozen layers
+(no updatable layer upstream) feed the trained part, ``prepare`` runs them once over the whole
+training set (no grad, chunks of :data:`CACHE_CHUNK` examples) and keeps their "boundary"
+activations on the model's device; each mini-batch then runs only the layers after them. Exact:
+those layers see the values they would have recomputed, and no gradient flows into a frozen
+prefix. It is skipped (every mini-batch recomputes) when the activations would take more than
+:data:`CACHE_BUDGET_BYTES` (1 GiB; ``MLPERSONAL_UPDATE_CACHE_BYTES`` overrides it, ``0`` turns the
+cache off) and it stops before layers that are not per-example functions (ND-only kinds in
+rank-5 models, batchnorm computing statistics from its input).
+
+Threads: the task trains a private copy, so predictions on the original model from any thread
+are unaffected; a snapshot (``ctx.model``) asked for from another thread waits for the step in
+flight. ``cancel()`` from any thread lets at most the mini-batch in flight finish.
+
 Optimizers are ``torch.optim.SGD(lr, momentum)`` and ``torch.optim.Adam(lr, betas, eps)``.
 Shuffling draws ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))``;
 without a seed in the model (or the overrides) a random seed is drawn once per task. The last
-partial mini-batch of an epoch is kept.
+partial mini-batch of an epoch is kept; a mini-batch size larger than the training set (Core ML
+allows it) makes each epoch one step on all the examples.
 """
 
 from __future__ import annotations
@@ -170,7 +185,8 @@ class UpdateTask:
                 self._pending.update(parameters)
 
     def cancel(self) -> None:
-        """Stop after the current mini-batch (or at once if the task has not started)."""
+        """Stop after the mini-batch in flight (or at once if the task has not started); from
+        any thread. The task ends ``"cancelled"`` with the model as trained so far."""
         with self._lock:
             if self._state == "ready":
                 self._state = "cancelled"
