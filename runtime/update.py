@@ -570,7 +570,7 @@ class NeuralNetworkUpdater(Updater):
         if cls.get(self.loss.blob) == "x":
             boundary.add(self.loss.blob)
         prefix = self._plan(boundary) if boundary else []
-        return [s for s in prefix if cls[s.outputs[0]] == "x" or cls[s.outputs[0]] == "c"], boundary
+        return [s for s in prefix if cls[s.outputs[0]] != "t"], boundary
 
     def _cache_frozen_prefix(self) -> None:
         """Run the frozen prefix once over every example and keep its boundary activations, so
@@ -630,23 +630,24 @@ class NeuralNetworkUpdater(Updater):
         return out
 
     def _cache_per_example(self, boundary: set, budget: int) -> Optional[dict]:
-        rows: dict = {b: [] for b in boundary}
+        out: dict = {}
         for i in range(self.n):
             if self.cancelled():
                 return None
             one = {k: v[i:i + 1] for k, v in self.feeds.items()}
             env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
-            for b in boundary:
-                t = env[b]
-                if not isinstance(t, torch.Tensor):
-                    return None
-                rows[b].append(t)
-            if i == 0 and sum(rows[b][0].numel() * rows[b][0].element_size() for b in boundary) * self.n > budget:
+            part = {b: env[b] for b in boundary}
+            if any(not isinstance(t, torch.Tensor) for t in part.values()):
                 return None
-        try:
-            return {b: torch.stack(r) for b, r in rows.items()}
-        except RuntimeError:  # shapes differ from example to example
-            return None
+            if not out:
+                if sum(t.numel() * t.element_size() for t in part.values()) * self.n > budget:
+                    return None
+                out = {b: torch.empty((self.n, *t.shape), dtype=t.dtype, device=t.device) for b, t in part.items()}
+            for b, t in part.items():
+                if t.shape != out[b].shape[1:] or t.dtype != out[b].dtype:
+                    return None  # shapes differ from example to example
+                out[b][i].copy_(t)
+        return out
 
     def _encode_targets(self, data: list) -> torch.Tensor:
         name, mode = self.target_name, self.target_mode
