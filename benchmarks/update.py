@@ -1,5 +1,12 @@
 """UpdateTask vs a hand-written torch training loop on the same model and optimizer.
 
+First table (head-only personalization, ``--head-epochs`` epochs): time per epoch after the
+first, for the UpdateTask with its frozen-prefix cache (the conv features computed once in
+prepare, each mini-batch runs only fc1/relu/fc2) and without it (MLPERSONAL_UPDATE_CACHE_BYTES=0),
+a torch loop (NCHW, and channels_last images), and onnxruntime-training when
+$MLPERSONAL_ORT_PYTHON names a python with it; the task's one-time prepare and its end-to-end
+time per epoch (prepare and write-back amortized). Second table: per mini-batch, both variants.
+
 Sticker CNN: 3 x [conv3x3 + relu + maxpool2] (3->16->32->64 channels, 28x28 RGB input),
 FC 576->128 + relu, FC 128->10, softmax; categorical cross-entropy; mini-batches of 32, shuffled.
 Variants: head-only (the two FC layers updatable) and all-updatable (every conv and FC layer),
@@ -161,6 +168,111 @@ def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, chann
     return wall, cpu
 
 
+def run_ours_epochs(spec, data, cache: bool = True):
+    """Per-epoch (wall, thread CPU) seconds of the task after its first epoch, the one-time
+    prepare (copy + validation + encoding + frozen-prefix cache) and the task's end-to-end
+    seconds per epoch (prepare and write-back amortized over the epochs)."""
+    import mlpersonal as mp
+
+    stamps: list = []
+
+    def stamp(ctx):  # training thread: thread_time() is its CPU time
+        stamps.append((time.perf_counter(), time.thread_time()))
+
+    old = os.environ.get("MLPERSONAL_UPDATE_CACHE_BYTES")
+    os.environ["MLPERSONAL_UPDATE_CACHE_BYTES"] = "" if cache else "0"
+    try:
+        model = mp.load(spec, compute_units="cpu_only")
+        t0 = time.perf_counter()
+        task = mp.UpdateTask(model, data, progress_handlers={"training_began": stamp, "epoch_end": stamp})
+        task.resume()
+        ctx = task.wait()
+        t1 = time.perf_counter()
+    finally:
+        if old is None:
+            os.environ.pop("MLPERSONAL_UPDATE_CACHE_BYTES", None)
+        else:
+            os.environ["MLPERSONAL_UPDATE_CACHE_BYTES"] = old
+    if ctx.error is not None:
+        raise ctx.error
+    wall = [b[0] - a[0] for a, b in zip(stamps[1:], stamps[2:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps[1:], stamps[2:])]
+    return wall, cpu, stamps[0][0] - t0, (t1 - t0) / (len(stamps) - 1)
+
+
+def run_torch_epochs(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
+    """Per-epoch (wall, CPU) seconds after the first epoch of the plain torch loop."""
+    if channels_last:
+        X = X.contiguous(memory_format=torch.channels_last)
+    m = copy.deepcopy(m)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    params = [p for name in updatable for p in getattr(m, name).parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(params, lr=1e-3))
+    n = len(X)
+    wall, cpu = [], []
+    for epoch in range(epochs):
+        t, c = time.perf_counter(), time.thread_time()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        for s in range(0, n, BATCH):
+            idx = perm[s:s + BATCH]
+            loss = F.cross_entropy(m(X[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+        if epoch >= 1:
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c)
+    return wall, cpu
+
+
+def personalization_table(args, m, X, y, data, onnx_path) -> None:
+    """Head-only personalization over several epochs: per-epoch times side by side."""
+    med = statistics.median
+    rows = []
+    epochs = args.head_epochs
+    for optimizer in ("sgd", "adam"):
+        spec = build_spec(m, FCS, optimizer, epochs)
+        run_ours_epochs(spec, data[:BATCH * 2])
+        run_ours_epochs(spec, data[:BATCH * 2], cache=False)
+        t = {k: [] for k in ("c_w", "c_c", "u_w", "u_c", "n_w", "n_c", "l_w", "l_c", "prep", "e2e")}
+        for _ in range(args.rounds):  # interleaved: load changes hit every contender alike
+            w, c, prep, e2e = run_ours_epochs(spec, data)
+            t["c_w"] += w
+            t["c_c"] += c
+            t["prep"].append(prep)
+            t["e2e"].append(e2e)
+            w, c, _, _ = run_ours_epochs(spec, data, cache=False)
+            t["u_w"] += w
+            t["u_c"] += c
+            w, c = run_torch_epochs(m, FCS, optimizer, X, y, epochs)
+            t["n_w"] += w
+            t["n_c"] += c
+            w, c = run_torch_epochs(m, FCS, optimizer, X, y, epochs, channels_last=True)
+            t["l_w"] += w
+            t["l_c"] += c
+        ms = {k: med(v) * 1e3 for k, v in t.items()}
+        ort = run_ort(args, onnx_path, "head-only", optimizer, epochs) if onnx_path else None
+        ort_w = med(ort["epoch_wall"]) * 1e3 if ort else float("nan")
+        ort_c = med(ort["epoch_cpu"]) * 1e3 if ort else float("nan")
+        rows.append((optimizer, ms["c_w"], ms["c_c"], ms["u_w"], ms["u_c"], ms["n_w"], ms["n_c"],
+                     ms["l_w"], ms["l_c"], ort_w, ort_c,
+                     ms["c_c"] / min(ms["n_c"], ms["l_c"]), ms["c_c"] / ort_c if ort else float("nan"),
+                     ms["prep"], ms["e2e"]))
+    print(f"\nhead-only personalization (fc1 + fc2 updatable), {epochs} epochs of {len(data)} examples, "
+          "per-epoch medians after the first epoch (ms; CPU = the training thread's CPU time; "
+          "ORT CPU = its process CPU time)")
+    _table(("optimizer", "UpdateTask cache ms/epoch", "cache CPU", "UpdateTask no-cache ms/epoch",
+            "no-cache CPU", "torch NCHW ms/epoch", "NCHW CPU", "torch channels_last ms/epoch",
+            "channels_last CPU", "ORT-training ms/epoch", "ORT CPU", "CPU ratio vs best torch",
+            "CPU ratio vs ORT",
+            "task prepare ms (once)", "task end-to-end ms/epoch"), rows)
+
+
 def export_onnx(m: StickerCNN, path: str) -> None:
     """The torch module as an ONNX training graph (for onnxruntime-training's artifacts)."""
     torch.onnx.export(m, (torch.rand(BATCH, 3, 28, 28),), path, input_names=["image"],
@@ -204,10 +316,11 @@ def ort_child(args) -> None:
     X, y, _ = make_data(args.examples)
     X, y = X.numpy(), y.numpy().astype(np.int64)
     base = peak_mib()
-    wall, cpu = [], []
+    wall, cpu, ep_wall, ep_cpu = [], [], [], []
     n = len(X)
     for epoch in range(args.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).numpy()
+        te, ce = time.perf_counter(), time.process_time()
         for s in range(0, n, BATCH):
             idx = perm[s:s + BATCH]
             t, c = time.perf_counter(), time.process_time()
@@ -217,16 +330,20 @@ def ort_child(args) -> None:
             if epoch >= 1:
                 wall.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
-    print(json.dumps({"wall": wall, "cpu": cpu, "base_mib": base, "peak_mib": peak_mib()}))
+        if epoch >= 1:
+            ep_wall.append(time.perf_counter() - te)
+            ep_cpu.append(time.process_time() - ce)
+    print(json.dumps({"wall": wall, "cpu": cpu, "epoch_wall": ep_wall, "epoch_cpu": ep_cpu,
+                      "base_mib": base, "peak_mib": peak_mib()}))
 
 
-def run_ort(args, onnx_path: str, variant: str, optimizer: str):
+def run_ort(args, onnx_path: str, variant: str, optimizer: str, epochs: int = 0):
     """Run ort_child with $MLPERSONAL_ORT_PYTHON; None when that venv is not given."""
     py = os.environ.get("MLPERSONAL_ORT_PYTHON")
     if not py:
         return None
     cmd = [py, os.path.abspath(__file__), "--child", "ort", "--onnx", onnx_path, "--variant", variant,
-           "--optimizer", optimizer, "--threads", str(args.threads), "--epochs", str(args.epochs),
+           "--optimizer", optimizer, "--threads", str(args.threads), "--epochs", str(epochs or args.epochs),
            "--examples", str(args.examples)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -285,6 +402,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--examples", type=int, default=384)
+    ap.add_argument("--head-epochs", type=int, default=5, help="epochs of the personalization table")
+    ap.add_argument("--only", choices=["personalization", "steps"], help="print one table only")
     ap.add_argument("--child", choices=["ours", "torch", "ort"])
     ap.add_argument("--onnx")
     ap.add_argument("--variant", choices=list(VARIANTS), default="head-only")
@@ -310,6 +429,11 @@ def main():
     if os.environ.get("MLPERSONAL_ORT_PYTHON"):
         onnx_path = os.path.join(tempfile.mkdtemp(), "sticker.onnx")
         export_onnx(copy.deepcopy(m), onnx_path)
+    if args.only != "steps":
+        personalization_table(args, m, X, y, data, onnx_path)
+        if args.only == "personalization":
+            return
+        print()
     rows, ort_rows = [], []
     med = statistics.median
     for variant, upd in VARIANTS.items():

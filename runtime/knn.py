@@ -284,6 +284,8 @@ class KNNUpdater(Updater):
         m = self.model
         if isinstance(training_data, dict) or not isinstance(training_data, (list, tuple)):
             raise InvalidInputError("training_data must be a list of dicts {input: array, label: label}")
+        if not training_data:
+            raise InvalidInputError("training_data is empty: give at least one example")
         fd = m.spec.description.input[0]
         arrays, labels = [], []
         for i, ex in enumerate(training_data):

@@ -28,15 +28,32 @@ Losses (the spec's single loss layer, mean over the mini-batch):
 - mean squared error: ``mean((input - target) ** 2)`` over every element, as
   ``torch.nn.MSELoss()`` (no 1/2 factor; Core ML's documentation does not define one).
 
+Frozen-prefix cache: when layers that only depend on the model inputs through frozen layers
+(no updatable layer upstream) feed the trained part, ``prepare`` runs them once over the whole
+training set (no grad, chunks of :data:`CACHE_CHUNK` examples) and keeps their "boundary"
+activations on the model's device; each mini-batch then runs only the layers after them. Exact:
+those layers see the values they would have recomputed, and no gradient flows into a frozen
+prefix. It is skipped (every mini-batch recomputes) when the activations would take more than
+:data:`CACHE_BUDGET_BYTES` (1 GiB; ``MLPERSONAL_UPDATE_CACHE_BYTES`` overrides it, ``0`` turns the
+cache off) and it stops before layers that are not per-example functions (ND-only kinds in
+rank-5 models, batchnorm computing statistics from its input).
+
+Threads: the task trains a private copy, so predictions on the original model from any thread
+are unaffected; a snapshot (``ctx.model``) asked for from another thread waits for the step in
+flight. ``cancel()`` from any thread lets at most the mini-batch in flight finish.
+
 Optimizers are ``torch.optim.SGD(lr, momentum)`` and ``torch.optim.Adam(lr, betas, eps)``.
 Shuffling draws ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))``;
 without a seed in the model (or the overrides) a random seed is drawn once per task. The last
-partial mini-batch of an epoch is kept.
+partial mini-batch of an epoch is kept; a mini-batch size larger than the training set (Core ML
+allows it) makes each epoch one step on all the examples.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import random
 import threading
 import warnings
@@ -125,6 +142,7 @@ class UpdateTask:
         self._completion = completion_handler
         self._compute_units = compute_units
         self._lock = threading.Lock()
+        self._step_lock = threading.RLock()  # held by the training thread during each step
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._pending: dict = {}
@@ -167,7 +185,8 @@ class UpdateTask:
                 self._pending.update(parameters)
 
     def cancel(self) -> None:
-        """Stop after the current mini-batch (or at once if the task has not started)."""
+        """Stop after the mini-batch in flight (or at once if the task has not started); from
+        any thread. The task ends ``"cancelled"`` with the model as trained so far."""
         with self._lock:
             if self._state == "ready":
                 self._state = "cancelled"
@@ -210,8 +229,14 @@ class UpdateTask:
             new = resolve(self._params, pending)
             values.update({normalize_key(k): new[normalize_key(k)] for k in pending})
 
+    def _snapshot(self, up: Updater) -> CompiledModel:
+        """A copy of the model as trained so far (never in the middle of a step, whatever the
+        thread asking: the training thread holds ``_step_lock`` while it steps)."""
+        with self._step_lock:
+            return up.result().copy()
+
     def _emit(self, event: str, metrics: dict, values: dict, up: Updater) -> None:
-        ctx = UpdateContext(self, event, metrics, dict(values), model_fn=lambda: up.result().copy())
+        ctx = UpdateContext(self, event, metrics, dict(values), model_fn=lambda: self._snapshot(up))
         self._context = ctx
         handler = self._handlers.get(event)
         if handler is not None:
@@ -229,14 +254,21 @@ class UpdateTask:
         metrics = _metrics(None, 0, 0)
         try:
             up = self._load().make_updater()
+            up.cancelled = self._cancel.is_set
             self._params = up.parameters()
             values = resolve(self._params, self._overrides)
             up.prepare(self._data, values)
-            self._emit("training_began", metrics, values, up)
+            if not self._cancel.is_set():
+                self._emit("training_began", metrics, values, up)
             epoch = 0
             while epoch < up.num_epochs(values) and not self._cancel.is_set():
                 losses = []
-                for index, loss in enumerate(up.mini_batches(epoch, values)):
+                steps = up.mini_batches(epoch, values)
+                for index in itertools.count():
+                    with self._step_lock:
+                        loss = next(steps, None)
+                    if loss is None:
+                        break
                     loss = float(loss)
                     if not math.isfinite(loss):
                         raise TrainingError(
@@ -254,7 +286,9 @@ class UpdateTask:
                 self._emit("epoch_end", metrics, values, up)
                 epoch += 1
             state = "cancelled" if self._cancel.is_set() else "completed"
-            ctx = UpdateContext(self, state, metrics, dict(values), model=up.result())
+            with self._step_lock:
+                final = up.result()
+            ctx = UpdateContext(self, state, metrics, dict(values), model=final)
         except Exception as e:  # noqa: BLE001
             err = e if isinstance(e, MLPersonalError) else TrainingError(
                 f"training failed: {type(e).__name__}: {e}")
@@ -354,6 +388,45 @@ LOSSES = {
 }
 
 
+# --- frozen-prefix cache settings -----------------------------------------------------------------
+#: bytes the cached boundary activations may take (beyond it every mini-batch recomputes the
+#: frozen prefix); ``MLPERSONAL_UPDATE_CACHE_BYTES`` overrides it, ``0`` turns the cache off
+CACHE_BUDGET_BYTES = 1 << 30
+#: examples per chunk while the frozen prefix runs over the training set
+CACHE_CHUNK = 256
+#: layer kinds whose rank-5 output row i depends on input row i only (classic layers treat the
+#: axes before -3 as batch); ND-only kinds may address axis 0 and are recomputed instead
+PER_EXAMPLE_KINDS = frozenset({
+    "activation", "softmax", "convolution", "innerProduct", "embedding", "pooling", "batchnorm",
+    "l2normalize", "lrn", "mvn", "flatten", "concat", "reshape", "permute", "split", "slice", "crop",
+    "padding", "upsample", "resizeBilinear", "reduce", "unary", "scale", "bias", "add", "multiply",
+    "max", "min", "average", "dot", "sequenceRepeat", "reorganizeData", "custom", "copy",
+    "loadConstant",
+})
+
+
+def cache_budget() -> int:
+    """The frozen-prefix cache budget in bytes (0: off)."""
+    v = os.environ.get("MLPERSONAL_UPDATE_CACHE_BYTES")
+    try:
+        return int(v) if v not in (None, "") else CACHE_BUDGET_BYTES
+    except ValueError:
+        return CACHE_BUDGET_BYTES
+
+
+def _cacheable(step, layer, nd: bool) -> bool:
+    """Can this frozen layer's output be computed once per example and reused every epoch?
+
+    Batchnorm that computes its statistics from its input (``computeMeanVar`` without instance
+    normalization) is kept out even though the runtime normalizes each example on its own: a
+    batch-statistics reading of it must never be frozen into the cache. ND models train one
+    example at a time, so every other ND layer is per-example by construction.
+    """
+    if step.kind == "batchnorm" and layer.batchnorm.computeMeanVar and not layer.batchnorm.instanceNormalization:
+        return False
+    return nd or step.kind in PER_EXAMPLE_KINDS
+
+
 # --- the neural-network updater -----------------------------------------------------------------
 class NeuralNetworkUpdater(Updater):
     """Backprop through the network into its updatable convolution/innerProduct weights."""
@@ -382,33 +455,39 @@ class NeuralNetworkUpdater(Updater):
         self.optimizer_kind = up.optimizer.WhichOneof("OptimizerType")
         if self.optimizer_kind not in ("sgdOptimizer", "adamOptimizer"):
             raise InvalidModelError("the model's updateParams name no optimizer (sgdOptimizer or adamOptimizer)")
-        self.plan = self._plan(self.loss.blob)
+        self.plan = self._plan({self.loss.blob})
         self._dead = self._liveness(self.plan, keep=self.loss.blob)
         self.target_name, self.target_mode = self._target()
         self.device = work.device
         self._opt: Optional[torch.optim.Optimizer] = None
+        #: set by UpdateTask: a callable telling whether the task was cancelled
+        self.cancelled: Callable[[], bool] = lambda: False
+        #: the frozen-prefix cache in use: ``{"blobs": [...], "steps": n, "bytes": n}`` or None
+        self.cache_info: Optional[dict] = None
+        self.cached: Optional[dict] = None  # ND models: per-example boundary blobs, stacked
 
     # --- set-up ----------------------------------------------------------------------------
-    def _plan(self, blob: str) -> list:
-        """The layers the loss depends on, in spec order."""
-        needed, plan = {blob}, []
+    def _plan(self, blobs, stop=frozenset()) -> list:
+        """The layers ``blobs`` depend on, in spec order, not expanding past the ``stop`` blobs."""
+        needed, plan = set(blobs) - set(stop), []
         for s in reversed(self.net.steps):
             if needed.intersection(s.outputs):
                 plan.append(s)
-                needed.update(s.inputs)
+                needed.update(b for b in s.inputs if b not in stop)
         return plan[::-1]
 
     @staticmethod
-    def _liveness(plan: list, keep: str) -> list:
+    def _liveness(plan: list, keep: Optional[str], outputs: frozenset = frozenset()) -> list:
         """Per step, the blobs no later step reads: dropped at once, so the allocator reuses
-        their memory (keeping every blob alive made the forward pass ~3x slower on cpu)."""
+        their memory (keeping every blob alive made the forward pass ~3x slower on cpu).
+        ``keep`` and ``outputs`` stay alive to the end."""
         last = {}
         for i, s in enumerate(plan):
             for b in s.inputs:
                 last[b] = i
         dead: list = [[] for _ in plan]
         for b, i in last.items():
-            if b != keep:
+            if b != keep and b not in outputs:
                 dead[i].append(b)
         return dead
 
@@ -458,6 +537,7 @@ class NeuralNetworkUpdater(Updater):
             raise
         except (RuntimeError, IndexError, ValueError) as e:
             raise InvalidInputError(f"the training examples do not fit the model: {e}") from None
+        self._cache_frozen_prefix()
         if self.optimizer_kind == "sgdOptimizer":
             self._opt = torch.optim.SGD(self.params, lr=values["learning_rate"],
                                         momentum=values.get("momentum", 0.0))
@@ -465,6 +545,109 @@ class NeuralNetworkUpdater(Updater):
             self._opt = torch.optim.Adam(self.params, lr=values["learning_rate"],
                                          betas=(values.get("beta1", 0.9), values.get("beta2", 0.999)),
                                          eps=values.get("eps", 1e-8))
+
+    # --- frozen-prefix cache -----------------------------------------------------------------
+    def _split(self) -> tuple[list, set]:
+        """``(prefix steps, boundary blobs)``: the frozen layers whose outputs depend on model
+        inputs only through frozen, per-example layers, and the blobs of that region (model
+        inputs included) that the rest of the training plan reads."""
+        layers = {l.name: l for l in self.model.nn_spec.layers}
+        owners = {k.rsplit(".", 1)[0] for k in self.net.named_updatable()}
+        cls = {b: "x" for b in self.model.input_names}  # x: batched and frozen; c: constant; t: trained
+        for s in self.plan:
+            kinds = {cls.get(b, "c") for b in s.inputs}
+            if s.name in owners or "t" in kinds:
+                c = "t"
+            elif "x" not in kinds:
+                c = "c"  # a constant (loadConstant, ...): recomputed, it costs nothing
+            elif _cacheable(s, layers[s.name], self.model.nd):
+                c = "x"
+            else:
+                c = "t"
+            cls.update((b, c) for b in s.outputs)
+        trained = [s for s in self.plan if cls[s.outputs[0]] == "t"]
+        boundary = {b for s in trained for b in s.inputs if cls.get(b, "c") == "x"}
+        if cls.get(self.loss.blob) == "x":
+            boundary.add(self.loss.blob)
+        prefix = self._plan(boundary) if boundary else []
+        return [s for s in prefix if cls[s.outputs[0]] != "t"], boundary
+
+    def _cache_frozen_prefix(self) -> None:
+        """Run the frozen prefix once over every example and keep its boundary activations, so
+        each mini-batch runs only the layers after them (exact: those layers see the very values
+        they would have computed; no gradient flows into the prefix)."""
+        budget = cache_budget()
+        if budget <= 0:
+            return
+        prefix, boundary = self._split()
+        if not prefix:
+            return  # nothing frozen before the first trained layer
+        downstream = self._plan({self.loss.blob}, stop=boundary)
+        if not downstream:
+            return
+        steps, dead = self.plan, self._dead
+        self.plan, self._dead = prefix, self._liveness(prefix, keep=None, outputs=boundary)
+        try:
+            with torch.no_grad():
+                cache = self._cache_batched(boundary, budget) if self.blobs is not None \
+                    else self._cache_per_example(boundary, budget)
+        finally:
+            self.plan, self._dead = steps, dead
+        if cache is None:
+            return
+        if self.blobs is not None:
+            self.blobs = cache
+        else:
+            self.cached, self.feeds = cache, None
+        self.plan = downstream
+        self._dead = self._liveness(downstream, keep=self.loss.blob)
+        self.cache_info = {"blobs": sorted(boundary), "steps": len(prefix),
+                           "bytes": sum(t.numel() * t.element_size() for t in cache.values())}
+
+    def _cache_batched(self, boundary: set, budget: int) -> Optional[dict]:
+        out: dict = {}
+        n = self.n
+        for s in range(0, n, CACHE_CHUNK):
+            if self.cancelled():
+                return None
+            env = self._forward({k: v[s:s + CACHE_CHUNK] for k, v in self.blobs.items()})
+            part = {b: env[b] for b in boundary}
+            m = min(CACHE_CHUNK, n - s)
+            if any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != m for t in part.values()):
+                return None  # not one row per example: leave the plan as it is
+            if not out:
+                per = sum(t.numel() * t.element_size() for t in part.values()) / m
+                if per * n > budget:
+                    return None
+                for b, t in part.items():
+                    full = torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+                            and not t.is_contiguous():
+                        full = full.contiguous(memory_format=torch.channels_last)
+                    out[b] = full
+            for b, t in part.items():
+                out[b][s:s + m].copy_(t)
+        return out
+
+    def _cache_per_example(self, boundary: set, budget: int) -> Optional[dict]:
+        out: dict = {}
+        for i in range(self.n):
+            if self.cancelled():
+                return None
+            one = {k: v[i:i + 1] for k, v in self.feeds.items()}
+            env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
+            part = {b: env[b] for b in boundary}
+            if any(not isinstance(t, torch.Tensor) for t in part.values()):
+                return None
+            if not out:
+                if sum(t.numel() * t.element_size() for t in part.values()) * self.n > budget:
+                    return None
+                out = {b: torch.empty((self.n, *t.shape), dtype=t.dtype, device=t.device) for b, t in part.items()}
+            for b, t in part.items():
+                if t.shape != out[b].shape[1:] or t.dtype != out[b].dtype:
+                    return None  # shapes differ from example to example
+                out[b][i].copy_(t)
+        return out
 
     def _encode_targets(self, data: list) -> torch.Tensor:
         name, mode = self.target_name, self.target_mode
@@ -584,8 +767,11 @@ class NeuralNetworkUpdater(Updater):
         ids = range(self.n)[idx] if isinstance(idx, slice) else idx.tolist()
         total = 0.0
         for j, i in enumerate(ids):
-            one = {k: v[i:i + 1] for k, v in self.feeds.items()}
-            env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
+            if self.cached is not None:
+                env = self._forward({k: v[i] for k, v in self.cached.items()})
+            else:
+                one = {k: v[i:i + 1] for k, v in self.feeds.items()}
+                env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
             total = total + self.loss(env, target[j:j + 1], per_example=True)
         return total / len(ids)
 
@@ -607,7 +793,7 @@ class NeuralNetworkUpdater(Updater):
             g = torch.Generator().manual_seed(int(seed) + int(epoch))
             perm = torch.randperm(n, generator=g).to(self.device)
         pos = 0
-        while pos < n:
+        while pos < n and not self.cancelled():
             bs = int(values.get("mini_batch_size") or n)
             idx = slice(pos, pos + bs) if perm is None else perm[pos:pos + bs]
             pos += bs
