@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import threading
+
 import numpy as np
 import torch
 
@@ -44,6 +46,8 @@ class NeuralNetworkModel(CompiledModel):
                 )
         # ND models run one example at a time at its declared shape; batches go through vmap.
         self._rank4_images = int(self.nn_spec.imageInputShapeMapping) == RANK4_IMAGE_MAPPING
+        self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
+        self._plan_lock = threading.Lock()
 
     # --- set-up ----------------------------------------------------------------------------
     def _setup_classifier(self):
@@ -153,7 +157,41 @@ class NeuralNetworkModel(CompiledModel):
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
         if any(isinstance(v, list) and v and isinstance(v[0], torch.Tensor) for v in feeds.values()):
             return self._forward_each(feeds, n)  # mixed flexible shapes
-        return self.from_blobs(self.run_blobs(self.to_blobs(feeds), n), n)
+        blobs = self.to_blobs(feeds)
+        plan = self.inference_plan() if not torch.is_grad_enabled() else None
+        env = plan.run(blobs, n) if plan is not None else None
+        return self.from_blobs(env if env is not None else self.run_blobs(blobs, n), n)
+
+    #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network
+    use_plan = True
+
+    def inference_plan(self):
+        """The :class:`runtime.plan.InferencePlan` predictions use, or None (eager Network).
+
+        Only on the CPU without low-precision autocast; training always uses :attr:`net`.
+        """
+        if not self.use_plan or self.device.type != "cpu" or self.low_precision:
+            return None
+        if self._plan is None:
+            with self._plan_lock:
+                if self._plan is None:
+                    from .plan import InferencePlan
+
+                    if not InferencePlan.available():
+                        self.use_plan = False
+                        return None
+                    wanted = [f.name for f in self.spec.description.output
+                              if not (self.is_classifier
+                                      and f.name in (self._label_name, self._probs_name))]
+                    if self.is_classifier and self._probs_blob not in wanted:
+                        wanted.append(self._probs_blob)
+                    self._plan = InferencePlan(self._batched_env, wanted,
+                                               list(self.net.params.values()))
+        return self._plan
+
+    def _batched_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Network over batched blobs in one traceable call (ND models: vmap)."""
+        return torch.func.vmap(self.net)(blobs) if self.nd else self.net(blobs)
 
     def run_blobs(self, blobs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
         """Run the network on batched input blobs; every returned blob has a leading batch axis.

@@ -1,0 +1,285 @@
+"""InferencePlan: a compiled :class:`~runtime.network.Network` run by onnxruntime for CPU prediction.
+
+Why: the eager Network runs each spec layer as a separate torch op (NCHW max-pooling, unfused
+ReLUs, per-op dispatch), several times slower than onnxruntime on the same model. The plan keeps
+the torch layer callables in ``runtime.layers`` as the single source of layer semantics: it
+*traces* the Network with ``torch.onnx.export`` (dynamic batch axis), tidies the graph (see
+:func:`simplify`) and hands it to an ``onnxruntime.InferenceSession``, which fuses conv/relu,
+runs convolutions in blocked (NCHWc) layouts and avoids per-op Python overhead.
+
+Rules:
+
+- built lazily, on the first prediction for each input-shape signature (flexible shapes get one
+  session per signature, at most :data:`MAX_SIGNATURES`);
+- verified once per signature against the eager Network on the call's own batch and on a
+  reordered batch of another size; any export failure or difference beyond ``1e-5`` (relative to
+  the output's magnitude) turns the plan off for that signature, with a debug log, and the eager
+  Network runs instead (e.g. a custom layer whose ``evaluate`` is numpy-only cannot be traced);
+- CPU only: cuda/mps models, low-precision autocast and every training path use the Network;
+- weights changed in place (an update in progress) make the plan stale: the eager Network runs
+  until the weights are stable again for two calls, then the plan is rebuilt;
+- thread-safe: building is serialized by a lock, ``InferenceSession.run`` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: most input-shape signatures (flexible shapes) one model keeps a session for
+MAX_SIGNATURES = 8
+#: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
+TOLERANCE = 1e-5
+OPSET = 17
+
+_FAILED = object()  # cache marker: this signature runs eagerly
+
+
+class _Traced(torch.nn.Module):
+    """Positional tensors in, the wanted blobs out: what ``torch.onnx.export`` traces."""
+
+    def __init__(self, run: Callable, inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.run, self.inputs, self.outputs = run, inputs, outputs
+
+    def forward(self, *xs):
+        env = self.run(dict(zip(self.inputs, xs)))
+        return tuple(env[o] for o in self.outputs)
+
+
+class InferencePlan:
+    """Runs ``run(blobs) -> env`` (a Network over batched blobs) through onnxruntime.
+
+    ``run`` must map batched input blobs (axis 0 = batch) to a dict holding ``outputs``;
+    ``params`` are the tensors whose in-place changes invalidate the plan.
+    """
+
+    def __init__(self, run: Callable, outputs: list[str], params: list[torch.Tensor]):
+        self._run = run
+        self.outputs = list(outputs)
+        self._params = list(params)
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        self._version = self._param_version()
+        #: why the last signature fell back to eager (None when it did not)
+        self.last_fallback_reason: Optional[str] = None
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def _param_version(self) -> tuple:
+        return tuple(p._version for p in self._params)
+
+    def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, torch.Tensor]]:
+        """The output blobs for batched input ``blobs``, or None: the caller runs the Network."""
+        if self._params:
+            version = self._param_version()
+            if version != self._version:  # weights changed in place: stale until stable
+                with self._lock:
+                    self._sessions.clear()
+                    self._version = version
+                return None
+        key = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in blobs.items())
+        entry = self._sessions.get(key)
+        if entry is None:
+            with self._lock:
+                entry = self._sessions.get(key)
+                if entry is None:
+                    if len(self._sessions) >= MAX_SIGNATURES:
+                        return None
+                    entry, eager = self._build(blobs)
+                    self._sessions[key] = entry
+                    return eager  # outputs of this call, computed eagerly while verifying
+        if entry is _FAILED:
+            return None
+        sess, names = entry
+        feed = {k: _as_numpy(blobs[k]) for k in names}
+        return dict(zip(self.outputs, map(torch.from_numpy, sess.run(self.outputs, feed))))
+
+    # --- building -------------------------------------------------------------------------
+    def _eager(self, blobs) -> dict[str, torch.Tensor]:
+        env = self._run(blobs)
+        return {o: env[o] for o in self.outputs}
+
+    def _build(self, blobs):
+        eager = None
+        try:
+            eager = self._eager(blobs)
+            sess = self._session(blobs)
+            names = [i.name for i in sess.get_inputs()]
+            self._verify(sess, names, blobs, eager)
+            other = _other_batch(blobs)
+            self._verify(sess, names, other, self._eager(other))
+        except Exception as e:  # noqa: BLE001 - any failure means: run the eager Network
+            self.last_fallback_reason = f"{type(e).__name__}: {e}"
+            log.debug("inference plan disabled for input shapes %s, running eagerly: %s",
+                      {k: tuple(v.shape[1:]) for k, v in blobs.items()}, self.last_fallback_reason)
+            return _FAILED, eager
+        self.last_fallback_reason = None
+        return (sess, names), eager
+
+    def _verify(self, sess, names, blobs, eager):
+        got = sess.run(self.outputs, {k: _as_numpy(blobs[k]) for k in names})
+        for name, g in zip(self.outputs, got):
+            ref = eager[name].detach().cpu().numpy()
+            if g.shape != ref.shape:
+                raise ValueError(f"output {name!r} has shape {g.shape}, eager gives {ref.shape}")
+            diff = float(np.max(np.abs(g - ref))) if ref.size else 0.0
+            scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+            if not diff <= TOLERANCE * scale:
+                raise ValueError(f"output {name!r} differs from eager by {diff:.3g}")
+
+    def _session(self, blobs):
+        import onnxruntime as ort
+
+        inputs = list(blobs)
+        example = tuple(_export_copy(blobs[k]) for k in inputs)
+        module = _Traced(self._run, inputs, self.outputs)
+        buf = io.BytesIO()
+        axes = {k: {0: "batch"} for k in inputs + self.outputs}
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, buf, dynamo=False, input_names=inputs,
+                              output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET,
+                              do_constant_folding=True)
+        model = simplify(buf.getvalue())
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, torch.get_num_threads())
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().numpy() if t.dtype == torch.float32 else t.detach().float().numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _export_copy(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor with ``t``'s values, batch >= 2 (no size-1 specialization)."""
+    a = t.detach().cpu().numpy()
+    if a.shape[0] < 2:
+        a = np.concatenate([a, a])
+    return torch.from_numpy(np.array(a))
+
+
+def _other_batch(blobs):
+    """The batch reversed plus its first example again: another size, other data per row."""
+    return {k: torch.cat([v.flip(0), v[:1]]) for k, v in blobs.items()}
+
+
+# --- graph tidying --------------------------------------------------------------------------
+def simplify(model_bytes: bytes) -> bytes:
+    """Remove what tracing leaves that blocks onnxruntime's fusions; semantics unchanged.
+
+    - ``Reshape`` shapes computed as ``[Shape(x)[0], consts...]`` on their own input ``x`` become
+      constants ``[0, consts...]`` (0 copies the batch dimension);
+    - ``Reshape -> Relu`` becomes ``Relu -> Reshape`` (elementwise ops commute with reshapes),
+      so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it;
+    - ``Reshape(Reshape(x, a), b)`` becomes ``Reshape(x, b)`` when both keep the batch axis.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    g = model.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for node in g.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {o: n for n in g.node for o in n.output}
+
+    def shape_value(name: str, data: str):
+        """The constant value of a Reshape shape input, with 0 for ``Shape(data)[0]``."""
+        if name in consts:
+            return np.asarray(consts[name], dtype=np.int64).reshape(-1)
+        n = producer.get(name)
+        if n is None:
+            return None
+        if n.op_type == "Concat":
+            parts = [shape_value(i, data) for i in n.input]
+            return None if any(p is None for p in parts) else np.concatenate(parts)
+        if n.op_type == "Unsqueeze":
+            v = shape_value(n.input[0], data)
+            return None if v is None else v.reshape(-1)
+        if n.op_type == "Gather" and n.input[1] in consts:
+            src = producer.get(n.input[0])
+            if (src is not None and src.op_type == "Shape" and src.input[0] == data
+                    and not src.attribute and int(np.asarray(consts[n.input[1]]).reshape(-1)[0]) == 0):
+                return np.zeros(1, dtype=np.int64)
+        return None
+
+    new_inits = []
+    for node in g.node:
+        if node.op_type == "Reshape" and node.input[1] not in consts:
+            v = shape_value(node.input[1], node.input[0])
+            if v is not None:
+                name = node.input[1] + "__const"
+                new_inits.append(numpy_helper.from_array(v.astype(np.int64), name))
+                consts[name] = v
+                node.input[1] = name
+    g.initializer.extend(new_inits)
+
+    def consumers(name):
+        return [n for n in g.node if name in n.input]
+
+    outputs = {o.name for o in g.output}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(g.node):
+            if node.op_type != "Relu":
+                continue
+            r = producer.get(node.input[0])
+            if (r is None or r.op_type != "Reshape" or r.output[0] in outputs
+                    or len(consumers(r.output[0])) != 1):
+                continue
+            # x -> Reshape(s) -> t -> Relu -> y   ==>   x -> Relu -> t -> Reshape(s) -> y
+            x, t, y = r.input[0], r.output[0], node.output[0]
+            node.input[0], node.output[0] = x, t
+            r.input[0], r.output[0] = t, y
+            producer[t], producer[y] = node, r
+            i, j = list(g.node).index(node), list(g.node).index(r)
+            if i > j:  # keep topological order: Relu before Reshape
+                g.node.remove(node)
+                g.node.insert(j, node)
+            changed = True
+        for node in list(g.node):
+            if node.op_type != "Reshape" or node.input[1] not in consts:
+                continue
+            inner = producer.get(node.input[0])
+            if (inner is None or inner.op_type != "Reshape" or inner.input[1] not in consts
+                    or inner.output[0] in outputs or len(consumers(inner.output[0])) != 1):
+                continue
+            a, b = consts[inner.input[1]], consts[node.input[1]]
+            if a.size and b.size and a[0] == 0 and b[0] == 0 and 0 not in a[1:] and 0 not in b[1:]:
+                node.input[0] = inner.input[0]
+                g.node.remove(inner)
+                changed = True
+    # drop nodes whose outputs nobody reads (the old shape computations)
+    live = set(outputs)
+    keep = []
+    for node in reversed(list(g.node)):
+        if any(o in live for o in node.output):
+            keep.append(node)
+            live.update(i for i in node.input if i)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    used = {i for n in g.node for i in n.input} | outputs
+    kept_inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept_inits)
+    return model.SerializeToString()
