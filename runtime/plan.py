@@ -40,6 +40,10 @@ MAX_SIGNATURES = 8
 TOLERANCE = 1e-5
 OPSET = 17
 
+#: ops whose output has their first input's axis 0 (shape-preserving or per-example)
+_KEEP_AXIS0 = {"Relu", "Sigmoid", "Tanh", "Softmax", "LeakyRelu", "Elu", "Conv", "MaxPool",
+               "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization"}
+
 _FAILED = object()  # cache marker: this signature runs eagerly
 
 
@@ -185,25 +189,38 @@ def _other_batch(blobs):
 def simplify(model_bytes: bytes) -> bytes:
     """Remove what tracing leaves that blocks onnxruntime's fusions; semantics unchanged.
 
-    - ``Reshape`` shapes computed as ``[Shape(x)[0], consts...]`` on their own input ``x`` become
-      constants ``[0, consts...]`` (0 copies the batch dimension);
+    - ``Reshape`` shapes computed as ``[Shape(t)[0], consts...]``, where ``t`` shares axis 0 with
+      the reshaped tensor, become constants ``[0, consts...]`` (0 copies that axis);
     - ``Reshape -> Relu`` becomes ``Relu -> Reshape`` (elementwise ops commute with reshapes),
       so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it;
-    - ``Reshape(Reshape(x, a), b)`` becomes ``Reshape(x, b)`` when both keep the batch axis.
+    - ``Reshape(Reshape(x, a), b)`` becomes ``Reshape(x, b)`` when both keep axis 0;
+    - ``ReduceMean`` over the last two axes of a 4-D tensor becomes ``GlobalAveragePool``.
+
+    The plan's verification against the eager Network guards these rewrites too.
     """
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
-    model = onnx.load_from_string(model_bytes)
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
     g = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             list(g.value_info) + list(g.input) + list(g.output) if v.type.tensor_type.HasField("shape")}
+    nodes = [n for n in g.node]  # python list of the messages; written back at the end
+    outputs = {o.name for o in g.output}
     consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for node in g.node:
+    for node in nodes:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    producer = {o: n for n in g.node for o in n.output}
+    producer = {o: n for n in nodes for o in n.output}
+    rep: dict[str, str] = {}  # tensor -> a tensor with the same axis 0
+
+    def same0(name: str) -> str:
+        while name in rep:
+            name = rep[name]
+        return name
 
     def shape_value(name: str, data: str):
-        """The constant value of a Reshape shape input, with 0 for ``Shape(data)[0]``."""
+        """A Reshape's shape input as constants, 0 for ``Shape(t)[0]`` with ``t`` ~ ``data``."""
         if name in consts:
             return np.asarray(consts[name], dtype=np.int64).reshape(-1)
         n = producer.get(name)
@@ -212,74 +229,86 @@ def simplify(model_bytes: bytes) -> bytes:
         if n.op_type == "Concat":
             parts = [shape_value(i, data) for i in n.input]
             return None if any(p is None for p in parts) else np.concatenate(parts)
-        if n.op_type == "Unsqueeze":
+        if n.op_type in ("Unsqueeze", "Reshape"):
             v = shape_value(n.input[0], data)
             return None if v is None else v.reshape(-1)
-        if n.op_type == "Gather" and n.input[1] in consts:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Gather" and n.input[1] in consts and axis == 0:
             src = producer.get(n.input[0])
-            if (src is not None and src.op_type == "Shape" and src.input[0] == data
-                    and not src.attribute and int(np.asarray(consts[n.input[1]]).reshape(-1)[0]) == 0):
+            idx = np.asarray(consts[n.input[1]]).reshape(-1)
+            if (src is not None and src.op_type == "Shape" and not src.attribute
+                    and idx.size == 1 and int(idx[0]) == 0 and same0(src.input[0]) == same0(data)):
                 return np.zeros(1, dtype=np.int64)
         return None
 
-    new_inits = []
-    for node in g.node:
+    def keeps_batch(shape_name: str) -> bool:
+        v = consts.get(shape_name)
+        return v is not None and v.size > 0 and int(v.reshape(-1)[0]) == 0 and 0 not in v.reshape(-1)[1:]
+
+    for node in nodes:
         if node.op_type == "Reshape" and node.input[1] not in consts:
             v = shape_value(node.input[1], node.input[0])
             if v is not None:
                 name = node.input[1] + "__const"
-                new_inits.append(numpy_helper.from_array(v.astype(np.int64), name))
+                g.initializer.append(numpy_helper.from_array(v.astype(np.int64), name))
                 consts[name] = v
                 node.input[1] = name
-    g.initializer.extend(new_inits)
+        keeps0 = (node.op_type in _KEEP_AXIS0
+                  or (node.op_type == "Reshape" and keeps_batch(node.input[1]))
+                  or (node.op_type == "Gemm"
+                      and not any(a.name == "transA" and a.i for a in node.attribute)))
+        if keeps0 and node.input and len(node.output) == 1:
+            rep[node.output[0]] = same0(node.input[0])
 
-    def consumers(name):
-        return [n for n in g.node if name in n.input]
+    def prune(nodes):
+        """Drop nodes whose outputs nobody reads (e.g. the old shape computations)."""
+        live, keep = set(outputs), []
+        for node in reversed(nodes):
+            if any(o in live for o in node.output):
+                keep.append(node)
+                live.update(i for i in node.input if i)
+        return keep[::-1]
 
-    outputs = {o.name for o in g.output}
+    def readers(nodes, name):
+        return sum(name in n.input for n in nodes)
+
+    nodes = prune(nodes)
     changed = True
     while changed:
         changed = False
-        for node in list(g.node):
-            if node.op_type != "Relu":
-                continue
-            r = producer.get(node.input[0])
-            if (r is None or r.op_type != "Reshape" or r.output[0] in outputs
-                    or len(consumers(r.output[0])) != 1):
-                continue
-            # x -> Reshape(s) -> t -> Relu -> y   ==>   x -> Relu -> t -> Reshape(s) -> y
-            x, t, y = r.input[0], r.output[0], node.output[0]
-            node.input[0], node.output[0] = x, t
-            r.input[0], r.output[0] = t, y
-            producer[t], producer[y] = node, r
-            i, j = list(g.node).index(node), list(g.node).index(r)
-            if i > j:  # keep topological order: Relu before Reshape
-                g.node.remove(node)
-                g.node.insert(j, node)
-            changed = True
-        for node in list(g.node):
-            if node.op_type != "Reshape" or node.input[1] not in consts:
-                continue
-            inner = producer.get(node.input[0])
-            if (inner is None or inner.op_type != "Reshape" or inner.input[1] not in consts
-                    or inner.output[0] in outputs or len(consumers(inner.output[0])) != 1):
-                continue
-            a, b = consts[inner.input[1]], consts[node.input[1]]
-            if a.size and b.size and a[0] == 0 and b[0] == 0 and 0 not in a[1:] and 0 not in b[1:]:
-                node.input[0] = inner.input[0]
-                g.node.remove(inner)
+        for i, node in enumerate(nodes):
+            r = producer.get(node.input[0]) if node.input else None
+            if (node.op_type == "Relu" and r is not None and r.op_type == "Reshape"
+                    and r.output[0] not in outputs and readers(nodes, r.output[0]) == 1):
+                # x -> Reshape(s) -> t -> Relu -> y   ==>   x -> Relu -> t -> Reshape(s) -> y
+                x, t, y = r.input[0], r.output[0], node.output[0]
+                node.input[0], node.output[0] = x, t
+                r.input[0], r.output[0] = t, y
+                producer[t], producer[y] = node, r
+                j = next(k for k, n in enumerate(nodes) if n is r)
+                nodes[i], nodes[j] = r, node  # Relu now runs where the Reshape did
                 changed = True
-    # drop nodes whose outputs nobody reads (the old shape computations)
-    live = set(outputs)
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in live for o in node.output):
-            keep.append(node)
-            live.update(i for i in node.input if i)
+                break
+            if (node.op_type == "Reshape" and r is not None and r.op_type == "Reshape"
+                    and keeps_batch(node.input[1]) and keeps_batch(r.input[1])
+                    and r.output[0] not in outputs and readers(nodes, r.output[0]) == 1):
+                node.input[0] = r.input[0]
+                nodes = [n for n in nodes if n is not r]
+                changed = True
+                break
+    for k, node in enumerate(nodes):
+        axes = sorted(a % 4 for a in next((list(a.ints) for a in node.attribute
+                                             if a.name == "axes"), []))
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if (node.op_type == "ReduceMean" and ranks.get(node.input[0]) == 4 and axes == [2, 3]
+                and keepdims == 1 and len(node.input) == 1):
+            nodes[k] = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]],
+                                        name=node.name)
     del g.node[:]
-    g.node.extend(reversed(keep))
+    g.node.extend(nodes)
     used = {i for n in g.node for i in n.input} | outputs
-    kept_inits = [i for i in g.initializer if i.name in used]
+    kept = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
-    g.initializer.extend(kept_inits)
+    g.initializer.extend(kept)
+    del g.value_info[:]
     return model.SerializeToString()
