@@ -77,9 +77,38 @@ def encode_array(fd, value, index: int) -> np.ndarray:
                 f"example {index}: feature {name!r} has shape {tuple(arr.shape)}, the model "
                 f"accepts {', '.join(map(str, allowed))}"
             )
+    _check_finite(arr, name, index)
+    return arr
+
+
+def _encode_arrays(fd, values: list, device: torch.device):
+    """Multi-array values -> one ``(B, *shape)`` tensor, or a list of tensors (mixed shapes).
+
+    Fast path: float32 numpy arrays of the declared shape skip per-example conversion and are
+    checked for NaN/Inf once, batched (same errors as :func:`encode_array`).
+    """
+    default = array_shape(fd)
+    arrs, fast = [], []
+    for i, v in enumerate(values):
+        if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == default:
+            arrs.append(v)
+            fast.append(i)
+        else:
+            arrs.append(encode_array(fd, v, i))
+    if len({a.shape for a in arrs}) > 1:  # mixed flexible shapes
+        for i in fast:
+            _check_finite(arrs[i], fd.name, i)
+        return [torch.from_numpy(np.array(a)).to(device) for a in arrs]
+    stacked = arrs[0][None].copy() if len(arrs) == 1 else np.stack(arrs)
+    if fast and not np.isfinite(stacked).all():
+        for i in fast:
+            _check_finite(arrs[i], fd.name, i)
+    return torch.from_numpy(stacked).to(device)
+
+
+def _check_finite(arr: np.ndarray, name: str, index: int) -> None:
     if not np.isfinite(arr).all():
         raise InvalidInputError(f"example {index}: feature {name!r} contains NaN or Inf values")
-    return arr
 
 
 def image_size(fd) -> tuple[int, int]:
@@ -171,12 +200,7 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
                 )
             values.append(ex[name])
         if kind == "multiArrayType":
-            arrs = [encode_array(fd, v, i) for i, v in enumerate(values)]
-            shapes = {a.shape for a in arrs}
-            if len(shapes) > 1:
-                out[name] = [torch.from_numpy(a).to(device) for a in arrs]  # mixed flexible shapes
-            else:
-                out[name] = torch.from_numpy(np.stack(arrs)).to(device)
+            out[name] = _encode_arrays(fd, values, device)
         elif kind == "imageType":
             arrs = [encode_image(fd, v, i) for i, v in enumerate(values)]
             shapes = {a.shape for a in arrs}

@@ -124,21 +124,30 @@ class NeuralNetworkModel(CompiledModel):
             blobs[fd.name] = pre(x) if pre is not None else x
         return blobs
 
+    def _output_plan(self) -> list:
+        """Per non-classifier output: (name, declared multi-array shape or (), its size)."""
+        if getattr(self, "_outputs_cache", None) is None:
+            plan = []
+            for fd in self.spec.description.output:
+                if self.is_classifier and fd.name in (self._label_name, self._probs_name):
+                    continue
+                declared = array_shape(fd) if feature_kind(fd) == "multiArrayType" else ()
+                plan.append((fd.name, declared, int(np.prod(declared)) if declared else 0))
+            self._outputs_cache = plan
+        return self._outputs_cache
+
     def from_blobs(self, env: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
         """Network blobs -> model outputs (user layout)."""
         out: dict[str, Any] = {}
-        for fd in self.spec.description.output:
-            if self.is_classifier and fd.name in (self._label_name, self._probs_name):
-                continue
-            t = env[fd.name]
+        for name, declared, size in self._output_plan():
+            t = env[name]
             if not self.nd:
-                declared = array_shape(fd) if feature_kind(fd) == "multiArrayType" else ()
                 per = t[0].numel() if t.dim() else 1
-                if declared and int(np.prod(declared)) == per:
+                if declared and size == per:
                     t = t.reshape(n, *declared)
                 elif t.dim() == 4 and t.shape[-1] == 1 and t.shape[-2] == 1:
                     t = t.reshape(n, -1)
-            out[fd.name] = t
+            out[name] = t
         if self.is_classifier:
             probs = env[self._probs_blob].reshape(n, -1)
             if probs.shape[1] != len(self.class_labels):
@@ -146,12 +155,13 @@ class NeuralNetworkModel(CompiledModel):
                     f"classifier has {len(self.class_labels)} labels but its probability blob "
                     f"{self._probs_blob!r} has {probs.shape[1]} values"
                 )
-            idx = probs.argmax(dim=1).tolist()
-            out[self._label_name] = [self.class_labels[i] for i in idx]
+            p = probs.detach().cpu()
+            p = p.numpy() if p.dtype == torch.float32 else p.double().numpy()
+            labels = self.class_labels
+            out[self._label_name] = [labels[i] for i in p.argmax(axis=1).tolist()]
             if self._probs_name:
-                p = probs.detach().cpu().double().numpy()
-                labels = self.class_labels
-                out[self._probs_name] = [dict(zip(labels, row.tolist())) for row in p]
+                rows = p.astype(np.float64).tolist()
+                out[self._probs_name] = [dict(zip(labels, row)) for row in rows]
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:

@@ -96,7 +96,7 @@ class InferencePlan:
                     self._sessions.clear()
                     self._version = version
                 return None
-        key = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in blobs.items())
+        key = tuple([(k, v.shape[1:], v.dtype) for k, v in blobs.items()])
         entry = self._sessions.get(key)
         if entry is None:
             with self._lock:
@@ -111,7 +111,7 @@ class InferencePlan:
             return None
         sess, names = entry
         feed = {k: _as_numpy(blobs[k]) for k in names}
-        return dict(zip(self.outputs, map(torch.from_numpy, sess.run(self.outputs, feed))))
+        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, sess.run(self.outputs, feed))}
 
     # --- building -------------------------------------------------------------------------
     def _eager(self, blobs) -> dict[str, torch.Tensor]:
@@ -168,8 +168,9 @@ class InferencePlan:
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    a = t.detach().numpy() if t.dtype == torch.float32 else t.detach().float().numpy()
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    if t.dtype != torch.float32:
+        t = t.float()
+    return np.ascontiguousarray(t.numpy())
 
 
 def _export_copy(t: torch.Tensor) -> torch.Tensor:
