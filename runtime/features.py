@@ -25,7 +25,7 @@ def feature_kind(fd) -> str:
 
 
 def array_shape(fd) -> tuple[int, ...]:
-    return tuple(int(s) for s in fd.type.multiArrayType.shape)
+    return tuple(fd.type.multiArrayType.shape)  # repeated int64: already python ints
 
 
 def allowed_array_shapes(fd) -> tuple[list, object]:
@@ -103,7 +103,8 @@ def _encode_arrays(fd, values: list, device: torch.device):
     if fast and not np.isfinite(stacked).all():
         for i in fast:
             _check_finite(arrs[i], fd.name, i)
-    return torch.from_numpy(stacked).to(device)
+    t = torch.from_numpy(stacked)
+    return t if getattr(device, "type", device) == "cpu" else t.to(device)
 
 
 def _check_finite(arr: np.ndarray, name: str, index: int) -> None:
@@ -240,7 +241,10 @@ def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[d
         v = batched[fd.name]
         kind = feature_kind(fd)
         if isinstance(v, torch.Tensor):
-            arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            if v.dtype == torch.float32 and v.device.type == "cpu" and not v.requires_grad:
+                arr = v.numpy()
+            else:
+                arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
             for i in range(n):
                 if kind == "doubleType":
                     result[i][fd.name] = float(arr[i].reshape(-1)[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
 import threading
 
 import numpy as np
@@ -142,7 +143,7 @@ class NeuralNetworkModel(CompiledModel):
         for name, declared, size in self._output_plan():
             t = env[name]
             if not self.nd:
-                per = t[0].numel() if t.dim() else 1
+                per = math.prod(t.shape[1:]) if t.dim() else 1
                 if declared and size == per:
                     t = t.reshape(n, *declared)
                 elif t.dim() == 4 and t.shape[-1] == 1 and t.shape[-2] == 1:
@@ -155,8 +156,10 @@ class NeuralNetworkModel(CompiledModel):
                     f"classifier has {len(self.class_labels)} labels but its probability blob "
                     f"{self._probs_blob!r} has {probs.shape[1]} values"
                 )
-            p = probs.detach().cpu()
-            p = p.numpy() if p.dtype == torch.float32 else p.double().numpy()
+            if probs.dtype == torch.float32 and probs.device.type == "cpu" and not probs.requires_grad:
+                p = probs.numpy()
+            else:
+                p = probs.detach().cpu().double().numpy()
             labels = self.class_labels
             out[self._label_name] = [labels[i] for i in p.argmax(axis=1).tolist()]
             if self._probs_name:
@@ -165,11 +168,12 @@ class NeuralNetworkModel(CompiledModel):
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
-        if any(isinstance(v, list) and v and isinstance(v[0], torch.Tensor) for v in feeds.values()):
-            return self._forward_each(feeds, n)  # mixed flexible shapes
+        for v in feeds.values():
+            if type(v) is list and v and isinstance(v[0], torch.Tensor):
+                return self._forward_each(feeds, n)  # mixed flexible shapes
         blobs = self.to_blobs(feeds)
-        plan = self.inference_plan() if not torch.is_grad_enabled() else None
-        env = plan.run(blobs, n) if plan is not None else None
+        plan = self._plan if self._plan is not None and self.use_plan else self.inference_plan()
+        env = plan.run(blobs, n) if plan is not None and not torch.is_grad_enabled() else None
         return self.from_blobs(env if env is not None else self.run_blobs(blobs, n), n)
 
     #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network

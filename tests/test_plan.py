@@ -127,6 +127,7 @@ def test_nd_model(rng):
         feeds = [{"x": a} for a in rng.standard_normal((n, 6)).astype(np.float32)]
         planned.predict_batch(feeds)
         assert_same(planned.predict_batch(feeds), eager.predict_batch(feeds))
+    assert planned.inference_plan().last_fallback_reason is None  # vmap traced into the plan
 
 
 class NumpyOnlySwish:
