@@ -9,8 +9,10 @@ runs convolutions in blocked (NCHWc) layouts and avoids per-op Python overhead.
 
 Rules:
 
-- built lazily, on the first prediction for each input-shape signature (flexible shapes get one
-  session per signature, at most :data:`MAX_SIGNATURES`);
+- built lazily: the model's first prediction runs eagerly (a model predicted once, such as an
+  update's progress snapshot, never pays for the export, ~0.2-1 s), the next one for each
+  input-shape signature builds the session (flexible shapes get one per signature, at most
+  :data:`MAX_SIGNATURES`);
 - verified once per signature against the eager Network on the call's own batch and on a
   reordered batch of another size; any export failure or difference beyond ``1e-5`` (relative to
   the output's magnitude) turns the plan off for that signature, with a debug log, and the eager
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: most input-shape signatures (flexible shapes) one model keeps a session for
 MAX_SIGNATURES = 8
+#: predictions a model runs eagerly before its plan is built
+WARMUP_CALLS = 1
 #: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
 TOLERANCE = 1e-5
 OPSET = 17
@@ -73,6 +77,7 @@ class InferencePlan:
         self._sessions: dict = {}
         self._lock = threading.Lock()
         self._version = self._param_version()
+        self._calls = 0
         #: why the last signature fell back to eager (None when it did not)
         self.last_fallback_reason: Optional[str] = None
 
@@ -89,6 +94,9 @@ class InferencePlan:
 
     def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, torch.Tensor]]:
         """The output blobs for batched input ``blobs``, or None: the caller runs the Network."""
+        if self._calls < WARMUP_CALLS:
+            self._calls += 1
+            return None
         if self._params:
             version = self._param_version()
             if version != self._version:  # weights changed in place: stale until stable
@@ -193,8 +201,11 @@ def simplify(model_bytes: bytes) -> bytes:
     - ``Reshape`` shapes computed as ``[Shape(t)[0], consts...]``, where ``t`` shares axis 0 with
       the reshaped tensor, become constants ``[0, consts...]`` (0 copies that axis);
     - ``Reshape -> Relu`` becomes ``Relu -> Reshape`` (elementwise ops commute with reshapes),
-      so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it;
+      so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it; likewise
+      a softmax over the channels of ``(B, K, 1, 1)`` runs on the ``(B, K)`` it was made from
+      (onnxruntime transposes for a softmax axis that is not the last);
     - ``Reshape(Reshape(x, a), b)`` becomes ``Reshape(x, b)`` when both keep axis 0;
+    - ``Reshape(x, [0, -1])`` of a 2-D ``x`` is dropped;
     - ``ReduceMean`` over the last two axes of a 4-D tensor becomes ``GlobalAveragePool``.
 
     The plan's verification against the eager Network guards these rewrites too.
@@ -279,13 +290,19 @@ def simplify(model_bytes: bytes) -> bytes:
         changed = False
         for i, node in enumerate(nodes):
             r = producer.get(node.input[0]) if node.input else None
-            if (node.op_type == "Relu" and r is not None and r.op_type == "Reshape"
-                    and r.output[0] not in outputs and readers(nodes, r.output[0]) == 1):
+            if (node.op_type in ("Relu", "Softmax") and r is not None and r.op_type == "Reshape"
+                    and r.output[0] not in outputs and readers(nodes, r.output[0]) == 1
+                    and (node.op_type == "Relu" or _softmax_channels_of_2d(node, r, consts, ranks))):
+                if node.op_type == "Softmax":  # (B, K) -> (B, K, 1, 1), softmax over K
+                    del node.attribute[:]
+                    node.attribute.append(helper.make_attribute("axis", 1))
                 # x -> Reshape(s) -> t -> Relu -> y   ==>   x -> Relu -> t -> Reshape(s) -> y
                 x, t, y = r.input[0], r.output[0], node.output[0]
                 node.input[0], node.output[0] = x, t
                 r.input[0], r.output[0] = t, y
                 producer[t], producer[y] = node, r
+                ranks[y] = ranks.get(t, -1)
+                ranks[t] = ranks.get(x, -1)
                 j = next(k for k, n in enumerate(nodes) if n is r)
                 nodes[i], nodes[j] = r, node  # Relu now runs where the Reshape did
                 changed = True
@@ -297,6 +314,15 @@ def simplify(model_bytes: bytes) -> bytes:
                 nodes = [n for n in nodes if n is not r]
                 changed = True
                 break
+    for node in list(nodes):  # Reshape(x (B, K), [0, -1]) is x
+        shape = consts.get(node.input[1]) if node.op_type == "Reshape" else None
+        if (shape is not None and shape.reshape(-1).tolist() == [0, -1]
+                and ranks.get(node.input[0]) == 2 and node.output[0] not in outputs):
+            for other in nodes:
+                for k, name in enumerate(other.input):
+                    if name == node.output[0]:
+                        other.input[k] = node.input[0]
+            nodes = [n for n in nodes if n is not node]
     for k, node in enumerate(nodes):
         axes = sorted(a % 4 for a in next((list(a.ints) for a in node.attribute
                                              if a.name == "axes"), []))
@@ -313,3 +339,12 @@ def simplify(model_bytes: bytes) -> bytes:
     g.initializer.extend(kept)
     del g.value_info[:]
     return model.SerializeToString()
+
+
+def _softmax_channels_of_2d(softmax, reshape, consts, ranks) -> bool:
+    """Softmax over axis 1 of ``Reshape(x (B, K), [0, K, 1, 1])``."""
+    shape = consts.get(reshape.input[1])
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    return (shape is not None and shape.reshape(-1).tolist()[:1] == [0] and shape.size == 4
+            and shape.reshape(-1)[1] > 0 and shape.reshape(-1)[2:].tolist() == [1, 1]
+            and axis in (1, -3) and ranks.get(reshape.input[0]) == 2)
