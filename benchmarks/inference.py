@@ -14,7 +14,8 @@ intra_op_num_threads=2:
   pre-stacked array (no Python feature handling);
 - ``torch``: the source module in eager mode under ``torch.inference_mode``.
 
-Also: load time (compile), the first two predict calls (eager warm-up + plan build), peak RSS growth of predicting
+Also: load time (compile), the first two predict calls (eager warm-up + plan build), peak RSS
+growth of predicting
 (fresh subprocess per backend) and the max abs difference of our probabilities vs torch float32.
 """
 
