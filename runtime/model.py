@@ -77,12 +77,8 @@ class CompiledModel:
         """Predict a list of examples in one batched pass."""
         batch = list(batch) if not isinstance(batch, dict) else batch
         feeds = encode_inputs(self.spec.description.input, batch, self.device)
-        with torch.inference_mode():
-            if self.low_precision:
-                with self.autocast():
-                    out = self.forward(feeds, len(batch))
-            else:
-                out = self.forward(feeds, len(batch))
+        with torch.inference_mode(), self.autocast():
+            out = self.forward(feeds, len(batch))
         return decode_outputs(self.spec.description.output, out, len(batch))
 
     def autocast(self):
