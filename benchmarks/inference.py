@@ -14,8 +14,7 @@ intra_op_num_threads=2:
   pre-stacked array (no Python feature handling);
 - ``torch``: the source module in eager mode under ``torch.inference_mode``.
 
-Also: load time (compile), the first two predict calls (eager warm-up + plan build), peak RSS
-growth of predicting
+Also: load time (compile), the first predict call (plan build), peak RSS growth of predicting
 (fresh subprocess per backend) and the max abs difference of our probabilities vs torch float32.
 """
 
@@ -101,8 +100,7 @@ def memory_child(name: str, backend: str, batch: int) -> None:
         def fn():
             with torch.inference_mode():
                 module(torch.from_numpy(x))
-    fn()
-    fn()  # ours: eager warm-up call, then the call building the plan
+    fn()  # ours: builds the plan
     first = max(peak[0], rss_mb()) - base
     peak[0], base = 0.0, rss_mb()
     for _ in range(20):
@@ -147,7 +145,6 @@ def bench(name: str, rounds: int) -> list[dict]:
         feeds = [{"x": a} for a in x]
         xt = torch.from_numpy(x)
         t0 = time.perf_counter()
-        ours.predict_batch(feeds)  # warm-up call (eager)
         outs = ours.predict_batch(feeds)  # builds the plan (first batch size only)
         first_ms = (time.perf_counter() - t0) * 1e3
         outs = ours.predict_batch(feeds)  # through the plan now
@@ -197,7 +194,7 @@ def main() -> None:
     print(f"\ntorch {torch.__version__}, threads {THREADS}, {args.rounds} interleaved rounds; "
           "ms per call (median); ratio = ours / ORT (min-max over rounds)\n")
     hdr = (f"{'net':<13}{'batch':>6}{'ours':>9}{'ORT':>9}{'ratio':>7}{'rounds':>11}{'torch':>9}"
-           f"{'eagerNet':>10}{'max|diff|':>11}{'labels':>8}{'load':>8}{'2 calls':>10}")
+           f"{'eagerNet':>10}{'max|diff|':>11}{'labels':>8}{'load':>8}{'1st call':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -205,8 +202,8 @@ def main() -> None:
               f"{r['ratio_rounds']:>11}{r['torch']:>9.3f}{r['eager_net']:>10.3f}{r['diff']:>11.1e}"
               f"{'ok' if r['labels_ok'] else 'DIFF':>8}{r['load_ms']:>7.0f}m{r['first_ms']:>9.0f}m")
     if not args.no_memory:
-        print("\npeak RSS growth in MiB, fresh process per cell: first/steady = loading + 2 "
-              "predicts of batch 64 (ours: warm-up + plan build) / 20 more predicts after them\n")
+        print("\npeak RSS growth in MiB, fresh process per cell: first/steady = loading + first "
+              "predict of batch 64 (ours: plan build) / 20 more predicts after it\n")
         print(f"{'net':<13}{'ours':>10}{'ORT':>10}{'torch':>10}{'eagerNet':>10}")
         for name in args.nets.split(","):
             vals = [memory(name, b, 64) for b in ("ours", "ort", "torch", "eager_net")]

@@ -9,10 +9,10 @@ runs convolutions in blocked (NCHWc) layouts and avoids per-op Python overhead.
 
 Rules:
 
-- built lazily: the model's first prediction runs eagerly (a model predicted once, such as an
-  update's progress snapshot, never pays for the export, ~0.2-1 s), the next one for each
-  input-shape signature builds the session (flexible shapes get one per signature, at most
-  :data:`MAX_SIGNATURES`);
+- built lazily, by the first prediction for each input-shape signature (~0.2-1 s once; flexible
+  shapes get one session per signature, at most :data:`MAX_SIGNATURES`); every prediction of a
+  signature that verified, the first included, comes from the plan, so a model and its saved and
+  reloaded copy predict bit-identically;
 - verified once per signature against the eager Network on the call's own batch and on a
   reordered batch of another size; any export failure or difference beyond ``1e-5`` (relative to
   the output's magnitude) turns the plan off for that signature, with a debug log, and the eager
@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 #: most input-shape signatures (flexible shapes) one model keeps a session for
 MAX_SIGNATURES = 8
-#: predictions a model runs eagerly before its plan is built
-WARMUP_CALLS = 1
 #: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
 TOLERANCE = 1e-5
 OPSET = 17
@@ -77,7 +75,6 @@ class InferencePlan:
         self._sessions: dict = {}
         self._lock = threading.Lock()
         self._version = self._param_version()
-        self._calls = 0
         #: why the last signature fell back to eager (None when it did not)
         self.last_fallback_reason: Optional[str] = None
 
@@ -94,9 +91,6 @@ class InferencePlan:
 
     def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, torch.Tensor]]:
         """The output blobs for batched input ``blobs``, or None: the caller runs the Network."""
-        if self._calls < WARMUP_CALLS:
-            self._calls += 1
-            return None
         if self._params:
             version = self._param_version()
             if version != self._version:  # weights changed in place: stale until stable
@@ -112,9 +106,9 @@ class InferencePlan:
                 if entry is None:
                     if len(self._sessions) >= MAX_SIGNATURES:
                         return None
-                    entry, eager = self._build(blobs)
+                    entry, result = self._build(blobs)
                     self._sessions[key] = entry
-                    return eager  # outputs of this call, computed eagerly while verifying
+                    return result  # this call's outputs, computed while verifying
         if entry is _FAILED:
             return None
         sess, names = entry
@@ -127,12 +121,13 @@ class InferencePlan:
         return {o: env[o] for o in self.outputs}
 
     def _build(self, blobs):
+        """(session entry or _FAILED, this call's outputs: the plan's, or eager ones or None)."""
         eager = None
         try:
             eager = self._eager(blobs)
             sess = self._session(blobs)
             names = [i.name for i in sess.get_inputs()]
-            self._verify(sess, names, blobs, eager)
+            got = self._verify(sess, names, blobs, eager)
             other = _other_batch(blobs)
             self._verify(sess, names, other, self._eager(other))
         except Exception as e:  # noqa: BLE001 - any failure means: run the eager Network
@@ -141,10 +136,12 @@ class InferencePlan:
                       {k: tuple(v.shape[1:]) for k, v in blobs.items()}, self.last_fallback_reason)
             return _FAILED, eager
         self.last_fallback_reason = None
-        return (sess, names), eager
+        return (sess, names), {k: torch.from_numpy(v) for k, v in zip(self.outputs, got)}
 
-    def _verify(self, sess, names, blobs, eager):
+    def _verify(self, sess, names, blobs, eager) -> list:
+        """The session's outputs for ``blobs``; raises unless they match ``eager``."""
         got = sess.run(self.outputs, {k: _as_numpy(blobs[k]) for k in names})
+        checked = got
         for name, g in zip(self.outputs, got):
             ref = eager[name].detach().cpu().numpy()
             if g.shape != ref.shape:
@@ -157,6 +154,7 @@ class InferencePlan:
             scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
             if not diff <= TOLERANCE * scale:  # an inf output (inf - inf = nan) runs eagerly
                 raise ValueError(f"output {name!r} differs from eager by {diff:.3g}")
+        return checked
 
     def _session(self, blobs):
         import onnxruntime as ort
