@@ -25,7 +25,7 @@ def feature_kind(fd) -> str:
 
 
 def array_shape(fd) -> tuple[int, ...]:
-    return tuple(int(s) for s in fd.type.multiArrayType.shape)
+    return tuple(fd.type.multiArrayType.shape)  # repeated int64: already python ints
 
 
 def allowed_array_shapes(fd) -> tuple[list, object]:
@@ -77,9 +77,39 @@ def encode_array(fd, value, index: int) -> np.ndarray:
                 f"example {index}: feature {name!r} has shape {tuple(arr.shape)}, the model "
                 f"accepts {', '.join(map(str, allowed))}"
             )
+    _check_finite(arr, name, index)
+    return arr
+
+
+def _encode_arrays(fd, values: list, device: torch.device):
+    """Multi-array values -> one ``(B, *shape)`` tensor, or a list of tensors (mixed shapes).
+
+    Fast path: float32 numpy arrays of the declared shape skip per-example conversion and are
+    checked for NaN/Inf once, batched (same errors as :func:`encode_array`).
+    """
+    default = array_shape(fd)
+    arrs, fast = [], []
+    for i, v in enumerate(values):
+        if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == default:
+            arrs.append(v)
+            fast.append(i)
+        else:
+            arrs.append(encode_array(fd, v, i))
+    if len({a.shape for a in arrs}) > 1:  # mixed flexible shapes
+        for i in fast:
+            _check_finite(arrs[i], fd.name, i)
+        return [torch.from_numpy(np.array(a)).to(device) for a in arrs]
+    stacked = arrs[0][None].copy() if len(arrs) == 1 else np.stack(arrs)
+    if fast and not np.isfinite(stacked.sum(dtype=np.float64)):  # finite sum: no NaN/Inf inside
+        for i in fast:
+            _check_finite(arrs[i], fd.name, i)
+    t = torch.from_numpy(stacked)
+    return t if getattr(device, "type", device) == "cpu" else t.to(device)
+
+
+def _check_finite(arr: np.ndarray, name: str, index: int) -> None:
     if not np.isfinite(arr).all():
         raise InvalidInputError(f"example {index}: feature {name!r} contains NaN or Inf values")
-    return arr
 
 
 def image_size(fd) -> tuple[int, int]:
@@ -171,12 +201,7 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
                 )
             values.append(ex[name])
         if kind == "multiArrayType":
-            arrs = [encode_array(fd, v, i) for i, v in enumerate(values)]
-            shapes = {a.shape for a in arrs}
-            if len(shapes) > 1:
-                out[name] = [torch.from_numpy(a).to(device) for a in arrs]  # mixed flexible shapes
-            else:
-                out[name] = torch.from_numpy(np.stack(arrs)).to(device)
+            out[name] = _encode_arrays(fd, values, device)
         elif kind == "imageType":
             arrs = [encode_image(fd, v, i) for i, v in enumerate(values)]
             shapes = {a.shape for a in arrs}
@@ -216,7 +241,10 @@ def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[d
         v = batched[fd.name]
         kind = feature_kind(fd)
         if isinstance(v, torch.Tensor):
-            arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            if v.dtype == torch.float32 and v.device.type == "cpu" and not v.requires_grad:
+                arr = v.numpy()
+            else:
+                arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
             for i in range(n):
                 if kind == "doubleType":
                     result[i][fd.name] = float(arr[i].reshape(-1)[0])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+import threading
+
 import numpy as np
 import torch
 
@@ -44,6 +47,8 @@ class NeuralNetworkModel(CompiledModel):
                 )
         # ND models run one example at a time at its declared shape; batches go through vmap.
         self._rank4_images = int(self.nn_spec.imageInputShapeMapping) == RANK4_IMAGE_MAPPING
+        self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
+        self._plan_lock = threading.Lock()
 
     # --- set-up ----------------------------------------------------------------------------
     def _setup_classifier(self):
@@ -127,21 +132,30 @@ class NeuralNetworkModel(CompiledModel):
             blobs[fd.name] = pre(x) if pre is not None else x
         return blobs
 
+    def _output_plan(self) -> list:
+        """Per non-classifier output: (name, declared multi-array shape or (), its size)."""
+        if getattr(self, "_outputs_cache", None) is None:
+            plan = []
+            for fd in self.spec.description.output:
+                if self.is_classifier and fd.name in (self._label_name, self._probs_name):
+                    continue
+                declared = array_shape(fd) if feature_kind(fd) == "multiArrayType" else ()
+                plan.append((fd.name, declared, int(np.prod(declared)) if declared else 0))
+            self._outputs_cache = plan
+        return self._outputs_cache
+
     def from_blobs(self, env: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
         """Network blobs -> model outputs (user layout)."""
         out: dict[str, Any] = {}
-        for fd in self.spec.description.output:
-            if self.is_classifier and fd.name in (self._label_name, self._probs_name):
-                continue
-            t = env[fd.name]
+        for name, declared, size in self._output_plan():
+            t = env[name]
             if not self.nd:
-                declared = array_shape(fd) if feature_kind(fd) == "multiArrayType" else ()
-                per = t[0].numel() if t.dim() else 1
-                if declared and int(np.prod(declared)) == per:
+                per = math.prod(t.shape[1:]) if t.dim() else 1
+                if declared and size == per:
                     t = t.reshape(n, *declared)
                 elif t.dim() == 4 and t.shape[-1] == 1 and t.shape[-2] == 1:
                     t = t.reshape(n, -1)
-            out[fd.name] = t
+            out[name] = t
         if self.is_classifier:
             probs = env[self._probs_blob].reshape(n, -1)
             if probs.shape[1] != len(self.class_labels):
@@ -149,18 +163,56 @@ class NeuralNetworkModel(CompiledModel):
                     f"classifier has {len(self.class_labels)} labels but its probability blob "
                     f"{self._probs_blob!r} has {probs.shape[1]} values"
                 )
-            idx = probs.argmax(dim=1).tolist()
-            out[self._label_name] = [self.class_labels[i] for i in idx]
-            if self._probs_name:
+            if probs.dtype == torch.float32 and probs.device.type == "cpu" and not probs.requires_grad:
+                p = probs.numpy()
+            else:
                 p = probs.detach().cpu().double().numpy()
-                labels = self.class_labels
-                out[self._probs_name] = [dict(zip(labels, row.tolist())) for row in p]
+            labels = self.class_labels
+            out[self._label_name] = [labels[i] for i in p.argmax(axis=1).tolist()]
+            if self._probs_name:
+                rows = p.astype(np.float64).tolist()
+                out[self._probs_name] = [dict(zip(labels, row)) for row in rows]
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
-        if any(isinstance(v, list) and v and isinstance(v[0], torch.Tensor) for v in feeds.values()):
-            return self._forward_each(feeds, n)  # mixed flexible shapes
-        return self.from_blobs(self.run_blobs(self.to_blobs(feeds), n), n)
+        for v in feeds.values():
+            if type(v) is list and v and isinstance(v[0], torch.Tensor):
+                return self._forward_each(feeds, n)  # mixed flexible shapes
+        blobs = self.to_blobs(feeds)
+        plan = self._plan if self._plan is not None and self.use_plan else self.inference_plan()
+        env = plan.run(blobs, n) if plan is not None and not torch.is_grad_enabled() else None
+        return self.from_blobs(env if env is not None else self.run_blobs(blobs, n), n)
+
+    #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network
+    use_plan = True
+
+    def inference_plan(self):
+        """The :class:`runtime.plan.InferencePlan` predictions use, or None (eager Network).
+
+        Only on the CPU without low-precision autocast; training always uses :attr:`net`.
+        """
+        if not self.use_plan or self.device.type != "cpu" or self.low_precision:
+            return None
+        if self._plan is None:
+            with self._plan_lock:
+                if self._plan is None:
+                    from .plan import InferencePlan
+
+                    if not InferencePlan.available():
+                        self.use_plan = False
+                        return None
+                    wanted = [f.name for f in self.spec.description.output
+                              if not (self.is_classifier
+                                      and f.name in (self._label_name, self._probs_name))]
+                    if self.is_classifier and self._probs_blob not in wanted:
+                        wanted.append(self._probs_blob)
+                    self._plan = InferencePlan(self._batched_env, wanted,
+                                               list(self.net.params.values()))
+        return self._plan
+
+    def _batched_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Network over batched blobs in one traceable call (ND models: vmap)."""
+        return torch.func.vmap(self.net)(blobs) if self.nd else self.net(blobs)
 
     def run_blobs(self, blobs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
         """Run the network on batched input blobs; every returned blob has a leading batch axis.

@@ -1,0 +1,352 @@
+"""InferencePlan: a compiled :class:`~runtime.network.Network` run by onnxruntime for CPU prediction.
+
+Why: the eager Network runs each spec layer as a separate torch op (NCHW max-pooling, unfused
+ReLUs, per-op dispatch), several times slower than onnxruntime on the same model. The plan keeps
+the torch layer callables in ``runtime.layers`` as the single source of layer semantics: it
+*traces* the Network with ``torch.onnx.export`` (dynamic batch axis), tidies the graph (see
+:func:`simplify`) and hands it to an ``onnxruntime.InferenceSession``, which fuses conv/relu,
+runs convolutions in blocked (NCHWc) layouts and avoids per-op Python overhead.
+
+Rules:
+
+- built lazily, by the first prediction for each input-shape signature (~0.2-1 s once; flexible
+  shapes get one session per signature, at most :data:`MAX_SIGNATURES`); every prediction of a
+  signature that verified, the first included, comes from the plan, so a model and its saved and
+  reloaded copy predict bit-identically;
+- verified once per signature against the eager Network on the call's own batch and on a
+  reordered batch of another size; any export failure or difference beyond ``1e-5`` (relative to
+  the output's magnitude) turns the plan off for that signature, with a debug log, and the eager
+  Network runs instead (e.g. a custom layer whose ``evaluate`` is numpy-only cannot be traced);
+- CPU only: cuda/mps models, low-precision autocast and every training path use the Network;
+- weights changed in place (an update in progress) make the plan stale: the eager Network runs
+  until the weights are stable again for two calls, then the plan is rebuilt;
+- thread-safe: building is serialized by a lock, ``InferenceSession.run`` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: most input-shape signatures (flexible shapes) one model keeps a session for
+MAX_SIGNATURES = 8
+#: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
+TOLERANCE = 1e-5
+OPSET = 17
+
+#: ops whose output has their first input's axis 0 (shape-preserving or per-example)
+_KEEP_AXIS0 = {"Relu", "Sigmoid", "Tanh", "Softmax", "LeakyRelu", "Elu", "Conv", "MaxPool",
+               "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization"}
+
+_FAILED = object()  # cache marker: this signature runs eagerly
+
+
+class _Traced(torch.nn.Module):
+    """Positional tensors in, the wanted blobs out: what ``torch.onnx.export`` traces."""
+
+    def __init__(self, run: Callable, inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.run, self.inputs, self.outputs = run, inputs, outputs
+
+    def forward(self, *xs):
+        env = self.run(dict(zip(self.inputs, xs)))
+        return tuple(env[o] for o in self.outputs)
+
+
+class InferencePlan:
+    """Runs ``run(blobs) -> env`` (a Network over batched blobs) through onnxruntime.
+
+    ``run`` must map batched input blobs (axis 0 = batch) to a dict holding ``outputs``;
+    ``params`` are the tensors whose in-place changes invalidate the plan.
+    """
+
+    def __init__(self, run: Callable, outputs: list[str], params: list[torch.Tensor]):
+        self._run = run
+        self.outputs = list(outputs)
+        self._params = list(params)
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        self._version = self._param_version()
+        #: why the last signature fell back to eager (None when it did not)
+        self.last_fallback_reason: Optional[str] = None
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def _param_version(self) -> tuple:
+        return tuple(p._version for p in self._params)
+
+    def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, torch.Tensor]]:
+        """The output blobs for batched input ``blobs``, or None: the caller runs the Network."""
+        if self._params:
+            version = self._param_version()
+            if version != self._version:  # weights changed in place: stale until stable
+                with self._lock:
+                    self._sessions.clear()
+                    self._version = version
+                return None
+        key = tuple([(k, v.shape[1:], v.dtype) for k, v in blobs.items()])
+        entry = self._sessions.get(key)
+        if entry is None:
+            with self._lock:
+                entry = self._sessions.get(key)
+                if entry is None:
+                    if len(self._sessions) >= MAX_SIGNATURES:
+                        return None
+                    entry, result = self._build(blobs)
+                    self._sessions[key] = entry
+                    return result  # this call's outputs, computed while verifying
+        if entry is _FAILED:
+            return None
+        sess, names = entry
+        feed = {k: _as_numpy(blobs[k]) for k in names}
+        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, sess.run(self.outputs, feed))}
+
+    # --- building -------------------------------------------------------------------------
+    def _eager(self, blobs) -> dict[str, torch.Tensor]:
+        env = self._run(blobs)
+        return {o: env[o] for o in self.outputs}
+
+    def _build(self, blobs):
+        """(session entry or _FAILED, this call's outputs: the plan's, or eager ones or None)."""
+        eager = None
+        try:
+            eager = self._eager(blobs)
+            sess = self._session(blobs)
+            names = [i.name for i in sess.get_inputs()]
+            got = self._verify(sess, names, blobs, eager)
+            other = _other_batch(blobs)
+            self._verify(sess, names, other, self._eager(other))
+        except Exception as e:  # noqa: BLE001 - any failure means: run the eager Network
+            self.last_fallback_reason = f"{type(e).__name__}: {e}"
+            log.debug("inference plan disabled for input shapes %s, running eagerly: %s",
+                      {k: tuple(v.shape[1:]) for k, v in blobs.items()}, self.last_fallback_reason)
+            return _FAILED, eager
+        self.last_fallback_reason = None
+        return (sess, names), {k: torch.from_numpy(v) for k, v in zip(self.outputs, got)}
+
+    def _verify(self, sess, names, blobs, eager) -> list:
+        """The session's outputs for ``blobs``; raises unless they match ``eager``."""
+        got = sess.run(self.outputs, {k: _as_numpy(blobs[k]) for k in names})
+        checked = got
+        for name, g in zip(self.outputs, got):
+            ref = eager[name].detach().cpu().numpy()
+            if g.shape != ref.shape:
+                raise ValueError(f"output {name!r} has shape {g.shape}, eager gives {ref.shape}")
+            nan = np.isnan(ref)
+            if not np.array_equal(nan, np.isnan(g)):
+                raise ValueError(f"output {name!r} has NaNs where eager has none, or vice versa")
+            g, ref = g[~nan], ref[~nan]
+            diff = float(np.max(np.abs(g - ref))) if ref.size else 0.0
+            scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+            if not diff <= TOLERANCE * scale:  # an inf output (inf - inf = nan) runs eagerly
+                raise ValueError(f"output {name!r} differs from eager by {diff:.3g}")
+        return checked
+
+    def _session(self, blobs):
+        import onnxruntime as ort
+
+        inputs = list(blobs)
+        example = tuple(_export_copy(blobs[k]) for k in inputs)
+        module = _Traced(self._run, inputs, self.outputs)
+        buf = io.BytesIO()
+        axes = {k: {0: "batch"} for k in inputs + self.outputs}
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, buf, dynamo=False, input_names=inputs,
+                              output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET,
+                              do_constant_folding=True)
+        model = simplify(buf.getvalue())
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, torch.get_num_threads())
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype != torch.float32:
+        t = t.float()
+    return np.ascontiguousarray(t.numpy())
+
+
+def _export_copy(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor with ``t``'s values, batch >= 2 (no size-1 specialization)."""
+    a = t.detach().cpu().numpy()
+    if a.shape[0] < 2:
+        a = np.concatenate([a, a])
+    return torch.from_numpy(np.array(a))
+
+
+def _other_batch(blobs):
+    """The batch reversed plus its first example again: another size, other data per row."""
+    return {k: torch.cat([v.flip(0), v[:1]]) for k, v in blobs.items()}
+
+
+# --- graph tidying --------------------------------------------------------------------------
+def simplify(model_bytes: bytes) -> bytes:
+    """Remove what tracing leaves that blocks onnxruntime's fusions; semantics unchanged.
+
+    - ``Reshape`` shapes computed as ``[Shape(t)[0], consts...]``, where ``t`` shares axis 0 with
+      the reshaped tensor, become constants ``[0, consts...]`` (0 copies that axis);
+    - ``Reshape -> Relu`` becomes ``Relu -> Reshape`` (elementwise ops commute with reshapes),
+      so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it; likewise
+      a softmax over the channels of ``(B, K, 1, 1)`` runs on the ``(B, K)`` it was made from
+      (onnxruntime transposes for a softmax axis that is not the last);
+    - ``Reshape(Reshape(x, a), b)`` becomes ``Reshape(x, b)`` when both keep axis 0;
+    - ``Reshape(x, [0, -1])`` of a 2-D ``x`` is dropped;
+    - ``ReduceMean`` over the last two axes of a 4-D tensor becomes ``GlobalAveragePool``.
+
+    The plan's verification against the eager Network guards these rewrites too.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
+    g = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             list(g.value_info) + list(g.input) + list(g.output) if v.type.tensor_type.HasField("shape")}
+    nodes = [n for n in g.node]  # python list of the messages; written back at the end
+    outputs = {o.name for o in g.output}
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for node in nodes:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {o: n for n in nodes for o in n.output}
+    rep: dict[str, str] = {}  # tensor -> a tensor with the same axis 0
+
+    def same0(name: str) -> str:
+        while name in rep:
+            name = rep[name]
+        return name
+
+    def shape_value(name: str, data: str):
+        """A Reshape's shape input as constants, 0 for ``Shape(t)[0]`` with ``t`` ~ ``data``."""
+        if name in consts:
+            return np.asarray(consts[name], dtype=np.int64).reshape(-1)
+        n = producer.get(name)
+        if n is None:
+            return None
+        if n.op_type == "Concat":
+            parts = [shape_value(i, data) for i in n.input]
+            return None if any(p is None for p in parts) else np.concatenate(parts)
+        if n.op_type in ("Unsqueeze", "Reshape"):
+            v = shape_value(n.input[0], data)
+            return None if v is None else v.reshape(-1)
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Gather" and n.input[1] in consts and axis == 0:
+            src = producer.get(n.input[0])
+            idx = np.asarray(consts[n.input[1]]).reshape(-1)
+            if (src is not None and src.op_type == "Shape" and not src.attribute
+                    and idx.size == 1 and int(idx[0]) == 0 and same0(src.input[0]) == same0(data)):
+                return np.zeros(1, dtype=np.int64)
+        return None
+
+    def keeps_batch(shape_name: str) -> bool:
+        v = consts.get(shape_name)
+        return v is not None and v.size > 0 and int(v.reshape(-1)[0]) == 0 and 0 not in v.reshape(-1)[1:]
+
+    for node in nodes:
+        if node.op_type == "Reshape" and node.input[1] not in consts:
+            v = shape_value(node.input[1], node.input[0])
+            if v is not None:
+                name = node.input[1] + "__const"
+                g.initializer.append(numpy_helper.from_array(v.astype(np.int64), name))
+                consts[name] = v
+                node.input[1] = name
+        keeps0 = (node.op_type in _KEEP_AXIS0
+                  or (node.op_type == "Reshape" and keeps_batch(node.input[1]))
+                  or (node.op_type == "Gemm"
+                      and not any(a.name == "transA" and a.i for a in node.attribute)))
+        if keeps0 and node.input and len(node.output) == 1:
+            rep[node.output[0]] = same0(node.input[0])
+
+    def prune(nodes):
+        """Drop nodes whose outputs nobody reads (e.g. the old shape computations)."""
+        live, keep = set(outputs), []
+        for node in reversed(nodes):
+            if any(o in live for o in node.output):
+                keep.append(node)
+                live.update(i for i in node.input if i)
+        return keep[::-1]
+
+    def readers(nodes, name):
+        return sum(name in n.input for n in nodes)
+
+    nodes = prune(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for i, node in enumerate(nodes):
+            r = producer.get(node.input[0]) if node.input else None
+            if (node.op_type in ("Relu", "Softmax") and r is not None and r.op_type == "Reshape"
+                    and r.output[0] not in outputs and readers(nodes, r.output[0]) == 1
+                    and (node.op_type == "Relu" or _softmax_channels_of_2d(node, r, consts, ranks))):
+                if node.op_type == "Softmax":  # (B, K) -> (B, K, 1, 1), softmax over K
+                    del node.attribute[:]
+                    node.attribute.append(helper.make_attribute("axis", 1))
+                # x -> Reshape(s) -> t -> Relu -> y   ==>   x -> Relu -> t -> Reshape(s) -> y
+                x, t, y = r.input[0], r.output[0], node.output[0]
+                node.input[0], node.output[0] = x, t
+                r.input[0], r.output[0] = t, y
+                producer[t], producer[y] = node, r
+                ranks[y] = ranks.get(t, -1)
+                ranks[t] = ranks.get(x, -1)
+                j = next(k for k, n in enumerate(nodes) if n is r)
+                nodes[i], nodes[j] = r, node  # Relu now runs where the Reshape did
+                changed = True
+                break
+            if (node.op_type == "Reshape" and r is not None and r.op_type == "Reshape"
+                    and keeps_batch(node.input[1]) and keeps_batch(r.input[1])
+                    and r.output[0] not in outputs and readers(nodes, r.output[0]) == 1):
+                node.input[0] = r.input[0]
+                nodes = [n for n in nodes if n is not r]
+                changed = True
+                break
+    for node in list(nodes):  # Reshape(x (B, K), [0, -1]) is x
+        shape = consts.get(node.input[1]) if node.op_type == "Reshape" else None
+        if (shape is not None and shape.reshape(-1).tolist() == [0, -1]
+                and ranks.get(node.input[0]) == 2 and node.output[0] not in outputs):
+            for other in nodes:
+                for k, name in enumerate(other.input):
+                    if name == node.output[0]:
+                        other.input[k] = node.input[0]
+            nodes = [n for n in nodes if n is not node]
+    for k, node in enumerate(nodes):
+        axes = sorted(a % 4 for a in next((list(a.ints) for a in node.attribute
+                                             if a.name == "axes"), []))
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if (node.op_type == "ReduceMean" and ranks.get(node.input[0]) == 4 and axes == [2, 3]
+                and keepdims == 1 and len(node.input) == 1):
+            nodes[k] = helper.make_node("GlobalAveragePool", [node.input[0]], [node.output[0]],
+                                        name=node.name)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input} | outputs
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    del g.value_info[:]
+    return model.SerializeToString()
+
+
+def _softmax_channels_of_2d(softmax, reshape, consts, ranks) -> bool:
+    """Softmax over axis 1 of ``Reshape(x (B, K), [0, K, 1, 1])``."""
+    shape = consts.get(reshape.input[1])
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    return (shape is not None and shape.reshape(-1).tolist()[:1] == [0] and shape.size == 4
+            and shape.reshape(-1)[1] > 0 and shape.reshape(-1)[2:].tolist() == [1, 1]
+            and axis in (1, -3) and ranks.get(reshape.input[0]) == 2)

@@ -1,0 +1,222 @@
+"""runtime.plan: the onnxruntime inference plan equals the eager Network, falls back, is thread-safe.
+
+Specs are built with coremltools' NeuralNetworkBuilder; the oracle is the same model predicting
+with the plan off (the eager torch Network) and, for the classifier, a torch reference module.
+"""
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("onnxruntime")
+from coremltools.models import datatypes  # noqa: E402
+from coremltools.models.neural_network import NeuralNetworkBuilder, flexible_shape_utils  # noqa: E402
+
+import mlpersonal as mp  # noqa: E402
+from mlpersonal.errors import InvalidInputError  # noqa: E402
+from runtime.model import compile_spec  # noqa: E402
+
+LABELS = ["a", "b", "c", "d"]
+
+
+def _w(rng, *shape):
+    return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+
+def classifier_spec(rng):
+    """conv3x3(pad 1)+relu+maxpool -> flatten -> fc 4*4*4 -> 4 -> softmax; and its torch twin."""
+    wc, bc, wf, bf = _w(rng, 4, 1, 3, 3), _w(rng, 4), _w(rng, 4, 64), _w(rng, 4)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(1, 8, 8))], [("probs", None)], mode="classifier")
+    b.add_convolution("conv", 1, 4, 3, 3, 1, 1, "same", 1, wc.transpose(2, 3, 1, 0), bc, True,
+                      input_name="x", output_name="c")
+    b.add_activation("relu", "RELU", "c", "r")
+    b.add_pooling("pool", 2, 2, 2, 2, "MAX", "VALID", "r", "p")
+    b.add_flatten("flat", 0, "p", "f")
+    b.add_inner_product("fc", wf, bf, 64, 4, True, "f", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(LABELS, predicted_feature_name="label", prediction_blob="probs")
+
+    def ref(x):
+        y = F.max_pool2d(F.relu(F.conv2d(x, torch.from_numpy(wc), torch.from_numpy(bc), padding=1)), 2)
+        return torch.softmax(F.linear(y.flatten(1), torch.from_numpy(wf), torch.from_numpy(bf)), 1)
+
+    return b.spec, ref
+
+
+def two_output_spec(rng, flexible=False):
+    """x (3, 6, 6) -> conv -> relu -> [global avg pool -> fc -> "score"] and ["feat" = relu map]."""
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3, 6, 6))], [("score", None), ("feat", None)])
+    b.add_convolution("conv", 3, 5, 3, 3, 1, 1, "same", 1, _w(rng, 3, 3, 3, 5), _w(rng, 5), True,
+                      input_name="x", output_name="c")
+    b.add_batchnorm("bn", 5, _w(rng, 5) + 1, _w(rng, 5), _w(rng, 5), np.abs(_w(rng, 5)) + 0.5, "c", "n")
+    b.add_activation("relu", "RELU", "n", "feat")
+    b.add_pooling("gap", 0, 0, 1, 1, "AVERAGE", "VALID", "feat", "g", is_global=True)
+    b.add_inner_product("fc", _w(rng, 2, 5), _w(rng, 2), 5, 2, True, "g", "score")
+    spec = b.spec
+    if flexible:
+        flexible_shape_utils.add_enumerated_multiarray_shapes(
+            spec, "x", shapes=[flexible_shape_utils.NeuralNetworkMultiArrayShape(3, 6, 6),
+                               flexible_shape_utils.NeuralNetworkMultiArrayShape(3, 9, 7)])
+    return spec
+
+
+def models(spec):
+    planned = compile_spec(spec, "cpu_only")
+    eager = compile_spec(spec, "cpu_only")
+    eager.use_plan = False
+    return planned, eager
+
+
+def assert_same(outs, refs, tol=1e-5):
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        assert o.keys() == r.keys()
+        for k in o:
+            if isinstance(o[k], dict):
+                assert o[k].keys() == r[k].keys()
+                assert max(abs(o[k][c] - r[k][c]) for c in o[k]) <= tol
+            elif isinstance(o[k], np.ndarray):
+                assert o[k].shape == r[k].shape
+                assert np.abs(o[k] - r[k]).max() <= tol
+            else:
+                assert o[k] == r[k]
+
+
+def test_classifier_plan_matches_eager_and_torch(rng):
+    spec, ref = classifier_spec(rng)
+    planned, eager = models(spec)
+    for n in (1, 7, 64):
+        x = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+        feeds = [{"x": a} for a in x]
+        first = planned.predict_batch(feeds)  # builds + verifies the plan
+        outs = planned.predict_batch(feeds)
+        assert outs == first  # the first call's outputs come from the plan too
+        assert_same(outs, eager.predict_batch(feeds))
+        probs = ref(torch.from_numpy(x)).numpy()
+        got = np.array([[o["probs"][c] for c in LABELS] for o in outs])
+        assert np.abs(got - probs).max() <= 1e-5
+        assert [o["label"] for o in outs] == [LABELS[i] for i in probs.argmax(1)]
+    plan = planned.inference_plan()
+    assert plan.last_fallback_reason is None and len(plan._sessions) == 1  # one dynamic-batch session
+    assert planned.predict({"x": x[0]})["label"] == outs[0]["label"]
+
+
+def test_multiple_outputs_and_flexible_shapes(rng):
+    planned, eager = models(two_output_spec(rng, flexible=True))
+    for shape in ((3, 6, 6), (3, 9, 7)):
+        for n in (1, 7, 64):
+            feeds = [{"x": a} for a in rng.standard_normal((n, *shape)).astype(np.float32)]
+            outs = planned.predict_batch(feeds)
+            outs = planned.predict_batch(feeds)
+            assert outs[0]["feat"].shape == (5, *shape[1:])
+            assert_same(outs, eager.predict_batch(feeds))
+    plan = planned.inference_plan()
+    assert plan.last_fallback_reason is None and len(plan._sessions) == 2  # one per shape
+
+
+def test_nd_model(rng):
+    b = NeuralNetworkBuilder([("x", datatypes.Array(6))], [("y", None)],
+                             disable_rank5_shape_mapping=True)
+    b.add_inner_product("fc", _w(rng, 4, 6), _w(rng, 4), 6, 4, True, "x", "h")
+    b.add_activation("tanh", "TANH", "h", "y")
+    planned, eager = models(b.spec)
+    for n in (1, 7):
+        feeds = [{"x": a} for a in rng.standard_normal((n, 6)).astype(np.float32)]
+        planned.predict_batch(feeds)
+        assert_same(planned.predict_batch(feeds), eager.predict_batch(feeds))
+    assert planned.inference_plan().last_fallback_reason is None  # vmap traced into the plan
+
+
+class NumpyOnlySwish:
+    """A custom layer with only a numpy evaluate: cannot be traced."""
+
+    def __init__(self, parameters):
+        self.beta = float(parameters.get("beta", 1.0))
+
+    def evaluate(self, inputs):
+        x = inputs[0]
+        return [x / (1 + np.exp(-self.beta * x))]
+
+
+def test_untraceable_custom_layer_falls_back(rng, caplog):
+    from coremltools.proto import NeuralNetwork_pb2
+
+    mp.register_custom_layer("PlanTestSwish", NumpyOnlySwish)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(5))], [("y", None)])
+    w, bias = _w(rng, 5, 5), _w(rng, 5)
+    b.add_inner_product("fc", w, bias, 5, 5, True, "x", "h")
+    params = NeuralNetwork_pb2.CustomLayerParams()
+    params.className = "PlanTestSwish"
+    params.parameters["beta"].doubleValue = 1.5
+    b.add_custom("swish", ["h"], ["y"], custom_proto_spec=params)
+    planned, eager = models(b.spec)
+    x = rng.standard_normal((7, 5)).astype(np.float32)
+    feeds = [{"x": a} for a in x]
+    with caplog.at_level(logging.DEBUG, logger="runtime.plan"):
+        first = planned.predict_batch(feeds)
+    assert planned.inference_plan().last_fallback_reason is not None
+    assert any("running eagerly" in r.getMessage() for r in caplog.records)
+    h = x @ w.T + bias
+    expect = h / (1 + np.exp(-1.5 * h))
+    for outs in (first, planned.predict_batch(feeds), planned.predict_batch(feeds[:1])):
+        got = np.stack([o["y"].reshape(-1) for o in outs])
+        assert np.abs(got - expect[:len(outs)]).max() <= 1e-5
+
+
+def test_weights_changed_in_place_use_eager_then_rebuild(rng):
+    spec = two_output_spec(rng)
+    for layer in spec.neuralNetwork.layers:
+        if layer.name == "fc":
+            layer.isUpdatable = True
+    planned, eager = models(spec)
+    feeds = [{"x": a} for a in rng.standard_normal((3, 3, 6, 6)).astype(np.float32)]
+    planned.predict_batch(feeds)
+    with torch.no_grad():
+        for p in planned.net.params.values():
+            p.add_(0.25)
+    eager.net.load_state_dict(planned.net.state_dict())
+    for _ in range(3):  # stale -> eager, then rebuilt with the new weights
+        assert_same(planned.predict_batch(feeds), eager.predict_batch(feeds))
+    assert planned.inference_plan()._sessions
+
+
+def test_concurrent_predictions(rng):
+    spec, _ = classifier_spec(rng)
+    planned, eager = models(spec)
+    batches = [[{"x": a} for a in rng.standard_normal((n, 1, 8, 8)).astype(np.float32)]
+               for n in (1, 3, 8, 5)]
+    expected = [eager.predict_batch(b) for b in batches]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(15):
+                assert_same(planned.predict_batch(batches[i]), expected[i])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(planned.inference_plan()._sessions) == 1
+
+
+def test_fast_path_keeps_input_errors(rng):
+    spec, _ = classifier_spec(rng)
+    planned, _ = models(spec)
+    x = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
+    x[2, 0, 3, 3] = np.nan
+    with pytest.raises(InvalidInputError, match="example 2: feature 'x' contains NaN or Inf"):
+        planned.predict_batch([{"x": a} for a in x])
+    with pytest.raises(InvalidInputError, match="feature 'x' has shape"):
+        planned.predict({"x": np.zeros((1, 8, 9), np.float32)})
+    # float64 and list inputs take the general path and give the same answer
+    a = x[0].astype(np.float64)
+    assert_same([planned.predict({"x": a})], [planned.predict({"x": a.astype(np.float32)})])
