@@ -1,8 +1,6 @@
-"""Drive an update the way runtime.updating documents it.
-
-Uses the real ``UpdateTask`` when ``runtime.update`` exists on this branch, else a minimal loop
-over the same Updater protocol (resolve -> prepare -> epochs/mini_batches -> result).
-"""
+"""Drive an update two ways: through the real UpdateTask (``drive``), and directly over the
+Updater protocol documented in runtime.updating (``drive_local``: resolve -> prepare ->
+epochs/mini_batches -> result, errors raised without a task's thread)."""
 
 from __future__ import annotations
 
@@ -10,22 +8,12 @@ from mlpersonal.update_params import resolve
 
 
 def drive(model, training_data, parameters=None):
-    try:
-        from runtime.update import UpdateTask
-    except ImportError:
-        UpdateTask = None
-    if UpdateTask is not None:
-        task = UpdateTask(model, training_data=training_data, parameters=parameters)
-        task.resume()
-        ctx = task.wait()
-        if getattr(task, "state", "completed") == "failed":
-            raise getattr(task, "error", RuntimeError("update task failed"))
-        return ctx.model
-    return drive_local(model, training_data, parameters)
+    """``model.update``: an UpdateTask run to completion; raises the task's error."""
+    return model.update(training_data, parameters=parameters)
 
 
 def drive_local(model, training_data, parameters=None):
-    """Always the protocol loop (errors raise directly, without a task's thread)."""
+    """The protocol loop itself."""
     up = model.make_updater()
     values = resolve(up.parameters(), parameters)
     up.prepare(training_data, values)
