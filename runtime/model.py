@@ -86,8 +86,12 @@ class CompiledModel:
             io = self._io = (describe(self.spec.description.input), describe(self.spec.description.output))
         feeds = encode_inputs(io[0], batch, self.device)
         try:
-            with torch.inference_mode(), self.autocast():
-                out = self.forward(feeds, len(batch))
+            with torch.inference_mode():
+                if self.low_precision:
+                    with self.autocast():
+                        out = self.forward(feeds, len(batch))
+                else:
+                    out = self.forward(feeds, len(batch))
             return decode_outputs(io[1], out, len(batch))
         except MLPersonalError:
             raise

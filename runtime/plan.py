@@ -98,7 +98,8 @@ class InferencePlan:
                     self._sessions.clear()
                     self._version = version
                 return None
-        key = tuple([(k, v.shape[1:], v.dtype) for k, v in blobs.items()])
+        arrays = {k: _as_numpy(v) for k, v in blobs.items()}
+        key = tuple([(k, a.shape[1:], blobs[k].dtype) for k, a in arrays.items()])
         entry = self._sessions.get(key)
         if entry is None:
             with self._lock:
@@ -112,7 +113,7 @@ class InferencePlan:
         if entry is _FAILED:
             return None
         sess, names = entry
-        feed = {k: _as_numpy(blobs[k]) for k in names}
+        feed = arrays if len(names) == len(arrays) else {k: arrays[k] for k in names}
         return {k: torch.from_numpy(v) for k, v in zip(self.outputs, sess.run(self.outputs, feed))}
 
     # --- building -------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class InferencePlan:
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype != torch.float32:
         t = t.float()
-    return np.ascontiguousarray(t.numpy())
+    a = t.numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _export_copy(t: torch.Tensor) -> torch.Tensor:
