@@ -41,9 +41,15 @@ class Feature:
         self.optional = bool(fd.type.isOptional)
 
 
-def describe(fds: Sequence) -> tuple[Feature, ...]:
-    """Feature descriptions (or already described features) -> :class:`Feature` tuple."""
-    return tuple(f if isinstance(f, Feature) else Feature(f) for f in fds)
+class Features(tuple):
+    """What :func:`describe` returns: a tuple of :class:`Feature`."""
+
+
+def describe(fds: Sequence) -> Features:
+    """Feature descriptions (or already described features) -> :class:`Features`."""
+    if type(fds) is Features:
+        return fds
+    return Features(f if isinstance(f, Feature) else Feature(f) for f in fds)
 
 
 def allowed_array_shapes(fd) -> tuple[list, object]:
