@@ -48,6 +48,7 @@ class NeuralNetworkModel(CompiledModel):
         # ND models run one example at a time at its declared shape; batches go through vmap.
         self._rank4_images = int(self.nn_spec.imageInputShapeMapping) == RANK4_IMAGE_MAPPING
         self._inputs = describe(spec.description.input)
+        self._outputs_cache = None  # see _output_plan
         self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
         self._plan_lock = threading.Lock()
 
@@ -135,7 +136,7 @@ class NeuralNetworkModel(CompiledModel):
 
     def _output_plan(self) -> list:
         """Per non-classifier output: (name, declared multi-array shape or (), its size)."""
-        if getattr(self, "_outputs_cache", None) is None:
+        if self._outputs_cache is None:
             plan = []
             for fd in self.spec.description.output:
                 if self.is_classifier and fd.name in (self._label_name, self._probs_name):
@@ -146,10 +147,12 @@ class NeuralNetworkModel(CompiledModel):
         return self._outputs_cache
 
     def from_blobs(self, env: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
-        """Network blobs -> model outputs (user layout)."""
+        """Network blobs (tensors, or numpy arrays from the plan) -> model outputs (user layout)."""
         out: dict[str, Any] = {}
-        for name, declared, size in self._output_plan():
+        for name, declared, size in self._outputs_cache or self._output_plan():
             t = env[name]
+            if type(t) is np.ndarray:
+                t = torch.from_numpy(t)
             if not self.nd:
                 per = math.prod(t.shape[1:]) if t.dim() else 1
                 if declared and size == per:
@@ -159,7 +162,9 @@ class NeuralNetworkModel(CompiledModel):
             out[name] = t
         if self.is_classifier:
             probs = env[self._probs_blob]
-            if probs.dtype == torch.float32 and probs.device.type == "cpu" and not probs.requires_grad:
+            if type(probs) is np.ndarray:
+                p = probs
+            elif probs.dtype is torch.float32 and probs.is_cpu and not probs.requires_grad:
                 p = probs.numpy()  # float32 .tolist() gives the same python floats as float64's
             else:
                 p = probs.detach().cpu().double().numpy()

@@ -89,8 +89,9 @@ class InferencePlan:
     def _param_version(self) -> tuple:
         return tuple(p._version for p in self._params)
 
-    def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, torch.Tensor]]:
-        """The output blobs for batched input ``blobs``, or None: the caller runs the Network."""
+    def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, np.ndarray]]:
+        """The output blobs (float32 numpy arrays) for batched input ``blobs``, or None: the
+        caller runs the Network."""
         if self._params:
             version = self._param_version()
             if version != self._version:  # weights changed in place: stale until stable
@@ -114,7 +115,7 @@ class InferencePlan:
             return None
         sess, names = entry
         feed = arrays if len(names) == len(arrays) else {k: arrays[k] for k in names}
-        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, sess.run(self.outputs, feed))}
+        return dict(zip(self.outputs, sess.run(self.outputs, feed)))
 
     # --- building -------------------------------------------------------------------------
     def _eager(self, blobs) -> dict[str, torch.Tensor]:
@@ -137,7 +138,7 @@ class InferencePlan:
                       {k: tuple(v.shape[1:]) for k, v in blobs.items()}, self.last_fallback_reason)
             return _FAILED, eager
         self.last_fallback_reason = None
-        return (sess, names), {k: torch.from_numpy(v) for k, v in zip(self.outputs, got)}
+        return (sess, names), dict(zip(self.outputs, got))
 
     def _verify(self, sess, names, blobs, eager) -> list:
         """The session's outputs for ``blobs``; raises unless they match ``eager``."""
