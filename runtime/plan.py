@@ -99,8 +99,11 @@ class InferencePlan:
                     self._sessions.clear()
                     self._version = version
                 return None
-        arrays = {k: _as_numpy(v) for k, v in blobs.items()}
-        key = tuple([(k, a.shape[1:], blobs[k].dtype) for k, a in arrays.items()])
+        arrays, key = {}, []
+        for k, v in blobs.items():
+            arrays[k] = a = _as_numpy(v)
+            key.append((k, a.shape[1:], v.dtype))
+        key = tuple(key)
         entry = self._sessions.get(key)
         if entry is None:
             with self._lock:
@@ -180,7 +183,7 @@ class InferencePlan:
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype != torch.float32:
+    if t.dtype is not torch.float32:
         t = t.float()
     a = t.numpy()
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
