@@ -127,6 +127,17 @@ def median_ms(fn, reps: int) -> float:
     return float(np.median(ts) * 1e3)
 
 
+def settle(fn) -> None:
+    """Let the previous backend's thread pool stop spinning, then warm ``fn``'s own pool up.
+
+    torch (OpenMP) and each onnxruntime session keep their own worker threads, which spin for
+    a while after a call; on 2 cores the spinning workers of the backend timed just before
+    would slow down whichever backend is timed next.
+    """
+    time.sleep(0.05)
+    fn()
+
+
 def bench(name: str, rounds: int) -> list[dict]:
     import runtime.neural_network  # noqa: F401
     from runtime.model import compile_spec
@@ -167,6 +178,7 @@ def bench(name: str, rounds: int) -> list[dict]:
         times: dict[str, list] = {k: [] for k in fns}
         for _ in range(rounds):
             for k, fn in fns.items():
+                settle(fn)
                 times[k].append(median_ms(fn, reps[k]))
         med = {k: float(np.median(v)) for k, v in times.items()}
         ratios = [a / b for a, b in zip(times["ours"], times["ort"])]

@@ -17,6 +17,7 @@ import torch
 from mlpersonal.errors import InvalidInputError
 
 GRAYSCALE, RGB, BGR = 10, 20, 30
+_F32 = np.dtype(np.float32)
 _ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 65552: np.float16}
 
 
@@ -26,6 +27,29 @@ def feature_kind(fd) -> str:
 
 def array_shape(fd) -> tuple[int, ...]:
     return tuple(fd.type.multiArrayType.shape)  # repeated int64: already python ints
+
+
+class Feature:
+    """One feature description read once (name, kind, declared array shape, optional), so that
+    encoding and decoding do no protobuf look-ups per call; ``fd`` is the description itself."""
+
+    __slots__ = ("fd", "name", "kind", "shape", "optional")
+
+    def __init__(self, fd):
+        self.fd, self.name, self.kind = fd, fd.name, feature_kind(fd)
+        self.shape = array_shape(fd) if self.kind == "multiArrayType" else ()
+        self.optional = bool(fd.type.isOptional)
+
+
+class Features(tuple):
+    """What :func:`describe` returns: a tuple of :class:`Feature`."""
+
+
+def describe(fds: Sequence) -> Features:
+    """Feature descriptions (or already described features) -> :class:`Features`."""
+    if type(fds) is Features:
+        return fds
+    return Features(f if isinstance(f, Feature) else Feature(f) for f in fds)
 
 
 def allowed_array_shapes(fd) -> tuple[list, object]:
@@ -81,26 +105,35 @@ def encode_array(fd, value, index: int) -> np.ndarray:
     return arr
 
 
-def _encode_arrays(fd, values: list, device: torch.device):
+def _encode_arrays(fd, values: list, device: torch.device, default: tuple):
     """Multi-array values -> one ``(B, *shape)`` tensor, or a list of tensors (mixed shapes).
 
-    Fast path: float32 numpy arrays of the declared shape skip per-example conversion and are
-    checked for NaN/Inf once, batched (same errors as :func:`encode_array`).
+    Fast path: float32 numpy arrays of the declared shape ``default`` skip per-example
+    conversion and are checked for NaN/Inf once, batched (same errors as :func:`encode_array`).
     """
-    default = array_shape(fd)
-    arrs, fast = [], []
-    for i, v in enumerate(values):
-        if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == default:
-            arrs.append(v)
-            fast.append(i)
+    if values and all([type(v) is np.ndarray and v.dtype is _F32 and v.shape == default
+                       for v in values]):  # the common case: no per-example conversion
+        arrs, fast = values, range(len(values))
+        if len(values) == 1:
+            stacked = values[0][None].copy()
+        elif default:
+            stacked = np.concatenate(values).reshape(len(values), *default)
         else:
-            arrs.append(encode_array(fd, v, i))
-    if len({a.shape for a in arrs}) > 1:  # mixed flexible shapes
-        for i in fast:
-            _check_finite(arrs[i], fd.name, i)
-        return [torch.from_numpy(np.array(a)).to(device) for a in arrs]
-    stacked = arrs[0][None].copy() if len(arrs) == 1 else np.stack(arrs)
-    if fast and not np.isfinite(stacked.sum(dtype=np.float64)):  # finite sum: no NaN/Inf inside
+            stacked = np.stack(values)
+    else:
+        arrs, fast = [], []
+        for i, v in enumerate(values):
+            if type(v) is np.ndarray and v.dtype == np.float32 and v.shape == default:
+                arrs.append(v)
+                fast.append(i)
+            else:
+                arrs.append(encode_array(fd, v, i))
+        if len({a.shape for a in arrs}) > 1:  # mixed flexible shapes
+            for i in fast:
+                _check_finite(arrs[i], fd.name, i)
+            return [torch.from_numpy(np.array(a)).to(device) for a in arrs]
+        stacked = arrs[0][None].copy() if len(arrs) == 1 else np.stack(arrs)
+    if fast and not np.isfinite(stacked).all():  # report the first bad example
         for i in fast:
             _check_finite(arrs[i], fd.name, i)
     t = torch.from_numpy(stacked)
@@ -181,27 +214,37 @@ def encode_image(fd, value, index: int) -> np.ndarray:
 
 
 def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.device) -> dict[str, Any]:
-    """Encode a list of feature dicts into batched values, one entry per model input."""
+    """Encode a list of feature dicts into batched values, one entry per model input.
+
+    ``inputs``: the model's input descriptions, or their :func:`describe` (cached by models).
+    """
     if isinstance(examples, dict):
         raise InvalidInputError("predict_batch expects a list of feature dicts, got one dict")
+    inputs = describe(inputs)
+    all_dicts = all([type(ex) is dict for ex in examples])
     out: dict[str, Any] = {}
-    for fd in inputs:
-        name, kind = fd.name, feature_kind(fd)
-        values = []
-        for i, ex in enumerate(examples):
-            if not isinstance(ex, dict):
-                raise InvalidInputError(f"example {i} must be a dict of features, got {type(ex).__name__}")
-            if name not in ex:
-                if fd.type.isOptional:
-                    values.append(None)
-                    continue
-                raise InvalidInputError(
-                    f"example {i}: missing input feature {name!r} (the model's inputs are "
-                    f"{[f.name for f in inputs]})"
-                )
-            values.append(ex[name])
+    for f in inputs:
+        name, kind, fd = f.name, f.kind, f.fd
+        try:
+            values = [ex[name] for ex in examples] if all_dicts else None
+        except KeyError:
+            values = None
+        if values is None:  # not plain dicts, or a missing feature: check one by one
+            values = []
+            for i, ex in enumerate(examples):
+                if not isinstance(ex, dict):
+                    raise InvalidInputError(f"example {i} must be a dict of features, got {type(ex).__name__}")
+                if name not in ex:
+                    if f.optional:
+                        values.append(None)
+                        continue
+                    raise InvalidInputError(
+                        f"example {i}: missing input feature {name!r} (the model's inputs are "
+                        f"{[g.name for g in inputs]})"
+                    )
+                values.append(ex[name])
         if kind == "multiArrayType":
-            out[name] = _encode_arrays(fd, values, device)
+            out[name] = _encode_arrays(fd, values, device, f.shape)
         elif kind == "imageType":
             arrs = [encode_image(fd, v, i) for i, v in enumerate(values)]
             shapes = {a.shape for a in arrs}
@@ -233,26 +276,27 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
 
 
 def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[dict]:
-    """Split batched outputs into one dict of python/numpy values per example."""
+    """Split batched outputs into one dict of python/numpy values per example.
+
+    ``outputs``: the model's output descriptions, or their :func:`describe` (cached by models).
+    """
     result: list[dict] = [{} for _ in range(n)]
-    for fd in outputs:
-        if fd.name not in batched:
+    for f in describe(outputs):
+        name, kind = f.name, f.kind
+        if name not in batched:
             continue
-        v = batched[fd.name]
-        kind = feature_kind(fd)
+        v = batched[name]
         if isinstance(v, torch.Tensor):
             if v.dtype == torch.float32 and v.device.type == "cpu" and not v.requires_grad:
                 arr = v.numpy()
             else:
                 arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
-            for i in range(n):
-                if kind == "doubleType":
-                    result[i][fd.name] = float(arr[i].reshape(-1)[0])
-                elif kind == "int64Type":
-                    result[i][fd.name] = int(arr[i].reshape(-1)[0])
-                else:
-                    result[i][fd.name] = arr[i]
-        else:
-            for i in range(n):
-                result[i][fd.name] = v[i]
+            if kind == "doubleType":
+                v = [float(a) for a in arr.reshape(n, -1)[:, 0].tolist()]
+            elif kind == "int64Type":
+                v = [int(a) for a in arr.reshape(n, -1)[:, 0].tolist()]
+            else:
+                v = arr
+        for r, value in zip(result, v):
+            r[name] = value
     return result

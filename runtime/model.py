@@ -14,7 +14,7 @@ from mlpersonal.specio import SpecLike, check_header, load_spec, save
 from mlpersonal.validate import validate
 
 from .device import autocast, select_device, uses_low_precision
-from .features import decode_outputs, encode_inputs
+from .features import decode_outputs, describe, encode_inputs
 
 #: What torch/numpy raise when a (validated) spec's layers do not fit together at run time;
 #: reported as InvalidModelError. MemoryError: an allocation refused by the process limit.
@@ -81,11 +81,18 @@ class CompiledModel:
     def predict_batch(self, batch: Sequence[dict]) -> list[dict]:
         """Predict a list of examples in one batched pass."""
         batch = list(batch) if not isinstance(batch, dict) else batch
-        feeds = encode_inputs(self.spec.description.input, batch, self.device)
+        io = self.__dict__.get("_io")
+        if io is None:  # the description read once (runtime.features.describe)
+            io = self._io = (describe(self.spec.description.input), describe(self.spec.description.output))
+        feeds = encode_inputs(io[0], batch, self.device)
         try:
-            with torch.inference_mode(), self.autocast():
-                out = self.forward(feeds, len(batch))
-            return decode_outputs(self.spec.description.output, out, len(batch))
+            with torch.inference_mode():
+                if self.low_precision:
+                    with self.autocast():
+                        out = self.forward(feeds, len(batch))
+                else:
+                    out = self.forward(feeds, len(batch))
+            return decode_outputs(io[1], out, len(batch))
         except MLPersonalError:
             raise
         except _RUN_ERRORS as e:

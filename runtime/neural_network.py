@@ -12,7 +12,7 @@ import torch
 
 from mlpersonal.errors import InvalidModelError
 
-from .features import BGR, GRAYSCALE, array_shape, feature_kind
+from .features import BGR, GRAYSCALE, array_shape, describe, feature_kind
 from .model import CompiledModel, register_model_kind
 from .network import Network
 
@@ -47,6 +47,8 @@ class NeuralNetworkModel(CompiledModel):
                 )
         # ND models run one example at a time at its declared shape; batches go through vmap.
         self._rank4_images = int(self.nn_spec.imageInputShapeMapping) == RANK4_IMAGE_MAPPING
+        self._inputs = describe(spec.description.input)
+        self._outputs_cache = None  # see _output_plan
         self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
         self._plan_lock = threading.Lock()
 
@@ -110,9 +112,9 @@ class NeuralNetworkModel(CompiledModel):
         per-example blob has the declared shape (images: ``[1, C, H, W]`` or ``[1, 1, C, H, W]``).
         """
         blobs = {}
-        for fd in self.spec.description.input:
-            x = feeds[fd.name]
-            kind = feature_kind(fd)
+        for f in self._inputs:
+            x = feeds[f.name]
+            kind = f.kind
             if kind == "multiArrayType":
                 if not self.nd:
                     if x.dim() == 2:
@@ -128,13 +130,13 @@ class NeuralNetworkModel(CompiledModel):
                 x = x.to(torch.float32).reshape(-1, 1, 1, 1) if not self.nd else x.to(torch.float32).reshape(-1, 1)
             else:
                 continue  # strings / dictionaries never reach the layers
-            pre = self._preprocess.get(fd.name)
-            blobs[fd.name] = pre(x) if pre is not None else x
+            pre = self._preprocess.get(f.name)
+            blobs[f.name] = pre(x) if pre is not None else x
         return blobs
 
     def _output_plan(self) -> list:
         """Per non-classifier output: (name, declared multi-array shape or (), its size)."""
-        if getattr(self, "_outputs_cache", None) is None:
+        if self._outputs_cache is None:
             plan = []
             for fd in self.spec.description.output:
                 if self.is_classifier and fd.name in (self._label_name, self._probs_name):
@@ -145,10 +147,12 @@ class NeuralNetworkModel(CompiledModel):
         return self._outputs_cache
 
     def from_blobs(self, env: dict[str, torch.Tensor], n: int) -> dict[str, Any]:
-        """Network blobs -> model outputs (user layout)."""
+        """Network blobs (tensors, or numpy arrays from the plan) -> model outputs (user layout)."""
         out: dict[str, Any] = {}
-        for name, declared, size in self._output_plan():
+        for name, declared, size in self._outputs_cache or self._output_plan():
             t = env[name]
+            if type(t) is np.ndarray:
+                t = torch.from_numpy(t)
             if not self.nd:
                 per = math.prod(t.shape[1:]) if t.dim() else 1
                 if declared and size == per:
@@ -157,21 +161,23 @@ class NeuralNetworkModel(CompiledModel):
                     t = t.reshape(n, -1)
             out[name] = t
         if self.is_classifier:
-            probs = env[self._probs_blob].reshape(n, -1)
-            if probs.shape[1] != len(self.class_labels):
-                raise InvalidModelError(
-                    f"classifier has {len(self.class_labels)} labels but its probability blob "
-                    f"{self._probs_blob!r} has {probs.shape[1]} values"
-                )
-            if probs.dtype == torch.float32 and probs.device.type == "cpu" and not probs.requires_grad:
-                p = probs.numpy()
+            probs = env[self._probs_blob]
+            if type(probs) is np.ndarray:
+                p = probs
+            elif probs.dtype is torch.float32 and probs.is_cpu and not probs.requires_grad:
+                p = probs.numpy()  # float32 .tolist() gives the same python floats as float64's
             else:
                 p = probs.detach().cpu().double().numpy()
+            p = p.reshape(n, -1)
             labels = self.class_labels
+            if p.shape[1] != len(labels):
+                raise InvalidModelError(
+                    f"classifier has {len(labels)} labels but its probability blob "
+                    f"{self._probs_blob!r} has {p.shape[1]} values"
+                )
             out[self._label_name] = [labels[i] for i in p.argmax(axis=1).tolist()]
             if self._probs_name:
-                rows = p.astype(np.float64).tolist()
-                out[self._probs_name] = [dict(zip(labels, row)) for row in rows]
+                out[self._probs_name] = [dict(zip(labels, row)) for row in p.tolist()]
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:

@@ -89,8 +89,9 @@ class InferencePlan:
     def _param_version(self) -> tuple:
         return tuple(p._version for p in self._params)
 
-    def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, torch.Tensor]]:
-        """The output blobs for batched input ``blobs``, or None: the caller runs the Network."""
+    def run(self, blobs: dict[str, torch.Tensor], n: int) -> Optional[dict[str, np.ndarray]]:
+        """The output blobs (float32 numpy arrays) for batched input ``blobs``, or None: the
+        caller runs the Network."""
         if self._params:
             version = self._param_version()
             if version != self._version:  # weights changed in place: stale until stable
@@ -98,7 +99,11 @@ class InferencePlan:
                     self._sessions.clear()
                     self._version = version
                 return None
-        key = tuple([(k, v.shape[1:], v.dtype) for k, v in blobs.items()])
+        arrays, key = {}, []
+        for k, v in blobs.items():
+            arrays[k] = a = _as_numpy(v)
+            key.append((k, a.shape[1:], v.dtype))
+        key = tuple(key)
         entry = self._sessions.get(key)
         if entry is None:
             with self._lock:
@@ -112,8 +117,8 @@ class InferencePlan:
         if entry is _FAILED:
             return None
         sess, names = entry
-        feed = {k: _as_numpy(blobs[k]) for k in names}
-        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, sess.run(self.outputs, feed))}
+        feed = arrays if len(names) == len(arrays) else {k: arrays[k] for k in names}
+        return dict(zip(self.outputs, sess.run(self.outputs, feed)))
 
     # --- building -------------------------------------------------------------------------
     def _eager(self, blobs) -> dict[str, torch.Tensor]:
@@ -136,7 +141,7 @@ class InferencePlan:
                       {k: tuple(v.shape[1:]) for k, v in blobs.items()}, self.last_fallback_reason)
             return _FAILED, eager
         self.last_fallback_reason = None
-        return (sess, names), {k: torch.from_numpy(v) for k, v in zip(self.outputs, got)}
+        return (sess, names), dict(zip(self.outputs, got))
 
     def _verify(self, sess, names, blobs, eager) -> list:
         """The session's outputs for ``blobs``; raises unless they match ``eager``."""
@@ -178,9 +183,10 @@ class InferencePlan:
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype != torch.float32:
+    if t.dtype is not torch.float32:
         t = t.float()
-    return np.ascontiguousarray(t.numpy())
+    a = t.numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _export_copy(t: torch.Tensor) -> torch.Tensor:

@@ -220,3 +220,22 @@ def test_fast_path_keeps_input_errors(rng):
     # float64 and list inputs take the general path and give the same answer
     a = x[0].astype(np.float64)
     assert_same([planned.predict({"x": a})], [planned.predict({"x": a.astype(np.float32)})])
+
+
+def test_batched_encoding_reports_the_failing_example(rng):
+    spec, _ = classifier_spec(rng)
+    planned, eager = models(spec)
+    x = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(InvalidInputError, match=r"example 1: missing input feature 'x'"):
+        planned.predict_batch([{"x": x[0]}, {"y": x[1]}])
+    with pytest.raises(InvalidInputError, match="example 1 must be a dict of features, got list"):
+        planned.predict_batch([{"x": x[0]}, [x[1]]])
+    bad = [{"x": x[0]}, {"x": x[1].astype(np.float64)}, {"x": x[2].copy()}, {"x": x[3]}]
+    bad[2]["x"][0, 1, 1] = np.inf  # a general-path example beside fast ones: first bad one named
+    with pytest.raises(InvalidInputError, match="example 2: feature 'x' contains NaN or Inf"):
+        planned.predict_batch(bad)
+    from runtime.features import encode_inputs
+
+    big = np.full((3, 1, 8, 8), 3e38, np.float32)  # finite, though its float32 sum overflows
+    got = encode_inputs(spec.description.input, [{"x": a} for a in big], planned.device)["x"]
+    np.testing.assert_array_equal(got.numpy(), big)
