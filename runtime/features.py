@@ -201,16 +201,29 @@ def encode_image(fd, value, index: int) -> np.ndarray:
             if arr.min() < 0 or arr.max() > 255:
                 raise InvalidInputError(f"example {index}: image {name!r} values must lie in 0..255")
             arr = arr.astype(np.uint8)
+        channels_match = arr.ndim == 2 if space == GRAYSCALE else (arr.ndim == 3 and arr.shape[-1] == 3)
+        if channels_match and _size_kept(fd, arr.shape[1], arr.shape[0]):
+            return _pixels_to_chw(arr, space)  # what the PIL round trip below gives, without it
         value = Image.fromarray(arr)
     im = value.convert("L" if space == GRAYSCALE else "RGB")
-    w, h = image_size(fd)
-    if im.size != (w, h) and not _image_size_allowed(fd, *im.size):
-        im = im.resize((w, h), Image.BILINEAR)
-    arr = np.asarray(im, dtype=np.float32)
+    if not _size_kept(fd, *im.size):
+        im = im.resize(image_size(fd), Image.BILINEAR)
+    return _pixels_to_chw(np.asarray(im), space)
+
+
+def _size_kept(fd, w: int, h: int) -> bool:
+    """Whether an image of ``w`` x ``h`` is fed as it is (the model's size or an allowed one)."""
+    return (w, h) == image_size(fd) or _image_size_allowed(fd, w, h)
+
+
+def _pixels_to_chw(arr: np.ndarray, space: int) -> np.ndarray:
+    """uint8 ``HxW`` (grayscale) or ``HxWx3`` (RGB) pixels -> float32 ``(C, H, W)`` in the
+    model's colour order."""
+    arr = arr.astype(np.float32)
     if space == GRAYSCALE:
         return arr[None]
     arr = np.moveaxis(arr, -1, 0)
-    return arr[::-1].copy() if space == BGR else arr
+    return arr[::-1].copy() if space == BGR else np.ascontiguousarray(arr)
 
 
 def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.device) -> dict[str, Any]:

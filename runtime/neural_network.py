@@ -106,7 +106,18 @@ class NeuralNetworkModel(CompiledModel):
 
     # --- running ---------------------------------------------------------------------------
     def to_blobs(self, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Model inputs (user layout) -> network input blobs (internal layout).
+        """Model inputs (user layout) -> network input blobs, preprocessing applied."""
+        return self.preprocess(self.layout(feeds))
+
+    def preprocess(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply the spec's image preprocessing (scaler / mean image) to laid-out input blobs."""
+        if not self._preprocess:
+            return blobs
+        pre = self._preprocess
+        return {k: (pre[k](v) if k in pre else v) for k, v in blobs.items()}
+
+    def layout(self, feeds: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Model inputs (user layout) -> network input blobs (internal layout), no preprocessing.
 
         Rank-5 mode: ``(B, C, H, W)`` blobs. ND mode: ``(B, *per-example blob)`` where the
         per-example blob has the declared shape (images: ``[1, C, H, W]`` or ``[1, 1, C, H, W]``).
@@ -130,8 +141,7 @@ class NeuralNetworkModel(CompiledModel):
                 x = x.to(torch.float32).reshape(-1, 1, 1, 1) if not self.nd else x.to(torch.float32).reshape(-1, 1)
             else:
                 continue  # strings / dictionaries never reach the layers
-            pre = self._preprocess.get(f.name)
-            blobs[f.name] = pre(x) if pre is not None else x
+            blobs[f.name] = x
         return blobs
 
     def _output_plan(self) -> list:
@@ -184,10 +194,12 @@ class NeuralNetworkModel(CompiledModel):
         for v in feeds.values():
             if type(v) is list and v and isinstance(v[0], torch.Tensor):
                 return self._forward_each(feeds, n)  # mixed flexible shapes
-        blobs = self.to_blobs(feeds)
+        blobs = self.layout(feeds)  # the plan applies the preprocessing itself
         plan = self._plan if self._plan is not None and self.use_plan else self.inference_plan()
         env = plan.run(blobs, n) if plan is not None and not torch.is_grad_enabled() else None
-        return self.from_blobs(env if env is not None else self.run_blobs(blobs, n), n)
+        if env is None:
+            env = self.run_blobs(self.preprocess(blobs), n)
+        return self.from_blobs(env, n)
 
     #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network
     use_plan = True
@@ -212,9 +224,13 @@ class NeuralNetworkModel(CompiledModel):
                                       and f.name in (self._label_name, self._probs_name))]
                     if self.is_classifier and self._probs_blob not in wanted:
                         wanted.append(self._probs_blob)
-                    self._plan = InferencePlan(self._batched_env, wanted,
+                    self._plan = InferencePlan(self._preprocessed_env, wanted,
                                                list(self.net.params.values()))
         return self._plan
+
+    def _preprocessed_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Preprocessing + the Network, traced together so no torch op runs beside the plan."""
+        return self._batched_env(self.preprocess(blobs))
 
     def _batched_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The Network over batched blobs in one traceable call (ND models: vmap)."""
