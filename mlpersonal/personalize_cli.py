@@ -65,6 +65,27 @@ class TqdmProgress:
                 bar.close()
 
 
+def update_with_progress(model, data: list, parameters: Optional[dict] = None, desc: str = "update",
+                         *, leave: bool = True, disable: bool = False, **task_options):
+    """Run an UpdateTask with :class:`TqdmProgress` bars, as an app would.
+
+    Returns ``(updated model, seconds, progress)``; raises the task's error if it failed.
+    """
+    from runtime.update import UpdateTask
+
+    bars = TqdmProgress(len(data), desc, leave=leave, disable=disable)
+    task = UpdateTask(model, data, parameters=parameters, progress_handlers=bars.handlers,
+                      **task_options)
+    t = time.perf_counter()
+    task.resume()
+    ctx = task.wait()
+    seconds = time.perf_counter() - t
+    bars.close()
+    if ctx.error is not None:
+        raise ctx.error
+    return ctx.model, seconds, bars
+
+
 def read_labelled_folder(folder) -> list[tuple[str, str]]:
     """``[(image path, label)]`` from ``folder/<label>/*.png``; clear errors for anything else."""
     root = Path(folder)
@@ -158,7 +179,6 @@ def run_personalize(args) -> int:
       (my_drawings/anchor/1.png ... my_drawings/crown/5.png)
     """
     from runtime import load
-    from runtime.update import UpdateTask
 
     model = load(args.model, compute_units=args.compute_units)
     image_name, target_name, kind = training_features(model.spec)
@@ -179,16 +199,8 @@ def run_personalize(args) -> int:
     print(f"{len(images)} drawings of {len(set(labels))} labels from {args.data}; "
           f"training input {image_name!r}, target {target_name!r}")
     data = [{image_name: p, target_name: y} for p, y in zip(images, labels)]
-    bars = TqdmProgress(len(data), "personalize", disable=args.no_progress)
-    task = UpdateTask(model, data, parameters=params, progress_handlers=bars.handlers)
-    t = time.perf_counter()
-    task.resume()
-    ctx = task.wait()
-    seconds = time.perf_counter() - t
-    bars.close()
-    if ctx.error is not None:
-        raise ctx.error
-    updated = ctx.model
+    updated, seconds, bars = update_with_progress(model, data, params, "personalize",
+                                                  disable=args.no_progress)
     after = top1(updated, images, labels, image_name)
     updated.save(args.out)
     print(f"update: {seconds:.2f} s, {len(bars.mini_batch_losses)} mini-batches"

@@ -38,7 +38,7 @@ from examples.sticker_classifier.data import BASE_STICKERS, NEW_STICKERS, make_d
 from examples.sticker_classifier.model import (  # noqa: E402
     EMBEDDING_DIM, StickerNet, embedding_net, extend_classifier)
 from examples.sticker_classifier.train import TrainOptions, load, train  # noqa: E402
-from mlpersonal.personalize_cli import TqdmProgress, top1  # noqa: E402
+from mlpersonal.personalize_cli import top1, update_with_progress  # noqa: E402
 from trainers import freeze, mark_updatable  # noqa: E402
 
 IMAGE = "image"
@@ -141,20 +141,8 @@ def export_knn_pipeline(model, cfg: DemoConfig, seed_images: np.ndarray, seed_la
 def personalize(model_path, images, labels, cfg: DemoConfig, desc: str, parameters=None):
     """Run an UpdateTask the way an app does; returns (updated model, seconds, progress record)."""
     data = [{IMAGE: im, "label": y} for im, y in zip(images, labels)]
-    bars = TqdmProgress(len(data), desc, leave=False, disable=not cfg.progress)
-    done = {}
-    task = mp.UpdateTask(model_path, training_data=data, parameters=parameters,
-                         progress_handlers=bars.handlers,
-                         completion_handler=lambda ctx: done.setdefault("state", ctx.event),
-                         compute_units="cpu_only")
-    t = time.perf_counter()
-    task.resume()
-    ctx = task.wait()
-    seconds = time.perf_counter() - t
-    bars.close()
-    if ctx.error is not None:
-        raise ctx.error
-    return ctx.model, seconds, bars
+    return update_with_progress(model_path, data, parameters, desc, leave=False,
+                                disable=not cfg.progress, compute_units="cpu_only")
 
 
 def user_drawings(cfg: DemoConfig) -> tuple[np.ndarray, list[str]]:
