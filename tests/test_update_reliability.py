@@ -7,6 +7,7 @@ Skipped where runtime.update is not present.
 """
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,12 @@ def test_predictions_from_threads_during_training_are_unchanged():
     feats = [{"x": ex["x"]} for ex in _data(6, seed=3)]
     before = model.predict_batch(feats)
     errors, results = [], []
-    task = mp.UpdateTask(model, _data(48))
+    def mini_batch_end(ctx):  # hold training once until the predictors are all running
+        deadline = time.monotonic() + 10
+        while len(results) < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    task = mp.UpdateTask(model, _data(48), progress_handlers={"mini_batch_end": mini_batch_end})
     task.resume()
 
     def predict_loop():

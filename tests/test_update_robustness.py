@@ -287,14 +287,24 @@ def test_snapshot_from_another_thread_never_disturbs_training(head):
     """ctx.model read from the main thread while the task steps: the task's result is unchanged."""
     spec, data = head
     solo = mp.load(spec).update(data, parameters={"seed": 4})
-    task = mp.UpdateTask(mp.load(spec), data, parameters={"seed": 4})
+    first_step, first_snapshot = threading.Event(), threading.Event()
+
+    def mini_batch_end(ctx):  # training pauses once, until the main thread has a snapshot going
+        if not first_step.is_set():
+            first_step.set()
+            first_snapshot.wait(10)
+
+    task = mp.UpdateTask(mp.load(spec), data, parameters={"seed": 4},
+                         progress_handlers={"mini_batch_end": mini_batch_end})
     task.resume()
-    snaps = 0
-    while task.state == "running":
+    assert first_step.wait(10)
+    snaps, deadline = 0, time.monotonic() + 20
+    while (task.state == "running" or snaps == 0) and time.monotonic() < deadline:
         ctx = task.context
         if ctx is not None and ctx.event == "mini_batch_end":
-            ctx.model  # noqa: B018  (builds a snapshot in this thread)
+            ctx.model  # noqa: B018  (builds a snapshot in this thread while the task steps)
             snaps += 1
+            first_snapshot.set()
     assert task.wait().model.spec == solo.spec and snaps >= 1
 
 
