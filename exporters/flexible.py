@@ -378,14 +378,8 @@ def set_enumerated_image_sizes(spec, input_name: str, sizes: Sequence, *,
     _write_sizes(fd, sizes)
     _bump(spec, MIN_FLEXIBLE_VERSION)
     if outputs:
-        for out in _varying_outputs(spec, input_name):
-            kind = out.type.WhichOneof("Type")
-            if kind == "multiArrayType":
-                _clear_array_output(out)
-            elif kind == "imageType":
-                fw, fh = _ratio(out, fd)
-                _write_sizes(out, [(_scaled(w, fw, out.name), _scaled(h, fh, out.name))
-                                   for w, h in sizes])
+        _outputs_follow(spec, fd, input_name, lambda out, fw, fh: _write_sizes(
+            out, [(_scaled(w, fw, out.name), _scaled(h, fh, out.name)) for w, h in sizes]))
 
 
 def set_image_size_range(spec, input_name: str, width_range, height_range, *,
@@ -402,11 +396,17 @@ def set_image_size_range(spec, input_name: str, width_range, height_range, *,
     _write_range(fd, wr, hr)
     _bump(spec, MIN_FLEXIBLE_VERSION)
     if outputs:
-        for out in _varying_outputs(spec, input_name):
-            kind = out.type.WhichOneof("Type")
-            if kind == "multiArrayType":
-                _clear_array_output(out)
-            elif kind == "imageType":
-                fw, fh = _ratio(out, fd)
-                _write_range(out, tuple(_scaled(v, fw, out.name) for v in wr),
-                             tuple(_scaled(v, fh, out.name) for v in hr))
+        _outputs_follow(spec, fd, input_name, lambda out, fw, fh: _write_range(
+            out, tuple(_scaled(v, fw, out.name) for v in wr),
+            tuple(_scaled(v, fh, out.name) for v in hr)))
+
+
+def _outputs_follow(spec, fd, input_name: str, write_image) -> None:
+    """Outputs that vary with ``input_name`` follow it: multi-arrays lose their fixed shape,
+    images get the input's flexibility scaled by their size ratio (``write_image(out, fw, fh)``)."""
+    for out in _varying_outputs(spec, input_name):
+        kind = out.type.WhichOneof("Type")
+        if kind == "multiArrayType":
+            _clear_array_output(out)
+        elif kind == "imageType":
+            write_image(out, *_ratio(out, fd))

@@ -13,7 +13,6 @@ from torch import nn
 import mlpersonal as mp
 from examples.sticker_classifier.data import make_dataset
 from mlpersonal.cli import main
-from mlpersonal.proto import Model_pb2
 from trainers import freeze, mark_updatable
 
 NEW = ["anchor", "crown", "glasses"]
@@ -87,18 +86,10 @@ def embedding_spec(w1, b1, w2):
 
 
 def apple_pipeline(emb, knn):
-    p = Model_pb2.Model()
-    p.specificationVersion = 4
-    p.isUpdatable = True
-    p.description.input.extend(emb.description.input[:])
-    p.description.output.extend(knn.description.output[:])
-    p.description.predictedFeatureName = knn.description.predictedFeatureName
-    p.description.predictedProbabilitiesName = knn.description.predictedProbabilitiesName
-    p.description.trainingInput.extend([emb.description.input[0]])
-    p.description.trainingInput.extend([knn.description.trainingInput[1]])
-    p.pipelineClassifier.pipeline.models.add().CopyFrom(emb)
-    p.pipelineClassifier.pipeline.models.add().CopyFrom(knn)
-    return p
+    """The raw-proto pipelineClassifier of Apple's drawing sample (shared with test_pipeline)."""
+    from test_pipeline import apple_style_pipeline
+
+    return apple_style_pipeline(emb, knn)
 
 
 def test_personalize_apple_style_knn_pipeline(tmp_path, drawings, capsys):
