@@ -27,7 +27,7 @@ torch.set_num_threads(2)
 
 import mlpersonal as mp  # noqa: E402
 from exporters.knn import knn_classifier  # noqa: E402
-from mlpersonal.update_params import resolve  # noqa: E402
+from runtime.updating import run_updater  # noqa: E402
 
 N, D, B, K, C = 10_000, 128, 256, 3, 10
 REPEATS = 40
@@ -135,13 +135,7 @@ def main():
     new = [{"features": v, "label": f"n{i % 5}"} for i, v in enumerate(new_x)]
 
     def add_1000():
-        up = model.make_updater()
-        values = resolve(up.parameters(), None)
-        up.prepare(new, values)
-        for e in range(up.num_epochs(values)):
-            for _ in up.mini_batches(e, values):
-                pass
-        return up.result()
+        return run_updater(model, new)
 
     t_add = timeit(add_1000, repeats=5)
     grown = add_1000()

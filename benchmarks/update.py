@@ -135,9 +135,9 @@ def run_ours(spec, data):
     return wall, cpu, (t1 - t0) / len(stamps)
 
 
-def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
-    """(wall, cpu) seconds per mini-batch after the first epoch of a plain torch loop
-    (``channels_last``: the images in that memory format, as the UpdateTask keeps them on cpu)."""
+def _torch_setup(m: StickerCNN, updatable, optimizer: str, X, channels_last: bool):
+    """A copy of ``m`` training only the ``updatable`` submodules, its optimizer, and the images
+    (in channels_last memory format when asked, as the UpdateTask keeps them on cpu)."""
     if channels_last:
         X = X.contiguous(memory_format=torch.channels_last)
     m = copy.deepcopy(m)
@@ -148,6 +148,13 @@ def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, chann
         p.requires_grad_(True)
     opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(params, lr=1e-3))
+    return m, opt, X
+
+
+def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
+    """(wall, cpu) seconds per mini-batch after the first epoch of a plain torch loop
+    (``channels_last``: the images in that memory format, as the UpdateTask keeps them on cpu)."""
+    m, opt, X = _torch_setup(m, updatable, optimizer, X, channels_last)
     n = len(X)
     wall, cpu = [], []
     t, c = time.perf_counter(), time.thread_time()
@@ -202,16 +209,7 @@ def run_ours_epochs(spec, data, cache: bool = True):
 
 def run_torch_epochs(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
     """Per-epoch (wall, CPU) seconds after the first epoch of the plain torch loop."""
-    if channels_last:
-        X = X.contiguous(memory_format=torch.channels_last)
-    m = copy.deepcopy(m)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    params = [p for name in updatable for p in getattr(m, name).parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = (torch.optim.SGD(params, lr=0.01, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.Adam(params, lr=1e-3))
+    m, opt, X = _torch_setup(m, updatable, optimizer, X, channels_last)
     n = len(X)
     wall, cpu = [], []
     for epoch in range(epochs):

@@ -61,3 +61,18 @@ class Updater:
     def result(self):
         """The updated CompiledModel (spec written back, still updatable)."""
         raise NotImplementedError
+
+
+def run_updater(model, training_data: list, parameters: dict | None = None):
+    """Drive ``model``'s updater synchronously in this thread (no events, no copy of the
+    task machinery): resolve -> prepare -> epochs of mini-batches -> result. Errors raise."""
+    from mlpersonal.update_params import resolve
+
+    up = model.make_updater()
+    values = resolve(up.parameters(), parameters)
+    up.prepare(training_data, values)
+    for epoch in range(up.num_epochs(values)):
+        for _loss in up.mini_batches(epoch, values):
+            pass
+    return up.result()
+
