@@ -46,14 +46,17 @@ def timeit(fn, repeats=REPEATS):
 
 
 def interleaved(fns: dict, repeats=REPEATS):
-    """Best wall time, best process CPU time and median wall time of each function; runs are
-    interleaved so machine noise hits all methods alike."""
+    """Best wall time, best process CPU time and median wall time of each function; rounds are
+    interleaved so machine noise hits all methods alike. Each timed call directly follows an
+    untimed call of the same method (steady state: the method's own data is in cache, not evicted
+    by whichever library ran before it, and other libraries' worker threads have gone idle)."""
     for f in fns.values():
         f()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            f()
             c, t = time.process_time(), time.perf_counter()
             f()
             wall[k].append(time.perf_counter() - t)

@@ -2,10 +2,13 @@
 
 Prediction semantics (documented, deterministic):
 
-* Distance: squared Euclidean. Candidates come from one batched matmul,
-  ``||s||^2 - 2 q.S^T``, then the best ``k + REFINE_EXTRA`` candidates are re-scored directly as
-  ``sum((q - s)^2)`` (float32 differences summed in float64 where the device has it), so the
-  ordering does not suffer from the expansion's cancellation error and exact matches get 0.
+* Distance: squared Euclidean, exact. Candidates come from one batched matmul,
+  ``||s||^2 - 2 q.S^T`` (into a reused per-thread buffer), selected through group minima; the best
+  ``k + REFINE_EXTRA`` are re-scored directly as ``sum((q - s)^2)`` (float32 differences summed in
+  float64 where the device has it), so exact matches get 0. A float32 error bound of the expansion
+  proves per query that no other sample can be nearer; queries where it cannot (near-ties, large
+  common offsets) are redone with more candidates, then by an exact scan. The result equals the
+  exact ranking, whatever the data.
 * Neighbors: the ``k`` smallest distances; equal distances are ordered by the lower sample index.
   With fewer than ``k`` stored samples, all of them are used.
 * Votes: ``uniform`` gives each neighbor 1; ``inverse_distance`` gives ``1 / d`` with ``d`` the
@@ -25,6 +28,7 @@ within the range/set the model allows; the result stays updatable.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -37,10 +41,63 @@ from .features import array_shape, feature_kind
 from .model import CompiledModel, register_model_kind
 from .updating import Updater
 
-#: candidates re-scored exactly beyond the k nearest
-REFINE_EXTRA = 8
-#: distance-matrix elements computed per chunk of queries (bounds memory for large indexes)
-CHUNK_ELEMENTS = 1 << 23
+#: candidates re-scored exactly beyond the k nearest (more are taken where the bound needs them)
+REFINE_EXTRA = 2
+#: distance-matrix elements per chunk of queries: the chunk stays in cache for the candidate search
+CHUNK_ELEMENTS = 1 << 22
+#: fewer query rows than this per matmul wastes it; large indexes may then use up to
+MIN_CHUNK_ROWS = 64
+MAX_CHUNK_ELEMENTS = 1 << 24
+#: the index is padded to a multiple of GROUP samples (a power of two) for the grouped search
+GROUP = 32
+#: torch's CPU topk(m) is several times faster per row on rows of at least this many * m values
+TOPK_FAST = 64
+_EPS32 = 2.0 ** -24
+_WORKSPACE = threading.local()
+
+
+def _workspace(numel: int, device: torch.device, slot: str = "dist") -> torch.Tensor:
+    """A per-thread float32 scratch buffer of at least ``numel`` elements (reused across calls, so
+    the distance matrix does not page-fault fresh memory on every prediction)."""
+    buf = getattr(_WORKSPACE, slot, None)
+    if buf is None or buf.numel() < numel or buf.device != device:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=torch.float32, device=device)
+            setattr(_WORKSPACE, slot, buf)
+    return buf
+
+
+def _grouped_topk(approx: torch.Tensor, m: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``topk(m, largest=False)`` of each row, found through group minima; None when the rows are
+    too short for it to pay off.
+
+    Column ``c`` belongs to group ``c % G`` (``G = width / group``). Halving the row with
+    elementwise minima gives every group's minimum in a few cheap, vectorized passes; the m
+    smallest values lie in the m groups with the smallest minima (each group ahead of a value's
+    own group holds a smaller value), so only ``m * group`` values per row go through a second
+    ``topk``. Both selections keep at least ``TOPK_FAST * m`` values per row: torch's CPU topk
+    takes a much faster path there than on shorter rows.
+    """
+    b, width = approx.shape
+    group = GROUP
+    while group > 1 and width // group < TOPK_FAST * m:
+        group //= 2
+    if group < 4:
+        return None
+    g = width // group
+    half = width // 2
+    mins = _workspace(b * half, approx.device, "fold")[:b * half].view(b, half)
+    torch.minimum(approx[:, :half], approx[:, half:], out=mins)
+    while half > g:
+        half //= 2
+        torch.minimum(mins[:, :half], mins[:, half:2 * half], out=mins[:, :half])
+    sel = mins[:, :g].topk(m, dim=1, largest=False, sorted=False).indices
+    cols = (sel.unsqueeze(2) + torch.arange(0, width, g, device=approx.device)).reshape(b, -1)
+    vals = _workspace(b * TOPK_FAST * m, approx.device, "cand")[:b * TOPK_FAST * m].view(b, -1)
+    vals[:, m * group:] = float("inf")  # padding for topk's fast path
+    torch.gather(approx, 1, cols, out=vals[:, :m * group])
+    vals, pos = vals.topk(m, dim=1, largest=False, sorted=False)
+    return vals, cols.gather(1, pos)
 
 
 def _is_int(x) -> bool:
@@ -106,8 +163,7 @@ class KNNModel(CompiledModel):
             arr = np.zeros((0, self.dims), np.float32)
         self.classes: list = []
         self._class_ids: dict = {}
-        self._samples = torch.from_numpy(arr).to(self.device).contiguous()
-        self._sq = (self._samples * self._samples).sum(1)
+        self._set_index(torch.from_numpy(arr).to(self.device))
         self._label_ids = torch.tensor(self._ids_for(labels), dtype=torch.int64, device=self.device)
 
     def _ids_for(self, labels: Sequence) -> list[int]:
@@ -120,9 +176,20 @@ class KNNModel(CompiledModel):
             out.append(i)
         return out
 
+    def _set_index(self, samples: torch.Tensor) -> None:
+        """Store ``samples`` (n x dims) padded with zero rows to a multiple of GROUP; the padding's
+        squared norms are +inf, so its expanded distances are +inf and it is never a neighbor."""
+        n = samples.shape[0]
+        pad = -n % GROUP
+        self._n = n
+        self._samples = torch.cat([samples, samples.new_zeros((pad, self.dims))]).contiguous()
+        sq = (samples * samples).sum(1)
+        self._sq = torch.cat([sq, sq.new_full((pad,), float("inf"))])
+        self._sq_max = float(sq.max()) * (1 + 4 * self.dims * _EPS32) if n else 0.0
+
     @property
     def num_samples(self) -> int:
-        return int(self._samples.shape[0])
+        return self._n
 
     def add_samples(self, samples: np.ndarray, labels: Sequence) -> None:
         """Append validated ``samples`` (n x dims float32) and ``labels`` to the spec and the index."""
@@ -135,8 +202,7 @@ class KNNModel(CompiledModel):
         else:
             knn.stringClassLabels.vector.extend(labels)
         new = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).to(self.device)
-        self._samples = torch.cat([self._samples, new]).contiguous()
-        self._sq = torch.cat([self._sq, (new * new).sum(1)])
+        self._set_index(torch.cat([self._samples[:self._n], new]))
         ids = torch.tensor(self._ids_for(labels), dtype=torch.int64, device=self.device)
         self._label_ids = torch.cat([self._label_ids, ids])
 
@@ -152,33 +218,80 @@ class KNNModel(CompiledModel):
         if k == 0:
             empty = torch.zeros((q.shape[0], 0), device=self.device)
             return empty.to(self.refine_dtype), empty.to(torch.int64)
-        n = self.num_samples
-        m = min(n, k + REFINE_EXTRA)
+        n = self._samples.shape[0]  # padded
         rows = max(1, CHUNK_ELEMENTS // n)
+        if rows < MIN_CHUNK_ROWS:  # small chunks waste the matmul; allow up to MAX_CHUNK_ELEMENTS
+            rows = max(1, min(MIN_CHUNK_ROWS, MAX_CHUNK_ELEMENTS // n))
+        chunks = -(-q.shape[0] // rows)
+        rows = -(-q.shape[0] // chunks)  # equal chunks: a small last one would waste the matmul
+        buf = _workspace(rows * n, self.device)
+        st, sq = self._samples.t(), self._sq
         dists, idxs = [], []
-        st = self._samples.t()
         for start in range(0, q.shape[0], rows):
             qc = q[start:start + rows]
-            approx = torch.addmm(self._sq, qc, st, beta=1.0, alpha=-2.0)  # ||s||^2 - 2 q.s
-            cand = approx.topk(m, dim=1, largest=False, sorted=False).indices
-            d, i = self._refine(qc, cand.sort(dim=1).values)
-            if m < n:
-                # equal distances may reach past the candidates: redo those rows over all samples
-                tie = d[:, k - 1] == d[:, m - 1]
-                if bool(tie.any()):
-                    d, i = d[:, :k].clone(), i[:, :k].clone()
-                    for r in tie.nonzero().flatten().tolist():
-                        d[r], i[r] = self._exact_row(qc[r], k)
-            dists.append(d[:, :k])
-            idxs.append(i[:, :k])
-        return torch.cat(dists), torch.cat(idxs)
+            approx = torch.addmm(sq, qc, st, beta=1.0, alpha=-2.0, out=buf[:qc.shape[0] * n].view(-1, n))
+            d, i = self._search(qc, approx, k)
+            dists.append(d)
+            idxs.append(i)
+        return (torch.cat(dists), torch.cat(idxs)) if len(dists) > 1 else (dists[0], idxs[0])
 
-    def _exact_row(self, q: torch.Tensor, k: int, block: int = 8192):
-        """Exact k nearest of one query over all samples (rare: ties past the candidates)."""
-        d = torch.cat([(self._samples[s:s + block] - q).square_().sum(1, dtype=self.refine_dtype)
-                       for s in range(0, self.num_samples, block)])
-        d, order = d.sort(stable=True)
-        return d[:k], order[:k]
+    def _search(self, q: torch.Tensor, approx: torch.Tensor, k: int):
+        """The exact k nearest of each query, given its expanded distances ``||s||^2 - 2 q.s``.
+
+        The best ``k + REFINE_EXTRA`` candidates by ``approx`` are re-scored exactly. They provably
+        hold the k nearest when the k-th exact distance is below the smallest exact distance any
+        other sample can have: ``||q||^2`` + the largest candidate ``approx`` - the float32 error
+        bound of the expansion. Rows where that fails (near-ties, duplicates) are redone with more
+        candidates, and then over all samples.
+        """
+        n = self._n
+        d, i, ok = self._candidates(q, approx, k, min(n, k + REFINE_EXTRA))
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().flatten()
+            d2, i2, ok2 = self._candidates(q[bad], approx[bad], k, min(n, 8 * (k + REFINE_EXTRA) + 56),
+                                           grouped=False)
+            d[bad], i[bad] = d2, i2
+            if not bool(ok2.all()):
+                worst = bad[~ok2]
+                d[worst], i[worst] = self._exact_rows(q[worst], k)
+        return d, i
+
+    def _candidates(self, q: torch.Tensor, approx: torch.Tensor, k: int, m: int, grouped: bool = True):
+        """Exact distances/indices of the k nearest among the best ``m`` by ``approx``, and
+        whether they are provably the k nearest overall."""
+        found = _grouped_topk(approx, m) if grouped else None
+        if found is not None:
+            vals, cand = found
+        else:
+            vals, cand = approx[:, :self._n].topk(m, dim=1, largest=False, sorted=False)
+        d, i = self._refine(q, cand.sort(dim=1).values)
+        d, i = d[:, :k], i[:, :k]
+        if m == self._n:
+            return d, i, torch.ones(d.shape[0], dtype=torch.bool, device=d.device)
+        qq = q.double().square().sum(1) if self.refine_dtype == torch.float64 else q.square().sum(1)
+        lower = qq + vals.amax(1).to(qq.dtype) - self._approx_error(qq)
+        return d, i, d[:, -1] * (1 + 16 * _EPS32) < lower * (1 - 16 * _EPS32)
+
+    def _approx_error(self, qq: torch.Tensor) -> torch.Tensor:
+        """Bound on |float32 ``||s||^2 - 2 q.s`` - exact| over all samples, per query (Higham's
+        dot-product bound with Cauchy-Schwarz: ``(2D + 4) u (max||s||^2 + 2 ||q|| max||s||)``)."""
+        s2 = self._sq_max
+        return (2 * self.dims + 4) * _EPS32 * (s2 + 2 * qq.sqrt() * s2 ** 0.5)
+
+    def _exact_rows(self, q: torch.Tensor, k: int):
+        """Exact k nearest of each query over all samples, equal distances by lower index (the
+        fallback for rows whose candidates could not be proven: ties, heavy cancellation)."""
+        block = max(1, (1 << 22) // max(1, q.shape[0] * self.dims))
+        best_d = q.new_empty((q.shape[0], 0), dtype=self.refine_dtype)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.int64, device=q.device)
+        for s in range(0, self._n, block):
+            chunk = self._samples[s:min(s + block, self._n)]
+            d = (chunk.unsqueeze(0) - q.unsqueeze(1)).square_().sum(-1, dtype=self.refine_dtype)
+            idx = torch.arange(s, s + chunk.shape[0], device=q.device).expand(q.shape[0], -1)
+            # earlier (lower-index) neighbors come first, so a stable sort keeps them ahead on ties
+            d, order = torch.cat([best_d, d], 1).sort(dim=1, stable=True)
+            best_d, best_i = d[:, :k], torch.cat([best_i, idx], 1).gather(1, order[:, :k])
+        return best_d, best_i
 
     def _refine(self, q: torch.Tensor, cand: torch.Tensor):
         """Exact distances to candidate indices (ascending index order), sorted stably."""
@@ -208,12 +321,15 @@ class KNNModel(CompiledModel):
     def predict_batch(self, batch: Sequence[dict]) -> list[dict]:
         """Batched prediction; a batch of plain numeric arrays skips per-example encoding."""
         q = self._fast_queries(batch)
-        if q is None:
+        if q is None or self.num_samples == 0:
             return super().predict_batch(batch)
         with torch.inference_mode():
-            out = self.forward({self.input_name: torch.from_numpy(q).to(self.device)}, len(batch))
-        names = [n for n in (self.label_name, self.probs_name) if n]
-        return [dict(zip(names, vals)) for vals in zip(*(out[n] for n in names))]
+            pred, probs = self.vote(torch.from_numpy(q).to(self.device))
+        classes, lname, pname = self.classes, self.label_name, self.probs_name
+        labels = [classes[j] for j in pred.tolist()]
+        if not pname:
+            return [{lname: lab} for lab in labels]
+        return [{lname: lab, pname: dict(zip(classes, row))} for lab, row in zip(labels, probs.cpu().tolist())]
 
     def _fast_queries(self, batch) -> Optional[np.ndarray]:
         """``(B, dims)`` float32 when every example is a finite array of the right size, else None

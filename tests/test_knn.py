@@ -40,7 +40,7 @@ def _vote_tied(sk, queries, k, weights):
     return np.array(tied), nearest_tied
 
 
-@pytest.mark.parametrize("n, d", [(40, 3), (400, 16), (1200, 32)])
+@pytest.mark.parametrize("n, d", [(40, 3), (400, 16), (1200, 32), (5000, 24)])
 @pytest.mark.parametrize("weighting", ["uniform", "inverse_distance"])
 @pytest.mark.parametrize("int_labels", [False, True])
 def test_matches_sklearn(rng, n, d, weighting, int_labels):
@@ -78,6 +78,59 @@ def test_duplicate_samples_tie_by_lower_index(rng):
     dist, idx = model.kneighbors(__import__("torch").from_numpy(x[:1]))
     assert idx.tolist() == [[29, 30, 31]] and dist.tolist() == [[0.0, 0.0, 0.0]]
     assert model.predict({"features": x[0]})["label"] == "dup0"  # 1-1-1 tie -> nearest
+
+
+def _oracle_neighbors(x, q, k):
+    """Exact k nearest in float64, equal distances by lower index."""
+    d = ((q[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), d.shape), d), axis=1)
+    return d, order[:, :k]
+
+
+@pytest.mark.parametrize("case", ["offset", "integer_ties", "clusters"])
+def test_search_is_exact_where_the_expansion_is_not(rng, case):
+    """Large indexes (grouped candidate search) on data built to defeat the float32 expansion
+    ``||s||^2 - 2 q.s``: a large common offset (cancellation), integer grids (many exact ties),
+    tight clusters (near-ties). The result must equal the exact float64 ranking."""
+    import torch
+
+    n, d = 6000, 8
+    if case == "offset":
+        x = (1000.0 + rng.normal(scale=0.01, size=(n, d))).astype(np.float32)
+        q = (1000.0 + rng.normal(scale=0.01, size=(64, d))).astype(np.float32)
+    elif case == "integer_ties":
+        x = rng.integers(0, 3, size=(n, d)).astype(np.float32)
+        q = rng.integers(0, 3, size=(64, d)).astype(np.float32)
+    else:
+        centers = rng.normal(scale=10, size=(5, d))
+        x = (centers[rng.integers(0, 5, n)] + rng.normal(scale=1e-3, size=(n, d))).astype(np.float32)
+        q = (centers[rng.integers(0, 5, 64)] + rng.normal(scale=1e-3, size=(64, d))).astype(np.float32)
+    for k in (1, 3, 7):
+        model = mp.load(knn_classifier(d, number_of_neighbors=k, samples=x, labels=["a"] * n))
+        dist, idx = model.kneighbors(torch.from_numpy(q))
+        exact, expected = _oracle_neighbors(x, q, k)
+        np.testing.assert_allclose(dist.numpy(), np.take_along_axis(exact, expected, 1), rtol=1e-6, atol=1e-9)
+        # integer distances are computed exactly (ties included); elsewhere no two distances lie
+        # within the refinement's 1e-7 relative error, so the order is the exact one
+        assert (idx.numpy() == expected).all()
+
+
+def test_grouped_topk_equals_topk(rng):
+    import torch
+
+    from runtime.knn import _grouped_topk
+
+    for width, m in ((10016, 5), (4096, 3), (32768, 12), (20000, 1)):
+        a = torch.from_numpy(rng.normal(size=(37, width)).astype(np.float32))
+        a[:, ::97] = a[:, :1]  # repeated values
+        found = _grouped_topk(a, m)
+        assert found is not None
+        vals, cols = found
+        ref = a.topk(m, dim=1, largest=False).values
+        assert torch.equal(vals.sort(1).values, ref.sort(1).values)
+        assert torch.equal(a.gather(1, cols), vals)
+        assert all(len(set(r)) == m for r in cols.tolist())
+    assert _grouped_topk(torch.zeros(4, 256), 5) is None  # too short to pay off
 
 
 def test_fewer_samples_than_k(rng):
