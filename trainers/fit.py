@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from mlpersonal.errors import TrainingError
 from mlpersonal.fileio import atomic_write_bytes
 
-__all__ = ["fit", "distributed_context"]
+__all__ = ["fit", "distributed_context", "close_distributed"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -46,6 +46,14 @@ def distributed_context(backend: str | None = None) -> tuple[int, int]:
     dist.init_process_group(backend or "gloo")
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Wait for every rank, then leave the process group: call it at the end of a torchrun script.
+    (Tearing gloo down while a peer still works, e.g. rank 0 writing files, can abort a rank.)"""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _as_dataset(data: Any, what: str) -> Dataset:

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from examples.sticker_classifier.data import BASE_STICKERS, make_dataset  # noqa: E402
 from examples.sticker_classifier.model import EMBEDDING_DIM, StickerNet, to_tensor  # noqa: E402
 from mlpersonal.fileio import atomic_write_bytes  # noqa: E402
-from trainers.fit import distributed_context, fit  # noqa: E402
+from trainers.fit import close_distributed, distributed_context, fit  # noqa: E402
 
 try:  # QAT lands with the quantization issue; train float until it does
     from trainers.qat import prepare_qat
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
               f"val accuracy: {100 * m['val_accuracy']:.2f}%  train time: {m['train_seconds']:.1f} s "
               f"(cpu {m['train_cpu_seconds']:.1f} s; data {m['data_seconds']:.1f} s; {m['world_size']} process(es))"
               f"  -> {a.out}")
+    close_distributed()
 
 
 if __name__ == "__main__":
