@@ -86,6 +86,9 @@ class CompiledModel:
             io = self._io = (describe(self.spec.description.input), describe(self.spec.description.output))
         feeds = encode_inputs(io[0], batch, self.device)
         try:
+            out = self.forward_ready(feeds, len(batch))
+            if out is not None:
+                return decode_outputs(io[1], out, len(batch))
             with torch.inference_mode():
                 if self.low_precision:
                     with self.autocast():
@@ -100,6 +103,11 @@ class CompiledModel:
                 f"the model failed while predicting ({type(e).__name__}: {e}); its layers do not "
                 "fit its declared inputs, so the model is corrupt or inconsistent"
             ) from e
+
+    def forward_ready(self, feeds: dict[str, Any], n: int) -> Optional[dict[str, Any]]:
+        """Outputs from a ready fast path that needs no torch set-up (see
+        ``NeuralNetworkModel``), or None: :meth:`forward` runs under inference mode."""
+        return None
 
     def autocast(self):
         """float16 autocast on the model's GPU when low precision is allowed; else a no-op."""

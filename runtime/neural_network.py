@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
 import threading
+from itertools import repeat
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -185,9 +185,9 @@ class NeuralNetworkModel(CompiledModel):
                     f"classifier has {len(labels)} labels but its probability blob "
                     f"{self._probs_blob!r} has {p.shape[1]} values"
                 )
-            out[self._label_name] = [labels[i] for i in p.argmax(axis=1).tolist()]
+            out[self._label_name] = list(map(labels.__getitem__, p.argmax(axis=1).tolist()))
             if self._probs_name:
-                out[self._probs_name] = [dict(zip(labels, row)) for row in p.tolist()]
+                out[self._probs_name] = list(map(dict, map(zip, repeat(labels), p.tolist())))
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
@@ -200,6 +200,18 @@ class NeuralNetworkModel(CompiledModel):
         if env is None:
             env = self.run_blobs(self.preprocess(blobs), n)
         return self.from_blobs(env, n)
+
+    def forward_ready(self, feeds: dict[str, Any], n: int) -> Optional[dict[str, Any]]:
+        """The outputs when an inference plan session is ready for these inputs, else None. No
+        torch op runs, so no autograd/inference-mode set-up is needed around it."""
+        plan = self._plan
+        if plan is None or not self.use_plan or self.low_precision:
+            return None
+        for v in feeds.values():
+            if type(v) is list:
+                return None
+        env = plan.run(self.layout(feeds), n, build=False)
+        return None if env is None else self.from_blobs(env, n)
 
     #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network
     use_plan = True

@@ -239,3 +239,61 @@ def test_batched_encoding_reports_the_failing_example(rng):
     big = np.full((3, 1, 8, 8), 3e38, np.float32)  # finite, though its float32 sum overflows
     got = encode_inputs(spec.description.input, [{"x": a} for a in big], planned.device)["x"]
     np.testing.assert_array_equal(got.numpy(), big)
+
+
+def test_small_batches_choose_between_one_and_all_threads(rng, monkeypatch):
+    """Small models keep a single-threaded session beside the main one; each batch size up to
+    SMALL_BATCH_MAX is timed on both once and then always runs on the faster one. Both give the
+    eager Network's outputs, whichever wins."""
+    import runtime.plan as plan_mod
+
+    spec, ref = classifier_spec(rng)
+    planned, eager = models(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = rng.standard_normal((plan_mod.SMALL_BATCH_MAX + 1, 1, 8, 8)).astype(np.float32)
+        planned.predict_batch([{"x": a} for a in x])  # builds the plan (both sessions verified)
+        entry = next(iter(planned.inference_plan()._sessions.values()))
+        assert entry.small is not None and entry.sess is not entry.small
+        calls = []
+        for name in ("sess", "small"):
+            real = getattr(entry, name)
+
+            class Counting:
+                def __init__(self, real=real, name=name):
+                    self.real, self.name = real, name
+
+                def run(self, *a):
+                    calls.append(self.name)
+                    return self.real.run(*a)
+
+            monkeypatch.setattr(entry, name, Counting())
+        for n in (1, 3, plan_mod.SMALL_BATCH_MAX + 1):
+            feeds = [{"x": a} for a in x[:n]]
+            calls.clear()
+            first = planned.predict_batch(feeds)
+            second = planned.predict_batch(feeds)
+            if n <= plan_mod.SMALL_BATCH_MAX:  # calibration: each session timed, then one kept
+                assert calls[:-1].count("sess") == calls[:-1].count("small") == plan_mod.CALIBRATION_RUNS
+                assert calls[-1] == ("small" if entry.use_small[n] else "sess")
+            else:  # large batches: always the main session, no timing
+                assert calls == ["sess", "sess"] and n not in entry.use_small
+            assert_same(first, eager.predict_batch(feeds))
+            assert_same(second, first, tol=0)
+            probs = ref(torch.from_numpy(x[:n])).numpy()
+            assert np.abs(np.array([[o["probs"][c] for c in LABELS] for o in first]) - probs).max() <= 1e-5
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_one_thread_builds_no_second_session(rng):
+    spec, _ = classifier_spec(rng)
+    planned, _ = models(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        planned.predict_batch([{"x": a} for a in rng.standard_normal((2, 1, 8, 8)).astype(np.float32)])
+        assert next(iter(planned.inference_plan()._sessions.values())).small is None
+    finally:
+        torch.set_num_threads(threads)
