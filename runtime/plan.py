@@ -21,7 +21,7 @@ Rules:
 - weights changed in place (an update in progress) make the plan stale: the eager Network runs
   until the weights are stable again for two calls, then the plan is rebuilt;
 - small models also get a single-threaded session: for batch sizes up to
-  :data:`SMALL_BATCH_MAX` the faster of the two, measured on the first calls of that size, runs
+  :data:`SMALL_BATCH_MAX` the faster of the two, timed over the first calls of that size, runs
   (the sticker CNN at batch 1: 26 vs 39 us; larger nets keep both threads);
 - thread-safe: building is serialized by a lock, ``InferenceSession.run`` is thread-safe.
 """
@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 MAX_SIGNATURES = 8
 #: batch sizes up to this may run on a single-threaded session when that measures faster
 SMALL_BATCH_MAX = 8
-#: timed runs of each session when a small batch size is first seen
-CALIBRATION_RUNS = 5
+#: timed calls on each session before a small batch size keeps one
+CALIBRATION_RUNS = 4
+#: the single-threaded session must be at least this much faster to be kept
+SMALL_MARGIN = 0.1
 #: a single-threaded session is kept beside the main one for models up to this size
 SMALL_SESSION_MAX_BYTES = 32 << 20
 #: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
@@ -211,29 +213,33 @@ def _session(model: bytes, threads: int):
 class _Signature:
     """The sessions of one input signature: one with torch's thread count and, for small models,
     a single-threaded one. Tiny batches can run faster on one thread (no thread-pool hand-offs
-    between ops); which one a batch size up to :data:`SMALL_BATCH_MAX` uses is measured on its
-    first calls (:data:`CALIBRATION_RUNS` timed runs of each, best time) and then kept."""
+    between ops). A batch size up to :data:`SMALL_BATCH_MAX` alternates between the two for its
+    first ``2 * CALIBRATION_RUNS`` calls (timing spread over calls, so one noisy moment does not
+    decide), then keeps the single-threaded session only if its best time is at least
+    :data:`SMALL_MARGIN` faster."""
 
-    __slots__ = ("sess", "small", "names", "use_small")
+    __slots__ = ("sess", "small", "names", "use_small", "_trials")
 
     def __init__(self, sess, small, names: list[str]):
         self.sess, self.small, self.names = sess, small, names
         self.use_small: dict[int, bool] = {}
+        self._trials: dict[int, list] = {}
 
     def run(self, outputs: list[str], feed: dict, n: int) -> list:
         if self.small is None or n > SMALL_BATCH_MAX:
             return self.sess.run(outputs, feed)
         choice = self.use_small.get(n)
-        if choice is None:
-            best = {}
-            for _ in range(CALIBRATION_RUNS):
-                for key, sess in (("many", self.sess), ("one", self.small)):
-                    t = time.perf_counter()
-                    got = sess.run(outputs, feed)
-                    best[key] = min(best.get(key, float("inf")), time.perf_counter() - t)
-            choice = self.use_small[n] = best["one"] < best["many"]
-            return got
-        return (self.small if choice else self.sess).run(outputs, feed)
+        if choice is not None:
+            return (self.small if choice else self.sess).run(outputs, feed)
+        trials = self._trials.setdefault(n, [[], []])  # times of [main, single-threaded]
+        which = len(trials[0]) > len(trials[1])
+        t = time.perf_counter()
+        got = (self.small if which else self.sess).run(outputs, feed)
+        trials[which].append(time.perf_counter() - t)
+        if min(len(trials[0]), len(trials[1])) >= CALIBRATION_RUNS:
+            self.use_small[n] = min(trials[1]) < (1.0 - SMALL_MARGIN) * min(trials[0])
+            self._trials.pop(n, None)
+        return got
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

@@ -269,18 +269,21 @@ def test_small_batches_choose_between_one_and_all_threads(rng, monkeypatch):
                     return self.real.run(*a)
 
             monkeypatch.setattr(entry, name, Counting())
+        runs = plan_mod.CALIBRATION_RUNS
         for n in (1, 3, plan_mod.SMALL_BATCH_MAX + 1):
             feeds = [{"x": a} for a in x[:n]]
             calls.clear()
-            first = planned.predict_batch(feeds)
-            second = planned.predict_batch(feeds)
-            if n <= plan_mod.SMALL_BATCH_MAX:  # calibration: each session timed, then one kept
-                assert calls[:-1].count("sess") == calls[:-1].count("small") == plan_mod.CALIBRATION_RUNS
-                assert calls[-1] == ("small" if entry.use_small[n] else "sess")
+            outs = [planned.predict_batch(feeds) for _ in range(2 * runs + 2)]
+            if n <= plan_mod.SMALL_BATCH_MAX:  # calibration alternates, then one session is kept
+                assert calls[:2 * runs] == ["sess", "small"] * runs
+                kept = "small" if entry.use_small[n] else "sess"
+                assert calls[2 * runs:] == [kept, kept]
             else:  # large batches: always the main session, no timing
-                assert calls == ["sess", "sess"] and n not in entry.use_small
+                assert calls == ["sess"] * (2 * runs + 2) and n not in entry.use_small
+            first = outs[0]
             assert_same(first, eager.predict_batch(feeds))
-            assert_same(second, first, tol=0)
+            for other in outs[1:]:
+                assert_same(other, first, tol=0)
             probs = ref(torch.from_numpy(x[:n])).numpy()
             assert np.abs(np.array([[o["probs"][c] for c in LABELS] for o in first]) - probs).max() <= 1e-5
     finally:
