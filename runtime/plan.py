@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 MAX_SIGNATURES = 8
 #: batch sizes up to this may run on a single-threaded session when that measures faster
 SMALL_BATCH_MAX = 8
-#: timed calls on each session before a small batch size keeps one
+#: calls on each session before a small batch size keeps one: untimed (a session's first runs
+#: at a new shape plan memory and wake threads), then timed
+CALIBRATION_WARMUP = 2
 CALIBRATION_RUNS = 4
 #: the single-threaded session must be at least this much faster to be kept
 SMALL_MARGIN = 0.1
@@ -214,8 +216,7 @@ class _Signature:
     """The sessions of one input signature: one with torch's thread count and, for small models,
     a single-threaded one. Tiny batches can run faster on one thread (no thread-pool hand-offs
     between ops). A batch size up to :data:`SMALL_BATCH_MAX` alternates between the two for its
-    first ``2 * CALIBRATION_RUNS`` calls (timing spread over calls, so one noisy moment does not
-    decide), then keeps the single-threaded session only if its best time is at least
+    first calls (timing spread over calls, so one noisy moment does not decide), then keeps the single-threaded session only if its best time is at least
     :data:`SMALL_MARGIN` faster."""
 
     __slots__ = ("sess", "small", "names", "use_small", "_trials")
@@ -236,8 +237,9 @@ class _Signature:
         t = time.perf_counter()
         got = (self.small if which else self.sess).run(outputs, feed)
         trials[which].append(time.perf_counter() - t)
-        if min(len(trials[0]), len(trials[1])) >= CALIBRATION_RUNS:
-            self.use_small[n] = min(trials[1]) < (1.0 - SMALL_MARGIN) * min(trials[0])
+        if min(len(trials[0]), len(trials[1])) >= CALIBRATION_WARMUP + CALIBRATION_RUNS:
+            main, one = (min(ts[CALIBRATION_WARMUP:]) for ts in trials)
+            self.use_small[n] = one < (1.0 - SMALL_MARGIN) * main
             self._trials.pop(n, None)
         return got
 

@@ -269,7 +269,7 @@ def test_small_batches_choose_between_one_and_all_threads(rng, monkeypatch):
                     return self.real.run(*a)
 
             monkeypatch.setattr(entry, name, Counting())
-        runs = plan_mod.CALIBRATION_RUNS
+        runs = plan_mod.CALIBRATION_WARMUP + plan_mod.CALIBRATION_RUNS
         for n in (1, 3, plan_mod.SMALL_BATCH_MAX + 1):
             feeds = [{"x": a} for a in x[:n]]
             calls.clear()
