@@ -3,7 +3,8 @@
 Prediction semantics (documented, deterministic):
 
 * Distance: squared Euclidean, exact. Candidates come from one batched matmul,
-  ``||s||^2 - 2 q.S^T`` (into a reused per-thread buffer), selected through group minima; the best
+  ``||s||^2 - 2 q.S^T`` (on the CPU an onnxruntime ``Gemm``, elsewhere torch), selected through
+  group minima; the best
   ``k + REFINE_EXTRA`` are re-scored directly as ``sum((q - s)^2)`` (float32 differences summed in
   float64 where the device has it), so exact matches get 0. A float32 error bound of the expansion
   proves per query that no other sample can be nearer; queries where it cannot (near-ties, large
@@ -65,6 +66,51 @@ def _workspace(numel: int, device: torch.device, slot: str = "dist") -> torch.Te
             buf = torch.empty(numel, dtype=torch.float32, device=device)
             setattr(_WORKSPACE, slot, buf)
     return buf
+
+
+#: products of at least this many multiply-adds per chunk go to onnxruntime's Gemm on the CPU
+#: (below it torch's is as fast or faster: one query against 10,000 samples, 86 vs 101 us)
+GEMM_MIN_MACS = 1 << 22
+_GEMM_LOCK = threading.Lock()
+_GEMM: dict = {}
+
+
+def _cpu_gemm():
+    """An onnxruntime session computing ``sq - 2 q S^T`` (one ``Gemm``; q, S and sq are inputs,
+    so no copy of any index is kept), or None without onnxruntime. On the CPU its MLAS kernels
+    run this product ~1.6x faster than torch's sgemm here (10,000 x 128 samples, 256 queries:
+    2.1 vs 3.4 ms); any float32 summation order is covered by the error bound of the search."""
+    threads = max(1, torch.get_num_threads())
+    sess = _GEMM.get(threads)
+    if sess is None:
+        with _GEMM_LOCK:
+            sess = _GEMM.get(threads)
+            if sess is None:
+                try:
+                    import onnxruntime as ort
+                    from onnx import TensorProto, helper
+                except ImportError:
+                    sess = False
+                else:
+                    f = TensorProto.FLOAT
+                    graph = helper.make_graph(
+                        [helper.make_node("Gemm", ["q", "S", "sq"], ["d"], alpha=-2.0, beta=1.0, transB=1)],
+                        "knn_distances",
+                        [helper.make_tensor_value_info("q", f, ["b", "dims"]),
+                         helper.make_tensor_value_info("S", f, ["n", "dims"]),
+                         helper.make_tensor_value_info("sq", f, ["n"])],
+                        [helper.make_tensor_value_info("d", f, ["b", "n"])])
+                    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+                    so = ort.SessionOptions()
+                    so.intra_op_num_threads = threads
+                    so.inter_op_num_threads = 1
+                    so.log_severity_level = 3
+                    # its workers must not spin after the product: torch's threads search next
+                    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                                providers=["CPUExecutionProvider"])
+                _GEMM[threads] = sess
+    return sess or None
 
 
 def _grouped_topk(approx: torch.Tensor, m: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -224,12 +270,21 @@ class KNNModel(CompiledModel):
             rows = max(1, min(MIN_CHUNK_ROWS, MAX_CHUNK_ELEMENTS // n))
         chunks = -(-q.shape[0] // rows)
         rows = -(-q.shape[0] // chunks)  # equal chunks: a small last one would waste the matmul
-        buf = _workspace(rows * n, self.device)
-        st, sq = self._samples.t(), self._sq
+        big = min(rows, q.shape[0]) * n * self.dims >= GEMM_MIN_MACS
+        gemm = _cpu_gemm() if self.device.type == "cpu" and big else None
+        if gemm is None:
+            buf = _workspace(rows * n, self.device)
+            st, sq = self._samples.t(), self._sq
+        else:
+            feed = {"S": self._samples.numpy(), "sq": self._sq.numpy()}
         dists, idxs = [], []
         for start in range(0, q.shape[0], rows):
             qc = q[start:start + rows]
-            approx = torch.addmm(sq, qc, st, beta=1.0, alpha=-2.0, out=buf[:qc.shape[0] * n].view(-1, n))
+            if gemm is None:
+                approx = torch.addmm(sq, qc, st, beta=1.0, alpha=-2.0, out=buf[:qc.shape[0] * n].view(-1, n))
+            else:
+                feed["q"] = qc.numpy()
+                approx = torch.from_numpy(gemm.run(None, feed)[0])
             d, i = self._search(qc, approx, k)
             dists.append(d)
             idxs.append(i)

@@ -87,12 +87,20 @@ def _oracle_neighbors(x, q, k):
     return d, order[:, :k]
 
 
+@pytest.mark.parametrize("gemm", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("case", ["offset", "integer_ties", "clusters"])
-def test_search_is_exact_where_the_expansion_is_not(rng, case):
+def test_search_is_exact_where_the_expansion_is_not(rng, case, gemm, monkeypatch):
     """Large indexes (grouped candidate search) on data built to defeat the float32 expansion
     ``||s||^2 - 2 q.s``: a large common offset (cancellation), integer grids (many exact ties),
-    tight clusters (near-ties). The result must equal the exact float64 ranking."""
+    tight clusters (near-ties). The result must equal the exact float64 ranking, whichever
+    library computes the product."""
     import torch
+
+    import runtime.knn
+
+    monkeypatch.setattr(runtime.knn, "GEMM_MIN_MACS", 0 if gemm == "onnxruntime" else 1 << 62)
+    if gemm == "onnxruntime":
+        assert runtime.knn._cpu_gemm() is not None
 
     n, d = 6000, 8
     if case == "offset":
