@@ -260,7 +260,7 @@ class KNNModel(CompiledModel):
     def kneighbors(self, queries: torch.Tensor, k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(squared distances, sample indices)``, each ``(B, min(k, N))``, nearest first."""
         k = min(self.k if k is None else int(k), self.num_samples)
-        q = queries.reshape(queries.shape[0], -1).to(device=self.device, dtype=torch.float32)
+        q = queries.reshape(queries.shape[0], -1).to(device=self.device, dtype=torch.float32).contiguous()
         if k == 0:
             empty = torch.zeros((q.shape[0], 0), device=self.device)
             return empty.to(self.refine_dtype), empty.to(torch.int64)
