@@ -475,8 +475,8 @@ def main():
                 "UpdateTask CPU ms/mb", "ORT CPU ms/mb", "CPU ratio", "peak RSS ours MiB",
                 "peak RSS ORT MiB"), ort_rows)
     elif not onnx_path:
-        print("\n(onnxruntime-training: set MLPERSONAL_ORT_PYTHON to the python of a venv with "
-              "onnxruntime-training==1.19.2, onnx and torch importable, to compare with it)")
+        print("\n(onnxruntime-training: `make bench-ort-training` creates .venv-ort-training with "
+              "onnxruntime-training==1.19.2 and runs this with MLPERSONAL_ORT_PYTHON set to it)")
 
 
 def _table(head, rows) -> None:
