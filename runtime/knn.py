@@ -205,6 +205,12 @@ class KNNModel(CompiledModel):
                 raise InvalidModelError(
                     f"kNN model: sample {bad} has {len(samples[bad].vector)} values, expected {self.dims}"
                 )
+            finite = np.isfinite(arr).all(axis=1)
+            if not finite.all():
+                raise InvalidModelError(
+                    f"kNN model: sample {int(np.argmin(finite))} contains NaN or Inf values; the "
+                    "model file is corrupt (re-export it, or remove that sample and its label)"
+                )
         else:
             arr = np.zeros((0, self.dims), np.float32)
         self.classes: list = []

@@ -306,6 +306,15 @@ def test_inconsistent_specs_refused():
         mp.load(spec)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_sample_refused_at_load(rng, bad):
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    spec = knn_classifier(4, number_of_neighbors=3, samples=x, labels=["a"] * 20)
+    spec.kNearestNeighborsClassifier.nearestNeighborsIndex.floatSamples[7].vector[2] = bad
+    with pytest.raises(mp.InvalidModelError, match=r"sample 7 contains NaN or Inf"):
+        mp.load(spec)
+
+
 def test_not_updatable_refused():
     model = mp.load(knn_classifier(2, is_updatable=False))
     with pytest.raises(mp.InvalidModelError, match="not updatable"):
