@@ -151,6 +151,16 @@ def _torch_setup(m: StickerCNN, updatable, optimizer: str, X, channels_last: boo
     return m, opt, X
 
 
+def _torch_step(m, opt, X, y, idx) -> None:
+    """One mini-batch of the hand-written loop (``.item()`` waits for the step, like a real loop
+    reading its loss)."""
+    loss = F.cross_entropy(m(X[idx]), y[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    loss.item()
+
+
 def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
     """(wall, cpu) seconds per mini-batch after the first epoch of a plain torch loop
     (``channels_last``: the images in that memory format, as the UpdateTask keeps them on cpu)."""
@@ -161,12 +171,7 @@ def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, chann
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for s in range(0, n, BATCH):
-            idx = perm[s:s + BATCH]
-            loss = F.cross_entropy(m(X[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss.item()
+            _torch_step(m, opt, X, y, perm[s:s + BATCH])
             t2, c2 = time.perf_counter(), time.thread_time()
             if epoch >= 1:
                 wall.append(t2 - t)
@@ -216,12 +221,7 @@ def run_torch_epochs(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int
         t, c = time.perf_counter(), time.thread_time()
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
         for s in range(0, n, BATCH):
-            idx = perm[s:s + BATCH]
-            loss = F.cross_entropy(m(X[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss.item()
+            _torch_step(m, opt, X, y, perm[s:s + BATCH])
         if epoch >= 1:
             wall.append(time.perf_counter() - t)
             cpu.append(time.thread_time() - c)

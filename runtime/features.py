@@ -8,6 +8,7 @@ strings and dictionaries as lists. Outputs come back the same way and are split 
 from __future__ import annotations
 
 import os
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -286,6 +287,11 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
         else:
             out[name] = list(values)
     return out
+
+
+def probability_dicts(labels: Sequence, rows: list[list[float]]) -> list[dict]:
+    """One ``{label: probability}`` dict per row (a classifier's probabilities output)."""
+    return list(map(dict, map(zip, repeat(labels), rows)))
 
 
 def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[dict]:

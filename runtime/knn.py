@@ -38,8 +38,9 @@ import torch
 from mlpersonal.errors import InvalidInputError, InvalidModelError
 from mlpersonal.proto import Model_pb2
 
-from .features import array_shape, feature_kind
+from .features import array_shape, feature_kind, probability_dicts
 from .model import CompiledModel, register_model_kind
+from .plan import ort_session
 from .updating import Updater
 
 #: candidates re-scored exactly beyond the k nearest (more are taken where the bound needs them)
@@ -87,7 +88,7 @@ def _cpu_gemm():
             sess = _GEMM.get(threads)
             if sess is None:
                 try:
-                    import onnxruntime as ort
+                    import onnxruntime  # noqa: F401
                     from onnx import TensorProto, helper
                 except ImportError:
                     sess = False
@@ -101,14 +102,8 @@ def _cpu_gemm():
                          helper.make_tensor_value_info("sq", f, ["n"])],
                         [helper.make_tensor_value_info("d", f, ["b", "n"])])
                     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-                    so = ort.SessionOptions()
-                    so.intra_op_num_threads = threads
-                    so.inter_op_num_threads = 1
-                    so.log_severity_level = 3
                     # its workers must not spin after the product: torch's threads search next
-                    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                    sess = ort.InferenceSession(model.SerializeToString(), so,
-                                                providers=["CPUExecutionProvider"])
+                    sess = ort_session(model.SerializeToString(), threads, spinning=False)
                 _GEMM[threads] = sess
     return sess or None
 
@@ -276,7 +271,7 @@ class KNNModel(CompiledModel):
             rows = max(1, min(MIN_CHUNK_ROWS, MAX_CHUNK_ELEMENTS // n))
         chunks = -(-q.shape[0] // rows)
         rows = -(-q.shape[0] // chunks)  # equal chunks: a small last one would waste the matmul
-        big = min(rows, q.shape[0]) * n * self.dims >= GEMM_MIN_MACS
+        big = rows * n * self.dims >= GEMM_MIN_MACS
         gemm = _cpu_gemm() if self.device.type == "cpu" and big else None
         if gemm is None:
             buf = _workspace(rows * n, self.device)
@@ -390,7 +385,7 @@ class KNNModel(CompiledModel):
         labels = [classes[j] for j in pred.tolist()]
         if not pname:
             return [{lname: lab} for lab in labels]
-        return [{lname: lab, pname: dict(zip(classes, row))} for lab, row in zip(labels, probs.cpu().tolist())]
+        return [{lname: lab, pname: p} for lab, p in zip(labels, probability_dicts(classes, probs.cpu().tolist()))]
 
     def _fast_queries(self, batch) -> Optional[np.ndarray]:
         """``(B, dims)`` float32 when every example is a finite array of the right size, else None
@@ -430,7 +425,7 @@ class KNNModel(CompiledModel):
         classes = self.classes
         out[self.label_name] = [classes[j] for j in pred.tolist()]
         if self.probs_name:
-            out[self.probs_name] = [dict(zip(classes, row)) for row in probs.cpu().tolist()]
+            out[self.probs_name] = probability_dicts(classes, probs.cpu().tolist())
         return out
 
     # --- copies and updates --------------------------------------------------------------------

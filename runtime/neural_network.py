@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-from itertools import repeat
 from typing import Any, Optional
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from mlpersonal.errors import InvalidModelError
 
-from .features import BGR, GRAYSCALE, array_shape, describe, feature_kind
+from .features import BGR, GRAYSCALE, array_shape, describe, feature_kind, probability_dicts
 from .model import CompiledModel, register_model_kind
 from .network import Network
 
@@ -187,7 +186,7 @@ class NeuralNetworkModel(CompiledModel):
                 )
             out[self._label_name] = list(map(labels.__getitem__, p.argmax(axis=1).tolist()))
             if self._probs_name:
-                out[self._probs_name] = list(map(dict, map(zip, repeat(labels), p.tolist())))
+                out[self._probs_name] = probability_dicts(labels, p.tolist())
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:

@@ -150,7 +150,7 @@ class InferencePlan:
             eager = self._eager(blobs)
             model = self._export(blobs)
             threads = max(1, torch.get_num_threads())
-            sess = _session(model, threads)
+            sess = ort_session(model, threads)
             names = [i.name for i in sess.get_inputs()]
             got = self._verify(sess, names, blobs, eager)
             other = _other_batch(blobs)
@@ -158,7 +158,7 @@ class InferencePlan:
             self._verify(sess, names, other, other_eager)
             small = None
             if threads > 1 and len(model) <= SMALL_SESSION_MAX_BYTES:
-                small = _session(model, 1)
+                small = ort_session(model, 1)
                 self._verify(small, names, blobs, eager)
                 self._verify(small, names, other, other_eager)
         except Exception as e:  # noqa: BLE001 - any failure means: run the eager Network
@@ -202,13 +202,17 @@ class InferencePlan:
         return simplify(buf.getvalue())
 
 
-def _session(model: bytes, threads: int):
+def ort_session(model: bytes, threads: int, spinning: bool = True):
+    """A CPU onnxruntime session over ``threads`` intra-op threads (``spinning=False``: its
+    workers sleep as soon as a run ends, for sessions whose caller runs torch ops next)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
@@ -216,8 +220,8 @@ class _Signature:
     """The sessions of one input signature: one with torch's thread count and, for small models,
     a single-threaded one. Tiny batches can run faster on one thread (no thread-pool hand-offs
     between ops). A batch size up to :data:`SMALL_BATCH_MAX` alternates between the two for its
-    first calls (timing spread over calls, so one noisy moment does not decide), then keeps the single-threaded session only if its best time is at least
-    :data:`SMALL_MARGIN` faster."""
+    first calls (timing spread over calls, so one noisy moment does not decide), then keeps the
+    single-threaded session only if its best time is at least :data:`SMALL_MARGIN` faster."""
 
     __slots__ = ("sess", "small", "names", "use_small", "_trials")
 
