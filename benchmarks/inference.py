@@ -9,6 +9,8 @@ intra_op_num_threads=2:
 
 - ``ours``: ``model.predict_batch(list of {"x": array})`` (runtime.plan: onnxruntime on the traced
   Network), including feature encoding and output decoding (label + probability dicts);
+- ``arrays``: ``model.predict_batch(ArrayBatchProvider({"x": batch}))``: the same model fed one
+  ``(B, ...)`` array, answering label and probability columns (no per-example dicts);
 - ``eager Net``: the same call with the plan off (each spec layer a torch eager op);
 - ``ORT``: ``InferenceSession.run`` on ``torch.onnx.export`` of the source module, on one
   pre-stacked array (no Python feature handling);
@@ -140,6 +142,7 @@ def settle(fn) -> None:
 
 def bench(name: str, rounds: int) -> list[dict]:
     import runtime.neural_network  # noqa: F401
+    from runtime.batch import ArrayBatchProvider
     from runtime.model import compile_spec
 
     module, spec, probs_name, shape = build(name)
@@ -154,6 +157,7 @@ def bench(name: str, rounds: int) -> list[dict]:
     for batch in (1, 64):
         x = rng.random((batch, *shape), dtype=np.float32)
         feeds = [{"x": a} for a in x]
+        columns = ArrayBatchProvider({"x": x})
         xt = torch.from_numpy(x)
         t0 = time.perf_counter()
         outs = ours.predict_batch(feeds)  # builds the plan (first batch size only)
@@ -162,17 +166,22 @@ def bench(name: str, rounds: int) -> list[dict]:
         with torch.inference_mode():
             ref = module(xt).numpy()
         got = np.array([[o[probs_name][lab] for lab in LABELS] for o in outs])
-        diff = float(np.abs(got - ref).max())
-        labels_ok = [o["label"] for o in outs] == [LABELS[i] for i in ref.argmax(1)]
+        cols = ours.predict_batch(columns)
+        col_probs = cols.column(probs_name)
+        assert col_probs.keys == LABELS
+        diff = max(float(np.abs(got - ref).max()), float(np.abs(col_probs.values - ref).max()))
+        want = [LABELS[i] for i in ref.argmax(1)]
+        labels_ok = [o["label"] for o in outs] == want == cols.column("label")
 
         def torch_eager():
             with torch.inference_mode():
                 module(xt)
 
-        fns = {"ours": lambda: ours.predict_batch(feeds), "ort": lambda: sess.run(None, {"x": x}),
+        fns = {"ours": lambda: ours.predict_batch(feeds), "arrays": lambda: ours.predict_batch(columns),
+               "ort": lambda: sess.run(None, {"x": x}),
                "torch": torch_eager, "eager_net": lambda: eager.predict_batch(feeds)}
-        reps = {"ours": 100, "ort": 100, "torch": 30, "eager_net": 30} if batch == 1 else \
-            {"ours": 10, "ort": 10, "torch": 3, "eager_net": 3}
+        reps = {"ours": 100, "arrays": 100, "ort": 100, "torch": 30, "eager_net": 30} if batch == 1 \
+            else {"ours": 10, "arrays": 10, "ort": 10, "torch": 3, "eager_net": 3}
         for fn in fns.values():
             fn()
         times: dict[str, list] = {k: [] for k in fns}
@@ -182,8 +191,11 @@ def bench(name: str, rounds: int) -> list[dict]:
                 times[k].append(median_ms(fn, reps[k]))
         med = {k: float(np.median(v)) for k, v in times.items()}
         ratios = [a / b for a, b in zip(times["ours"], times["ort"])]
+        aratios = [a / b for a, b in zip(times["arrays"], times["ort"])]
         rows.append(dict(net=name, batch=batch, **med, ratio=med["ours"] / med["ort"],
-                         ratio_rounds=f"{min(ratios):.2f}-{max(ratios):.2f}", diff=diff,
+                         ratio_rounds=f"{min(ratios):.2f}-{max(ratios):.2f}",
+                         aratio=med["arrays"] / med["ort"],
+                         aratio_rounds=f"{min(aratios):.2f}-{max(aratios):.2f}", diff=diff,
                          labels_ok=labels_ok, load_ms=load_ms, first_ms=first_ms,
                          plan=ours.inference_plan().last_fallback_reason or "onnxruntime"))
     return rows
@@ -204,15 +216,18 @@ def main() -> None:
     for name in args.nets.split(","):
         rows += bench(name, args.rounds)
     print(f"\ntorch {torch.__version__}, threads {THREADS}, {args.rounds} interleaved rounds; "
-          "ms per call (median); ratio = ours / ORT (min-max over rounds)\n")
-    hdr = (f"{'net':<13}{'batch':>6}{'ours':>9}{'ORT':>9}{'ratio':>7}{'rounds':>11}{'torch':>9}"
-           f"{'eagerNet':>10}{'max|diff|':>11}{'labels':>8}{'load':>8}{'1st call':>10}")
+          "ms per call (median); ratio = ours / ORT, arrays/ORT = the ArrayBatchProvider call's "
+          "(min-max over rounds)\n")
+    hdr = (f"{'net':<13}{'batch':>6}{'ours':>8}{'arrays':>8}{'ORT':>8}{'ratio':>7}{'rounds':>11}"
+           f"{'arrays/ORT':>11}{'rounds':>11}{'torch':>8}{'eagerNet':>9}{'max|diff|':>10}"
+           f"{'labels':>7}{'load':>6}{'1st call':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['net']:<13}{r['batch']:>6}{r['ours']:>9.3f}{r['ort']:>9.3f}{r['ratio']:>7.2f}"
-              f"{r['ratio_rounds']:>11}{r['torch']:>9.3f}{r['eager_net']:>10.3f}{r['diff']:>11.1e}"
-              f"{'ok' if r['labels_ok'] else 'DIFF':>8}{r['load_ms']:>7.0f}m{r['first_ms']:>9.0f}m")
+        print(f"{r['net']:<13}{r['batch']:>6}{r['ours']:>8.3f}{r['arrays']:>8.3f}{r['ort']:>8.3f}"
+              f"{r['ratio']:>7.2f}{r['ratio_rounds']:>11}{r['aratio']:>11.2f}{r['aratio_rounds']:>11}"
+              f"{r['torch']:>8.3f}{r['eager_net']:>9.3f}{r['diff']:>10.1e}"
+              f"{'ok' if r['labels_ok'] else 'DIFF':>7}{r['load_ms']:>5.0f}m{r['first_ms']:>8.0f}m")
     if not args.no_memory:
         print("\npeak RSS growth in MiB, fresh process per cell: first/steady = loading + first "
               "predict of batch 64 (ours: plan build) / 20 more predicts after it\n")

@@ -29,6 +29,7 @@ _LAZY = {
     "load": "runtime:load",
     "CompiledModel": "runtime:CompiledModel",
     "UpdateTask": "runtime.update:UpdateTask",
+    "ArrayBatchProvider": "runtime.batch:ArrayBatchProvider",
     "register_custom_layer": "runtime:register_custom_layer",
     "register_custom_model": "runtime:register_custom_model",
     # exporters

@@ -8,7 +8,6 @@ strings and dictionaries as lists. Outputs come back the same way and are split 
 from __future__ import annotations
 
 import os
-from itertools import repeat
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 
 from mlpersonal.errors import InvalidInputError
+
+from .batch import ArrayBatchProvider, DictionaryColumn
 
 GRAYSCALE, RGB, BGR = 10, 20, 30
 _F32 = np.dtype(np.float32)
@@ -141,6 +142,26 @@ def _encode_arrays(fd, values: list, device: torch.device, default: tuple):
     return t if getattr(device, "type", device) == "cpu" else t.to(device)
 
 
+def _encode_array_column(fd, col, device: torch.device, default: tuple):
+    """A ``(B, *shape)`` array column -> one tensor without per-example work when it is float32
+    of the declared shape (other dtypes are converted once); otherwise row by row, with the
+    per-example rules and errors of :func:`encode_array`."""
+    arr = col.detach().cpu().numpy() if isinstance(col, torch.Tensor) else col
+    if arr.dtype != _F32:
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InvalidInputError(f"feature {fd.name!r} must be numeric, got dtype {arr.dtype}")
+        arr = arr.astype(np.float32)
+    if arr.shape[1:] != default:
+        return _encode_arrays(fd, list(arr), device, default)
+    if not (arr.flags.c_contiguous and arr.flags.writeable):
+        arr = np.array(arr, order="C")
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1))[0])
+        _check_finite(arr[bad], fd.name, bad)
+    t = torch.from_numpy(arr)
+    return t if getattr(device, "type", device) == "cpu" else t.to(device)
+
+
 def _check_finite(arr: np.ndarray, name: str, index: int) -> None:
     if not np.isfinite(arr).all():
         raise InvalidInputError(f"example {index}: feature {name!r} contains NaN or Inf values")
@@ -212,6 +233,22 @@ def encode_image(fd, value, index: int) -> np.ndarray:
     return _pixels_to_chw(np.asarray(im), space)
 
 
+def _image_column(fd, col: np.ndarray):
+    """uint8 pixels of every example at once, ``(B, H, W)`` (grayscale) or ``(B, H, W, 3)``
+    (RGB) at a size the model takes -> ``(B, C, H, W)`` float32 in the model's colour order, as
+    :func:`encode_image` gives per example; None for anything else (encoded per example)."""
+    space = int(fd.type.imageType.colorSpace) or RGB
+    if col.dtype != np.uint8 or col.ndim != (3 if space == GRAYSCALE else 4):
+        return None
+    if (space != GRAYSCALE and col.shape[-1] != 3) or not _size_kept(fd, col.shape[2], col.shape[1]):
+        return None
+    arr = col.astype(np.float32)
+    if space == GRAYSCALE:
+        return arr[:, None]
+    arr = np.moveaxis(arr, -1, 1)
+    return np.ascontiguousarray(arr[:, ::-1] if space == BGR else arr)
+
+
 def _size_kept(fd, w: int, h: int) -> bool:
     """Whether an image of ``w`` x ``h`` is fed as it is (the model's size or an allowed one)."""
     return (w, h) == image_size(fd) or _image_size_allowed(fd, w, h)
@@ -233,16 +270,33 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
     ``inputs``: the model's input descriptions, or their :func:`describe` (cached by models).
     """
     if isinstance(examples, dict):
-        raise InvalidInputError("predict_batch expects a list of feature dicts, got one dict")
+        raise InvalidInputError("predict_batch expects a list of feature dicts (or an "
+                                "ArrayBatchProvider of columns), got one dict")
     inputs = describe(inputs)
-    all_dicts = all([type(ex) is dict for ex in examples])
+    columns = examples.columns if isinstance(examples, ArrayBatchProvider) else None
+    all_dicts = columns is None and all([type(ex) is dict for ex in examples])
     out: dict[str, Any] = {}
     for f in inputs:
         name, kind, fd = f.name, f.kind, f.fd
-        try:
-            values = [ex[name] for ex in examples] if all_dicts else None
-        except KeyError:
-            values = None
+        if columns is not None:
+            if name not in columns and not f.optional:
+                raise InvalidInputError(f"the batch has no column {name!r} (the model's inputs "
+                                        f"are {[g.name for g in inputs]})")
+            col = columns.get(name)
+            if kind == "multiArrayType" and isinstance(col, (np.ndarray, torch.Tensor)):
+                out[name] = _encode_array_column(fd, col, device, f.shape)
+                continue
+            if kind == "imageType" and isinstance(col, np.ndarray):
+                pixels = _image_column(fd, col)
+                if pixels is not None:
+                    out[name] = torch.from_numpy(pixels).to(device)
+                    continue
+            values = [None] * len(examples) if col is None else list(col)
+        else:
+            try:
+                values = [ex[name] for ex in examples] if all_dicts else None
+            except KeyError:
+                values = None
         if values is None:  # not plain dicts, or a missing feature: check one by one
             values = []
             for i, ex in enumerate(examples):
@@ -289,17 +343,15 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
     return out
 
 
-def probability_dicts(labels: Sequence, rows: list[list[float]]) -> list[dict]:
-    """One ``{label: probability}`` dict per row (a classifier's probabilities output)."""
-    return list(map(dict, map(zip, repeat(labels), rows)))
-
-
-def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[dict]:
-    """Split batched outputs into one dict of python/numpy values per example.
+def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int,
+                   columns: bool = False) -> list[dict] | ArrayBatchProvider:
+    """Batched outputs -> one dict of python/numpy values per example, or (``columns=True``) an
+    :class:`~runtime.batch.ArrayBatchProvider`: arrays stay ``(n, ...)``, class probabilities a
+    :class:`~runtime.batch.DictionaryColumn`, other kinds per-example lists.
 
     ``outputs``: the model's output descriptions, or their :func:`describe` (cached by models).
     """
-    result: list[dict] = [{} for _ in range(n)]
+    cols: dict[str, Any] = {}
     for f in describe(outputs):
         name, kind = f.name, f.kind
         if name not in batched:
@@ -316,6 +368,13 @@ def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int) -> list[d
                 v = [int(a) for a in arr.reshape(n, -1)[:, 0].tolist()]
             else:
                 v = arr
+        elif type(v) is DictionaryColumn and not columns:
+            v = v.tolist()
+        cols[name] = v
+    if columns:
+        return ArrayBatchProvider._of(cols, n)
+    result: list[dict] = [{} for _ in range(n)]
+    for name, v in cols.items():
         for r, value in zip(result, v):
             r[name] = value
     return result

@@ -38,7 +38,8 @@ import torch
 from mlpersonal.errors import InvalidInputError, InvalidModelError
 from mlpersonal.proto import Model_pb2
 
-from .features import array_shape, feature_kind, probability_dicts
+from .batch import ArrayBatchProvider, DictionaryColumn
+from .features import array_shape, feature_kind
 from .model import CompiledModel, register_model_kind
 from .plan import ort_session
 from .updating import Updater
@@ -374,7 +375,7 @@ class KNNModel(CompiledModel):
         pred = lab.gather(1, first).squeeze(1)
         return pred, votes / votes.sum(1, keepdim=True)
 
-    def predict_batch(self, batch: Sequence[dict]) -> list[dict]:
+    def predict_batch(self, batch):
         """Batched prediction; a batch of plain numeric arrays skips per-example encoding."""
         q = self._fast_queries(batch)
         if q is None or self.num_samples == 0:
@@ -383,13 +384,26 @@ class KNNModel(CompiledModel):
             pred, probs = self.vote(torch.from_numpy(q).to(self.device))
         classes, lname, pname = self.classes, self.label_name, self.probs_name
         labels = [classes[j] for j in pred.tolist()]
+        probs = DictionaryColumn(classes, probs.cpu().numpy()) if pname else None
+        if isinstance(batch, ArrayBatchProvider):
+            return ArrayBatchProvider({lname: labels, pname: probs} if pname else {lname: labels})
         if not pname:
             return [{lname: lab} for lab in labels]
-        return [{lname: lab, pname: p} for lab, p in zip(labels, probability_dicts(classes, probs.cpu().tolist()))]
+        return [{lname: lab, pname: p} for lab, p in zip(labels, probs.tolist())]
 
     def _fast_queries(self, batch) -> Optional[np.ndarray]:
         """``(B, dims)`` float32 when every example is a finite array of the right size, else None
         (the generic encoder then reports what is wrong with which example)."""
+        if isinstance(batch, ArrayBatchProvider):
+            col = batch.columns.get(self.input_name)
+            if not (isinstance(col, np.ndarray) and col.dtype.kind == "f" and col.size):
+                return None
+            q = np.ascontiguousarray(col, dtype=np.float32)
+            if not q.flags.writeable:
+                q = q.copy()
+            if q[0].size != self.dims or not np.isfinite(q).all():
+                return None
+            return q.reshape(len(batch), self.dims)
         if not isinstance(batch, (list, tuple)) or not batch:
             return None
         try:
@@ -425,7 +439,7 @@ class KNNModel(CompiledModel):
         classes = self.classes
         out[self.label_name] = [classes[j] for j in pred.tolist()]
         if self.probs_name:
-            out[self.probs_name] = probability_dicts(classes, probs.cpu().tolist())
+            out[self.probs_name] = DictionaryColumn(classes, probs.cpu().numpy())
         return out
 
     # --- copies and updates --------------------------------------------------------------------

@@ -14,6 +14,7 @@ from mlpersonal.specio import SpecLike, check_header, load_spec, save
 from mlpersonal.validate import validate
 
 from .device import autocast, select_device, uses_low_precision
+from .batch import ArrayBatchProvider
 from .features import decode_outputs, describe, encode_inputs
 
 #: What torch/numpy raise when a (validated) spec's layers do not fit together at run time;
@@ -78,24 +79,32 @@ class CompiledModel:
         """Predict one example: ``{input name: value}`` -> ``{output name: value}``."""
         return self.predict_batch([features])[0]
 
-    def predict_batch(self, batch: Sequence[dict]) -> list[dict]:
-        """Predict a list of examples in one batched pass."""
-        batch = list(batch) if not isinstance(batch, dict) else batch
+    def predict_batch(self, batch: Sequence[dict] | ArrayBatchProvider) -> list[dict] | ArrayBatchProvider:
+        """Predict many examples in one batched pass (Core ML's ``predictions(from:)``).
+
+        ``batch``: a list of feature dicts -> a list of output dicts; or an
+        :class:`~runtime.batch.ArrayBatchProvider` of columns (e.g. one ``(B, ...)`` array per
+        input) -> an ``ArrayBatchProvider`` of output columns, with no per-example dicts built.
+        """
+        columns = isinstance(batch, ArrayBatchProvider)
+        if not columns and not isinstance(batch, dict):
+            batch = list(batch)
+        n = len(batch)
         io = self.__dict__.get("_io")
         if io is None:  # the description read once (runtime.features.describe)
             io = self._io = (describe(self.spec.description.input), describe(self.spec.description.output))
         feeds = encode_inputs(io[0], batch, self.device)
         try:
-            out = self.forward_ready(feeds, len(batch))
+            out = self.forward_ready(feeds, n)
             if out is not None:
-                return decode_outputs(io[1], out, len(batch))
+                return decode_outputs(io[1], out, n, columns)
             with torch.inference_mode():
                 if self.low_precision:
                     with self.autocast():
-                        out = self.forward(feeds, len(batch))
+                        out = self.forward(feeds, n)
                 else:
-                    out = self.forward(feeds, len(batch))
-            return decode_outputs(io[1], out, len(batch))
+                    out = self.forward(feeds, n)
+            return decode_outputs(io[1], out, n, columns)
         except MLPersonalError:
             raise
         except _RUN_ERRORS as e:

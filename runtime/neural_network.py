@@ -11,7 +11,8 @@ import torch
 
 from mlpersonal.errors import InvalidModelError
 
-from .features import BGR, GRAYSCALE, array_shape, describe, feature_kind, probability_dicts
+from .batch import DictionaryColumn
+from .features import BGR, GRAYSCALE, array_shape, describe, feature_kind
 from .model import CompiledModel, register_model_kind
 from .network import Network
 
@@ -186,7 +187,7 @@ class NeuralNetworkModel(CompiledModel):
                 )
             out[self._label_name] = list(map(labels.__getitem__, p.argmax(axis=1).tolist()))
             if self._probs_name:
-                out[self._probs_name] = probability_dicts(labels, p.tolist())
+                out[self._probs_name] = DictionaryColumn(labels, p)
         return out
 
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:

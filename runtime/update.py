@@ -72,6 +72,7 @@ from mlpersonal.errors import (
 )
 from mlpersonal.update_params import normalize_key, resolve
 
+from .batch import ArrayBatchProvider
 from .features import feature_kind
 from .model import CompiledModel, compile_spec, load
 from .updating import Updater
@@ -119,9 +120,9 @@ class UpdateTask:
     """Train a copy of an updatable model on ``training_data`` in a background thread.
 
     ``model_or_path``: a CompiledModel, a path, bytes or a spec (loaded with ``compute_units``).
-    ``training_data``: feature dicts, each with the model inputs and the target (a classifier's
-    class label under its predicted-feature name; otherwise the loss layer's target name, e.g.
-    ``"output_true"``). ``parameters``: overrides (``learning_rate``, ``epochs``, ... or Core ML's
+    ``training_data``: feature dicts (or an :class:`~runtime.batch.ArrayBatchProvider` of
+    columns), each with the model inputs and the target (a classifier's class label under its
+    predicted-feature name; otherwise the loss layer's target name, e.g. ``"output_true"``). ``parameters``: overrides (``learning_rate``, ``epochs``, ... or Core ML's
     ``learningRate`` ...), checked against what the model allows. ``progress_handlers``:
     ``{"training_began" | "mini_batch_end" | "epoch_end": fn(ctx)}``;
     ``completion_handler(ctx)`` runs once when the task ends, whatever the outcome.
@@ -132,6 +133,8 @@ class UpdateTask:
                  completion_handler: Optional[Callable[[UpdateContext], Any]] = None,
                  compute_units: Optional[str] = None):
         self._source = model_or_path
+        if isinstance(training_data, ArrayBatchProvider):  # Core ML's MLBatchProvider
+            training_data = training_data.to_list()
         self._data = training_data
         if parameters is not None and not isinstance(parameters, dict):
             raise UpdateParameterError(f"parameters must be a dict, got {type(parameters).__name__}")

@@ -131,3 +131,19 @@ def test_bad_multiarray_raises_invalid_input(bad):
 def test_missing_feature_raises_invalid_input():
     with pytest.raises(mlpersonal.InvalidInputError, match="missing input feature 'x'"):
         _array_model().predict({"y": np.zeros((3, 2, 2))})
+
+
+@pytest.mark.parametrize("color", ["grayscale", "rgb", "bgr"])
+def test_image_columns_equal_per_example_encoding(color):
+    """A (B, H, W[, 3]) uint8 column (ArrayBatchProvider) is encoded at once, as each example is."""
+    model = image_model(color)
+    pxs = np.stack([rgb_pixels(s) for s in range(5)])
+    gray = pxs[..., 0]
+    for col in ((gray if color == "grayscale" else pxs), pxs, gray):  # fast path, then converted
+        out = model.predict_batch(mlpersonal.ArrayBatchProvider({"image": col}))
+        want = model.predict_batch([{"image": v} for v in col])
+        np.testing.assert_array_equal(out.column("out"), np.stack([w["out"] for w in want]))
+    rgb = np.repeat(gray[..., None], 3, axis=3) if color == "grayscale" else pxs
+    out = model.predict_batch(mlpersonal.ArrayBatchProvider({"image": rgb if color != "grayscale" else gray}))
+    for got, px in zip(out.column("out"), rgb):
+        np.testing.assert_allclose(got, reference(px, color), atol=1e-5, rtol=0)
