@@ -13,7 +13,9 @@ intra_op_num_threads=2:
   ``(B, ...)`` array, answering label and probability columns (no per-example dicts);
 - ``eager Net``: the same call with the plan off (each spec layer a torch eager op);
 - ``ORT``: ``InferenceSession.run`` on ``torch.onnx.export`` of the source module, on one
-  pre-stacked array (no Python feature handling);
+  pre-stacked array (no Python feature handling), its output left unread;
+- ``ORT+labels``: the same run plus what a classifier's caller does next and ``arrays`` answers:
+  the label of each row (argmax, label lookup) beside the probability matrix;
 - ``torch``: the source module in eager mode under ``torch.inference_mode``.
 
 Also: load time (compile), the first predict call (plan build), peak RSS growth of predicting
@@ -62,6 +64,11 @@ def ort_session(module, shape):
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+
+def ort_labels(probs: np.ndarray) -> tuple[list, np.ndarray]:
+    """What a classifier's caller does with onnxruntime's output: a label per row."""
+    return [LABELS[i] for i in probs.argmax(1).tolist()], probs
 
 
 def rss_mb() -> float:
@@ -179,9 +186,11 @@ def bench(name: str, rounds: int) -> list[dict]:
 
         fns = {"ours": lambda: ours.predict_batch(feeds), "arrays": lambda: ours.predict_batch(columns),
                "ort": lambda: sess.run(None, {"x": x}),
+               "ort_labels": lambda: ort_labels(sess.run(None, {"x": x})[0]),
                "torch": torch_eager, "eager_net": lambda: eager.predict_batch(feeds)}
-        reps = {"ours": 100, "arrays": 100, "ort": 100, "torch": 30, "eager_net": 30} if batch == 1 \
-            else {"ours": 10, "arrays": 10, "ort": 10, "torch": 3, "eager_net": 3}
+        reps = {"ours": 100, "arrays": 100, "ort": 100, "ort_labels": 100, "torch": 30,
+                "eager_net": 30} if batch == 1 else \
+            {"ours": 10, "arrays": 10, "ort": 10, "ort_labels": 10, "torch": 3, "eager_net": 3}
         for fn in fns.values():
             fn()
         times: dict[str, list] = {k: [] for k in fns}
@@ -192,10 +201,13 @@ def bench(name: str, rounds: int) -> list[dict]:
         med = {k: float(np.median(v)) for k, v in times.items()}
         ratios = [a / b for a, b in zip(times["ours"], times["ort"])]
         aratios = [a / b for a, b in zip(times["arrays"], times["ort"])]
+        lratios = [a / b for a, b in zip(times["arrays"], times["ort_labels"])]
         rows.append(dict(net=name, batch=batch, **med, ratio=med["ours"] / med["ort"],
                          ratio_rounds=f"{min(ratios):.2f}-{max(ratios):.2f}",
                          aratio=med["arrays"] / med["ort"],
-                         aratio_rounds=f"{min(aratios):.2f}-{max(aratios):.2f}", diff=diff,
+                         aratio_rounds=f"{min(aratios):.2f}-{max(aratios):.2f}",
+                         lratio=med["arrays"] / med["ort_labels"],
+                         lratio_rounds=f"{min(lratios):.2f}-{max(lratios):.2f}", diff=diff,
                          labels_ok=labels_ok, load_ms=load_ms, first_ms=first_ms,
                          plan=ours.inference_plan().last_fallback_reason or "onnxruntime"))
     return rows
@@ -216,16 +228,17 @@ def main() -> None:
     for name in args.nets.split(","):
         rows += bench(name, args.rounds)
     print(f"\ntorch {torch.__version__}, threads {THREADS}, {args.rounds} interleaved rounds; "
-          "ms per call (median); ratio = ours / ORT, arrays/ORT = the ArrayBatchProvider call's "
-          "(min-max over rounds)\n")
-    hdr = (f"{'net':<13}{'batch':>6}{'ours':>8}{'arrays':>8}{'ORT':>8}{'ratio':>7}{'rounds':>11}"
-           f"{'arrays/ORT':>11}{'rounds':>11}{'torch':>8}{'eagerNet':>9}{'max|diff|':>10}"
-           f"{'labels':>7}{'load':>6}{'1st call':>9}")
+          "ms per call (median); ratio = ours / ORT, arrays/ORT = the ArrayBatchProvider call's, "
+          "arrays/+lab = vs ORT+labels (min-max over rounds)\n")
+    hdr = (f"{'net':<13}{'batch':>6}{'ours':>8}{'arrays':>8}{'ORT':>8}{'ORT+lab':>8}{'ratio':>7}"
+           f"{'rounds':>11}{'arrays/ORT':>11}{'rounds':>11}{'arrays/+lab':>12}{'rounds':>11}"
+           f"{'torch':>8}{'eagerNet':>9}{'max|diff|':>10}{'labels':>7}{'load':>6}{'1st call':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['net']:<13}{r['batch']:>6}{r['ours']:>8.3f}{r['arrays']:>8.3f}{r['ort']:>8.3f}"
-              f"{r['ratio']:>7.2f}{r['ratio_rounds']:>11}{r['aratio']:>11.2f}{r['aratio_rounds']:>11}"
+              f"{r['ort_labels']:>8.3f}{r['ratio']:>7.2f}{r['ratio_rounds']:>11}{r['aratio']:>11.2f}"
+              f"{r['aratio_rounds']:>11}{r['lratio']:>12.2f}{r['lratio_rounds']:>11}"
               f"{r['torch']:>8.3f}{r['eager_net']:>9.3f}{r['diff']:>10.1e}"
               f"{'ok' if r['labels_ok'] else 'DIFF':>7}{r['load_ms']:>5.0f}m{r['first_ms']:>8.0f}m")
     if not args.no_memory:

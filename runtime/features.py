@@ -107,21 +107,29 @@ def encode_array(fd, value, index: int) -> np.ndarray:
     return arr
 
 
+def plain_arrays(values: list, default: tuple):
+    """``(B, *default)`` float32 (a new array) when every value is a float32 numpy array of the
+    declared shape ``default``, else None (values that need conversion or checks one by one).
+    Not checked for NaN/Inf."""
+    if not values or not all([type(v) is np.ndarray and v.dtype is _F32 and v.shape == default
+                              for v in values]):
+        return None
+    if len(values) == 1:
+        return values[0][None].copy()
+    if default:
+        return np.concatenate(values).reshape(len(values), *default)
+    return np.stack(values)
+
+
 def _encode_arrays(fd, values: list, device: torch.device, default: tuple):
     """Multi-array values -> one ``(B, *shape)`` tensor, or a list of tensors (mixed shapes).
 
     Fast path: float32 numpy arrays of the declared shape ``default`` skip per-example
     conversion and are checked for NaN/Inf once, batched (same errors as :func:`encode_array`).
     """
-    if values and all([type(v) is np.ndarray and v.dtype is _F32 and v.shape == default
-                       for v in values]):  # the common case: no per-example conversion
+    stacked = plain_arrays(values, default)
+    if stacked is not None:  # the common case: no per-example conversion
         arrs, fast = values, range(len(values))
-        if len(values) == 1:
-            stacked = values[0][None].copy()
-        elif default:
-            stacked = np.concatenate(values).reshape(len(values), *default)
-        else:
-            stacked = np.stack(values)
     else:
         arrs, fast = [], []
         for i, v in enumerate(values):

@@ -90,9 +90,7 @@ class CompiledModel:
         if not columns and not isinstance(batch, dict):
             batch = list(batch)
         n = len(batch)
-        io = self.__dict__.get("_io")
-        if io is None:  # the description read once (runtime.features.describe)
-            io = self._io = (describe(self.spec.description.input), describe(self.spec.description.output))
+        io = self._described()
         feeds = encode_inputs(io[0], batch, self.device)
         try:
             out = self.forward_ready(feeds, n)
@@ -112,6 +110,13 @@ class CompiledModel:
                 f"the model failed while predicting ({type(e).__name__}: {e}); its layers do not "
                 "fit its declared inputs, so the model is corrupt or inconsistent"
             ) from e
+
+    def _described(self) -> tuple:
+        """(inputs, outputs) of the model description, read once (runtime.features.describe)."""
+        io = self.__dict__.get("_io")
+        if io is None:
+            io = self._io = (describe(self.spec.description.input), describe(self.spec.description.output))
+        return io
 
     def forward_ready(self, feeds: dict[str, Any], n: int) -> Optional[dict[str, Any]]:
         """Outputs from a ready fast path that needs no torch set-up (see

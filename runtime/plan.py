@@ -106,7 +106,8 @@ class InferencePlan:
     def run(self, blobs: dict[str, torch.Tensor], n: int, build: bool = True) -> Optional[dict[str, np.ndarray]]:
         """The output blobs (float32 numpy arrays) for batched input ``blobs``, or None: the
         caller runs the Network. ``build=False``: only a ready session runs (no side effects
-        otherwise), so a caller may try it before setting up an eager run."""
+        otherwise), so a caller may try it before setting up an eager run; only then may blobs
+        be C-contiguous float32 numpy arrays instead of tensors."""
         if self._params:
             version = self._param_version()
             if version != self._version:  # weights changed in place: stale until stable
@@ -118,8 +119,12 @@ class InferencePlan:
                 return None
         arrays, key = {}, []
         for k, v in blobs.items():
-            arrays[k] = a = _as_numpy(v)
-            key.append((k, a.shape[1:], v.dtype))
+            if type(v) is np.ndarray:  # float32 numpy blobs (only with build=False)
+                arrays[k] = v
+                key.append((k, v.shape[1:], torch.float32))
+            else:
+                arrays[k] = a = _as_numpy(v)
+                key.append((k, a.shape[1:], v.dtype))
         key = tuple(key)
         entry = self._sessions.get(key)
         if entry is None:

@@ -300,3 +300,79 @@ def test_one_thread_builds_no_second_session(rng):
         assert next(iter(planned.inference_plan()._sessions.values())).small is None
     finally:
         torch.set_num_threads(threads)
+
+
+def _vector_regressor(rng):
+    """x (6,) -> fc 6->3 -> relu -> fc 3->2 ("y"); and its numpy twin."""
+    w1, b1, w2, b2 = _w(rng, 3, 6), _w(rng, 3), _w(rng, 2, 3), _w(rng, 2)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(6))], [("y", None)], mode="regressor")
+    b.add_inner_product("fc1", w1, b1, 6, 3, True, "x", "h")
+    b.add_activation("relu", "RELU", "h", "r")
+    b.add_inner_product("fc2", w2, b2, 3, 2, True, "r", "y")
+    return b.spec, lambda x: np.maximum(x @ w1.T + b1, 0) @ w2.T + b2
+
+
+@pytest.mark.parametrize("outputs", ["label+probs", "probs+label", "label"])
+def test_plain_examples_take_the_short_path_with_the_same_outputs(rng, monkeypatch, outputs):
+    """Float32 arrays of the declared shape skip the generic encoder once the plan is ready; the
+    outputs (and their key order) equal the eager Network's and the torch reference's."""
+    import runtime.model as model_mod
+
+    spec, ref = classifier_spec(rng)
+    outs = spec.description.output
+    if outputs == "probs+label":
+        first, second = outs[0].__deepcopy__(), outs[1].__deepcopy__()
+        del outs[:]
+        outs.extend([second, first] if first.name == "label" else [first, second])
+    elif outputs == "label":
+        keep = [o.__deepcopy__() for o in outs if o.name == "label"]
+        del outs[:]
+        outs.extend(keep)
+        spec.description.predictedProbabilitiesName = ""
+    planned, eager = models(spec)
+    x = rng.standard_normal((5, 1, 8, 8)).astype(np.float32)
+    feeds = [{"x": a} for a in x]
+    planned.predict_batch(feeds)  # builds the plan through the generic path
+
+    def no_generic(*a, **k):
+        raise AssertionError("the generic encoder ran")
+
+    monkeypatch.setattr(model_mod, "encode_inputs", no_generic)
+    for n in (1, 5):
+        got = planned.predict_batch(feeds[:n])
+        cols = planned.predict_batch(mp.ArrayBatchProvider({"x": x[:n]}))
+        assert list(cols.columns) == [o.name for o in outs] and cols.to_list() == got
+        monkeypatch.undo()
+        want = eager.predict_batch(feeds[:n])
+        monkeypatch.setattr(model_mod, "encode_inputs", no_generic)
+        assert [list(o) for o in got] == [list(o) for o in want] == [[o.name for o in outs]] * n
+        assert_same(got, want)
+        probs = ref(torch.from_numpy(x[:n])).numpy()
+        assert [o["label"] for o in got] == [LABELS[i] for i in probs.argmax(1)]
+        if "probs" in got[0]:
+            assert np.abs(np.array([[o["probs"][c] for c in LABELS] for o in got]) - probs).max() <= 1e-5
+    monkeypatch.undo()
+    # anything not plain goes the generic way: float64, a list, a missing feature, NaN
+    for bad in ({"x": x[0].astype(np.float64)}, {"x": x[0].tolist()}):
+        assert_same(planned.predict_batch([bad]), eager.predict_batch([{"x": x[0]}]))
+    with pytest.raises(InvalidInputError, match="missing input feature 'x'"):
+        planned.predict_batch([{"y": x[0]}])
+    nan = x[:2].copy()
+    nan[1, 0, 0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="example 1: feature 'x' contains NaN"):
+        planned.predict_batch([{"x": a} for a in nan])
+
+
+def test_vector_inputs_take_the_short_path(rng, monkeypatch):
+    import runtime.model as model_mod
+
+    spec, ref = _vector_regressor(rng)
+    planned, eager = models(spec)
+    x = rng.standard_normal((7, 6)).astype(np.float32)
+    feeds = [{"x": a} for a in x]
+    planned.predict_batch(feeds)
+    monkeypatch.setattr(model_mod, "encode_inputs", lambda *a, **k: 1 / 0)
+    got = planned.predict_batch(feeds)
+    monkeypatch.undo()
+    assert_same(got, eager.predict_batch(feeds))
+    np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in got]), ref(x), atol=1e-5)
