@@ -1,6 +1,7 @@
 """Prediction speed of the sticker CNN, all measured side by side in one run:
 
-* mlpersonal runtime ``predict_batch`` on the spec from ``exporters.converter``
+* mlpersonal runtime ``predict_batch`` on the spec from ``exporters.converter`` (a list of
+  feature dicts, and the same batch as ``ArrayBatchProvider`` columns)
 * torch eager on the source module
 * onnxruntime on ``exporters.to_onnx`` of the same module
 
@@ -96,10 +97,13 @@ def main() -> None:
             data = pixels[:batch] if kind == "image input" else floats[:batch]
             feeds = [{"image": d} for d in data]
             fns[kind] = (lambda m=m, feeds=feeds: m.predict_batch(feeds))
+            columns = mp.ArrayBatchProvider({"image": data})
+            fns[kind + ", columns"] = (lambda m=m, c=columns: m.predict_batch(c))
         t = medians_ms(fns, repeat=40 if batch == 64 else 300)
         for kind in runtimes:
-            rows.append([kind, batch, t[kind], t["torch"], t["ort"], t[kind] / t["torch"],
-                         t[kind] / t["ort"]])
+            for how in (kind, kind + ", columns"):
+                rows.append([how, batch, t[how], t["torch"], t["ort"], t[how] / t["torch"],
+                             t[how] / t["ort"]])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"sticker CNN, torch threads = {torch.get_num_threads()}, onnxruntime intra-op "
           f"threads = {threads}, {os.cpu_count()} cores, load average {load:.1f} (median ms)")

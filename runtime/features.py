@@ -20,6 +20,7 @@ from .batch import ArrayBatchProvider, DictionaryColumn
 
 GRAYSCALE, RGB, BGR = 10, 20, 30
 _F32 = np.dtype(np.float32)
+_NUMERIC_KINDS = "biufc"  # numpy dtype kinds of bool, signed/unsigned int, float, complex
 _ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 65552: np.float16}
 
 
@@ -82,7 +83,7 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
         arr = np.asarray(value)
     except Exception as e:  # noqa: BLE001
         raise InvalidInputError(f"example {index}: feature {name!r} is not array-like ({e})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if arr.dtype.kind not in _NUMERIC_KINDS:
         raise InvalidInputError(
             f"example {index}: feature {name!r} must be numeric, got dtype {arr.dtype}"
         )
@@ -156,7 +157,7 @@ def _encode_array_column(fd, col, device: torch.device, default: tuple):
     per-example rules and errors of :func:`encode_array`."""
     arr = col.detach().cpu().numpy() if isinstance(col, torch.Tensor) else col
     if arr.dtype != _F32:
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        if arr.dtype.kind not in _NUMERIC_KINDS:
             raise InvalidInputError(f"feature {fd.name!r} must be numeric, got dtype {arr.dtype}")
         arr = arr.astype(np.float32)
     if arr.shape[1:] != default:
@@ -218,7 +219,7 @@ def encode_image(fd, value, index: int) -> np.ndarray:
             raise InvalidInputError(
                 f"example {index}: image {name!r} must be HxW or HxWxC (C=1,3,4), got shape {arr.shape}"
             )
-        if np.issubdtype(arr.dtype, np.floating):
+        if arr.dtype.kind == "f":
             if not np.isfinite(arr).all():
                 raise InvalidInputError(f"example {index}: image {name!r} contains NaN or Inf")
             if arr.min() < 0 or arr.max() > 1.0:
