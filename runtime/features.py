@@ -20,6 +20,7 @@ from .batch import ArrayBatchProvider, DictionaryColumn
 
 GRAYSCALE, RGB, BGR = 10, 20, 30
 _F32 = np.dtype(np.float32)
+_U8 = np.dtype(np.uint8)
 _NUMERIC_KINDS = "biufc"  # numpy dtype kinds of bool, signed/unsigned int, float, complex
 _ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 65552: np.float16}
 
@@ -242,7 +243,7 @@ def encode_image(fd, value, index: int) -> np.ndarray:
     return _pixels_to_chw(np.asarray(im), space)
 
 
-def _image_column(fd, col: np.ndarray):
+def pixel_batch(fd, col: np.ndarray):
     """uint8 pixels of every example at once, ``(B, H, W)`` (grayscale) or ``(B, H, W, 3)``
     (RGB) at a size the model takes -> ``(B, C, H, W)`` float32 in the model's colour order, as
     :func:`encode_image` gives per example; None for anything else (encoded per example)."""
@@ -256,6 +257,16 @@ def _image_column(fd, col: np.ndarray):
         return arr[:, None]
     arr = np.moveaxis(arr, -1, 1)
     return np.ascontiguousarray(arr[:, ::-1] if space == BGR else arr)
+
+
+def plain_pixels(fd, values: list):
+    """:func:`pixel_batch` of per-example uint8 pixel arrays of one shape, else None."""
+    if not values or not all([type(v) is np.ndarray and v.dtype is _U8 for v in values]):
+        return None
+    shape = values[0].shape
+    if not all([v.shape == shape for v in values]):
+        return None
+    return pixel_batch(fd, values[0][None] if len(values) == 1 else np.stack(values))
 
 
 def _size_kept(fd, w: int, h: int) -> bool:
@@ -296,7 +307,7 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
                 out[name] = _encode_array_column(fd, col, device, f.shape)
                 continue
             if kind == "imageType" and isinstance(col, np.ndarray):
-                pixels = _image_column(fd, col)
+                pixels = pixel_batch(fd, col)
                 if pixels is not None:
                     out[name] = torch.from_numpy(pixels).to(device)
                     continue

@@ -147,3 +147,27 @@ def test_image_columns_equal_per_example_encoding(color):
     out = model.predict_batch(mlpersonal.ArrayBatchProvider({"image": rgb if color != "grayscale" else gray}))
     for got, px in zip(out.column("out"), rgb):
         np.testing.assert_allclose(got, reference(px, color), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("color", ["grayscale", "rgb", "bgr"])
+def test_plain_pixel_batches_take_the_short_path(color, monkeypatch):
+    """uint8 pixel arrays at the model's size skip the generic encoder once the inference plan
+    is ready (as dicts and as columns); outputs equal the preprocessing reference."""
+    import runtime.model as model_mod
+
+    model = image_model(color)
+    pxs = np.stack([rgb_pixels(s) for s in range(4)])
+    values = pxs[..., 0] if color == "grayscale" else pxs
+    model.predict_batch([{"image": v} for v in values])  # builds the plan
+    monkeypatch.setattr(model_mod, "encode_inputs", lambda *a, **k: 1 / 0)
+    got = model.predict_batch([{"image": v} for v in values])
+    cols = model.predict_batch(mlpersonal.ArrayBatchProvider({"image": values}))
+    monkeypatch.undo()
+    for px, out, col in zip(pxs, got, cols.column("out")):
+        rgb = np.repeat(px[..., :1], 3, axis=2) if color == "grayscale" else px
+        np.testing.assert_allclose(out["out"], reference(rgb, color), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(col, out["out"])
+    # another size or a float image goes the generic way (resized / converted), same answers
+    floats = [v.astype(np.float32) / 255 for v in values]
+    np.testing.assert_allclose(np.stack([o["out"] for o in model.predict_batch([{"image": v} for v in floats])]),
+                               np.stack([o["out"] for o in got]), atol=TOL)
