@@ -20,14 +20,17 @@ Rules:
 - CPU only: cuda/mps models, low-precision autocast and every training path use the Network;
 - weights changed in place (an update in progress) make the plan stale: the eager Network runs
   until the weights are stable again for two calls, then the plan is rebuilt;
-- small models also get a single-threaded session: for batch sizes up to
+- small models (up to 4 MB) also get a single-threaded session: for batch sizes up to
   :data:`SMALL_BATCH_MAX` the faster of the two, timed over the first calls of that size, runs
   (the sticker CNN at batch 1: 26 vs 39 us; larger nets keep both threads);
-- thread-safe: building is serialized by a lock, ``InferenceSession.run`` is thread-safe.
+- thread-safe: building is serialized by a lock, ``InferenceSession.run`` is thread-safe;
+- memory: after a build, the freed temporaries of tracing (several copies of the weights) are
+  handed back to the OS (``malloc_trim`` where glibc has it).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
@@ -50,8 +53,9 @@ CALIBRATION_WARMUP = 2
 CALIBRATION_RUNS = 4
 #: the single-threaded session must be at least this much faster to be kept
 SMALL_MARGIN = 0.1
-#: a single-threaded session is kept beside the main one for models up to this size
-SMALL_SESSION_MAX_BYTES = 32 << 20
+#: a single-threaded session is kept beside the main one for models up to this size (it holds
+#: its own copy of the packed weights; larger models are compute-bound even at batch 1)
+SMALL_SESSION_MAX_BYTES = 4 << 20
 #: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
 TOLERANCE = 1e-5
 OPSET = 17
@@ -137,6 +141,7 @@ class InferencePlan:
                         return None
                     entry, result = self._build(blobs)
                     self._sessions[key] = entry
+                    _trim_heap()  # the build's temporaries are gone now
                     return result  # this call's outputs, computed while verifying
         if entry is _FAILED:
             return None
@@ -205,6 +210,25 @@ class InferencePlan:
                               output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET,
                               do_constant_folding=True)
         return simplify(buf.getvalue())
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (looked up once, in the C library already loaded)."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    """Give the build's freed temporaries (traced model, graph copies: several times the weights)
+    back to the OS where the C library can (a no-op without glibc)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def ort_session(model: bytes, threads: int, spinning: bool = True):
