@@ -1,7 +1,8 @@
 """kNN benchmark, side by side in one run (2 threads).
 
 10,000 stored 128-d samples, 256 queries, k=3, 10 classes, uniform votes:
-  * runtime ``predict_batch`` (feature dicts in, label + probabilities dicts out)
+  * runtime ``predict_batch`` (feature dicts in, label + probabilities dicts out), and the same
+    with ``ArrayBatchProvider`` columns (one query array in, a label list and a matrix out)
   * plain torch brute force (norms + matmul + topk + majority vote on ready tensors; the BLAS limit)
   * scikit-learn ``KNeighborsClassifier(algorithm="brute")``
   * faiss ``IndexFlatL2`` (default settings) + majority vote, when faiss-cpu is installed
@@ -72,6 +73,7 @@ def main():
     labels = [f"c{v}" for v in y]
     q = rng.normal(size=(B, D)).astype(np.float32)
     batch = [{"features": v} for v in q]
+    columns = mp.ArrayBatchProvider({"features": q})  # label list + probability matrix out
 
     model = mp.load(knn_classifier(D, number_of_neighbors=K, k_range=(1, 10), samples=x, labels=labels),
                     compute_units="cpu_only")
@@ -92,6 +94,7 @@ def main():
     sk = KNeighborsClassifier(K, algorithm="brute").fit(x, y)
     fns = {
         "runtime predict_batch": lambda: model.predict_batch(batch),
+        "runtime, columns": lambda: model.predict_batch(columns),
         "plain torch brute force": torch_brute,
         "scikit-learn brute": lambda: sk.predict(q),
     }
