@@ -91,6 +91,8 @@ class CompiledModel:
             batch = list(batch)
         n = len(batch)
         io = self._described()
+        if n == 0:  # nothing to predict (Core ML answers an empty batch provider)
+            return ArrayBatchProvider._of({f.name: [] for f in io[1]}, 0) if columns else []
         feeds = encode_inputs(io[0], batch, self.device)
         try:
             out = self.forward_ready(feeds, n)

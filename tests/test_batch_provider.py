@@ -162,3 +162,14 @@ def test_dictionary_column():
     assert list(col) == col.tolist() and col[1:].tolist() == col.tolist()[1:]
     with pytest.raises(ValueError, match=r"\(count, 2\)"):
         DictionaryColumn(["x", 7], vals[:, :1])
+
+
+def test_empty_batches(rng):
+    spec, _ = classifier_spec(rng)
+    planned, _ = models(spec)
+    assert planned.predict_batch([]) == []
+    out = planned.predict_batch(ArrayBatchProvider({"x": np.zeros((0, 1, 8, 8), np.float32)}))
+    assert len(out) == 0 and out.to_list() == [] and set(out.columns) == {"label", "probs"}
+    knn = mp.load(knn_classifier(2, number_of_neighbors=1, samples=np.eye(2, dtype=np.float32),
+                                 labels=["a", "b"], default_label="none"))
+    assert knn.predict_batch([]) == [] and len(knn.predict_batch(ArrayBatchProvider({"features": []}))) == 0
