@@ -21,7 +21,7 @@ from .batch import ArrayBatchProvider, DictionaryColumn
 GRAYSCALE, RGB, BGR = 10, 20, 30
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
-_NUMERIC_KINDS = "biufc"  # numpy dtype kinds of bool, signed/unsigned int, float, complex
+_NUMERIC_KINDS = "biuf"  # numpy dtype kinds of bool, signed/unsigned int, float (not complex)
 _ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 65552: np.float16}
 
 
@@ -86,7 +86,7 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
         raise InvalidInputError(f"example {index}: feature {name!r} is not array-like ({e})") from None
     if arr.dtype.kind not in _NUMERIC_KINDS:
         raise InvalidInputError(
-            f"example {index}: feature {name!r} must be numeric, got dtype {arr.dtype}"
+            f"example {index}: feature {name!r} must be numeric (real), got dtype {arr.dtype}"
         )
     return arr
 
@@ -159,7 +159,7 @@ def _encode_array_column(fd, col, device: torch.device, default: tuple):
     arr = col.detach().cpu().numpy() if isinstance(col, torch.Tensor) else col
     if arr.dtype != _F32:
         if arr.dtype.kind not in _NUMERIC_KINDS:
-            raise InvalidInputError(f"feature {fd.name!r} must be numeric, got dtype {arr.dtype}")
+            raise InvalidInputError(f"feature {fd.name!r} must be numeric (real), got dtype {arr.dtype}")
         arr = arr.astype(np.float32)
     if arr.shape[1:] != default:
         return _encode_arrays(fd, list(arr), device, default)

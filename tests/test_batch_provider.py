@@ -173,3 +173,13 @@ def test_empty_batches(rng):
     knn = mp.load(knn_classifier(2, number_of_neighbors=1, samples=np.eye(2, dtype=np.float32),
                                  labels=["a", "b"], default_label="none"))
     assert knn.predict_batch([]) == [] and len(knn.predict_batch(ArrayBatchProvider({"features": []}))) == 0
+
+
+def test_complex_values_are_refused(rng):
+    spec, _ = classifier_spec(rng)
+    planned, _ = models(spec)
+    z = np.zeros((2, 1, 8, 8), np.complex64)
+    with pytest.raises(InvalidInputError, match=r"must be numeric \(real\), got dtype complex64"):
+        planned.predict_batch(ArrayBatchProvider({"x": z}))
+    with pytest.raises(InvalidInputError, match=r"example 0: feature 'x' must be numeric \(real\)"):
+        planned.predict_batch([{"x": a} for a in z])
