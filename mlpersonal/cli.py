@@ -254,6 +254,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE",
                    help="a model input: image file, .npy array, or a number (repeat per input)")
     p.add_argument("--top", type=int, default=5, help="classifiers: how many probabilities to show")
+    p.add_argument("--batch", action="store_true",
+                   help="each .npy input holds many examples along axis 0 (images: uint8 "
+                        "B x H x W[x3]); prints one line per example")
     p.add_argument("--compute-units", default="cpu_only",
                    choices=["cpu_only", "cpu_and_gpu", "all"], help="where to run")
 
@@ -266,11 +269,12 @@ def _format_value(v) -> str:
 
 
 def run_predict(args) -> int:
-    """Run one prediction and print the outputs (classifiers: label and top probabilities).
+    """Run a prediction and print the outputs (classifiers: label and top probabilities).
 
     Example:
       mlpersonal predict sticker.mlmodel --input image=star.png --top 3
       mlpersonal predict regressor.mlmodel --input features=x.npy
+      mlpersonal predict sticker.mlmodel --input image=drawings.npy --batch
     """
     from runtime import load
 
@@ -287,6 +291,8 @@ def run_predict(args) -> int:
     missing = [n for n, f in inputs.items() if n not in feeds and not f.type.isOptional]
     if missing:
         raise MLPersonalError(f"missing --input for {missing} (use --input NAME=FILE)")
+    if args.batch:
+        return _print_batch(model, feeds)
     out = model.predict(feeds)
     for name in model.output_names:
         value = out.get(name)
@@ -297,6 +303,35 @@ def run_predict(args) -> int:
                 print(f"  {k}: {p:.6f}")
         else:
             print(f"{name}: {_format_value(value)}")
+    return 0
+
+
+def _print_batch(model, feeds: dict) -> int:
+    """``predict --batch``: every input a ``.npy`` array of examples; one line per example."""
+    from runtime.batch import ArrayBatchProvider, DictionaryColumn
+
+    for name, value in feeds.items():
+        if not isinstance(value, np.ndarray) or value.ndim == 0:
+            raise MLPersonalError(f"--batch: input {name!r} must be a .npy array with the examples "
+                                  "along axis 0")
+    out = model.predict_batch(ArrayBatchProvider(feeds))
+    names = model.output_names
+    label = model.spec.description.predictedFeatureName
+    probs = model.spec.description.predictedProbabilitiesName
+    classifier = label in names
+    for i in range(len(out)):
+        parts = []
+        if classifier:  # the label first, with its probability
+            parts.append(str(out.column(label)[i]))
+            if probs in names:
+                col = out.column(probs)
+                parts.append(f"p={col[i][out.column(label)[i]]:.6f}")
+        for name in names:
+            if classifier and name in (label, probs):
+                continue
+            col = out.column(name)
+            parts.append(f"{name}={col[i] if isinstance(col, DictionaryColumn) else _format_value(col[i])}")
+        print(f"{i}: " + "  ".join(parts))
     return 0
 
 

@@ -145,3 +145,34 @@ def test_python_dash_m_and_help_examples(capsys):
     r = subprocess.run([sys.executable, "-m", "mlpersonal", "inspect", "--help"], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "Example:" in r.stdout and "mlpersonal inspect" in r.stdout
+
+
+def test_predict_batch_prints_one_line_per_example(sticker, tmp_path, capsys):
+    pixels = np.random.default_rng(5).integers(0, 256, (6, 14, 14)).astype(np.uint8)
+    np.save(tmp_path / "b.npy", pixels)
+    model = mp.load(sticker)
+    want = [model.predict({"image": p}) for p in pixels]
+    assert main(["predict", str(sticker), "-i", f"image={tmp_path / 'b.npy'}", "--batch"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    for i, (line, w) in enumerate(zip(lines, want)):
+        assert line == f"{i}: {w['label']}  p={w['labelProbs'][w['label']]:.6f}"
+    np.save(tmp_path / "s.npy", np.float32(3))
+    assert main(["predict", str(sticker), "-i", f"image={tmp_path / 's.npy'}", "--batch"]) == 2
+    assert "examples along axis 0" in capsys.readouterr().err
+
+
+def test_predict_batch_regressor(tmp_path, capsys):
+    m = nn.Sequential(nn.Linear(3, 2)).eval()
+    path = tmp_path / "r.mlmodel"
+    mp.save(convert(m, [mp.TensorType("x", (3,))], regressor="y"), path)
+    x = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", str(path), "-i", f"x={tmp_path / 'x.npy'}", "--batch"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    assert [line.split(":")[0] for line in lines] == ["0", "1", "2", "3"]
+    for line, r in zip(lines, ref):
+        got = np.array([float(v) for v in line.split("[", 2)[2].split("]")[0].split(",")])
+        assert np.abs(got - r).max() < 1e-4
