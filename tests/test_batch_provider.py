@@ -183,3 +183,19 @@ def test_complex_values_are_refused(rng):
         planned.predict_batch(ArrayBatchProvider({"x": z}))
     with pytest.raises(InvalidInputError, match=r"example 0: feature 'x' must be numeric \(real\)"):
         planned.predict_batch([{"x": a} for a in z])
+
+
+def test_from_examples_round_trips(rng):
+    spec, _ = classifier_spec(rng)
+    planned, _ = models(spec)
+    x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
+    examples = [{"x": a} for a in x]
+    batch = ArrayBatchProvider.from_examples(examples)
+    assert batch.feature_names == ["x"] and len(batch) == 3 and isinstance(batch.column("x"), list)
+    assert planned.predict_batch(batch).to_list() == planned.predict_batch(examples)
+    with pytest.raises(InvalidInputError, match="example 1 does not have the features"):
+        ArrayBatchProvider.from_examples([{"x": x[0]}, {"y": x[1]}])
+    with pytest.raises(KeyError, match="no feature 'y'"):
+        batch.column("y")
+    with pytest.raises(IndexError):
+        batch.features(3)
