@@ -11,6 +11,7 @@ most of the per-call Python work of a large batch of small examples.
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -47,8 +48,7 @@ class DictionaryColumn(Sequence):
 
     def tolist(self) -> list[dict]:
         """Every example's dict (Python floats, as :meth:`numpy.ndarray.tolist` gives them)."""
-        keys = self.keys
-        return [dict(zip(keys, row)) for row in self.values.tolist()]
+        return list(map(dict, map(zip, repeat(self.keys), self.values.tolist())))
 
     def __repr__(self) -> str:
         return f"DictionaryColumn(keys={self.keys!r}, values={self.values.shape})"
