@@ -152,26 +152,21 @@ def _write_int(msg, name: str, value, rng, st, minimum: int = 1) -> None:
 
 def _write_optimizer(opt_msg, opt) -> None:
     if isinstance(opt, SGD):
-        m = opt_msg.sgdOptimizer
-        _write_double(m.learningRate, "learning_rate", opt.learning_rate,
-                      opt.learning_rate_range, opt.learning_rate_set)
-        _write_int(m.miniBatchSize, "mini_batch_size", opt.mini_batch_size,
-                   opt.mini_batch_size_range, opt.mini_batch_size_set)
-        _write_double(m.momentum, "momentum", opt.momentum, opt.momentum_range, opt.momentum_set)
+        m, doubles = opt_msg.sgdOptimizer, ("momentum",)
     elif isinstance(opt, Adam):
-        m = opt_msg.adamOptimizer
-        _write_double(m.learningRate, "learning_rate", opt.learning_rate,
-                      opt.learning_rate_range, opt.learning_rate_set)
-        _write_int(m.miniBatchSize, "mini_batch_size", opt.mini_batch_size,
-                   opt.mini_batch_size_range, opt.mini_batch_size_set)
-        for key in ("beta1", "beta2", "eps"):
-            _write_double(getattr(m, key), key, getattr(opt, key), getattr(opt, f"{key}_range"),
-                          getattr(opt, f"{key}_set"))
+        m, doubles = opt_msg.adamOptimizer, ("beta1", "beta2", "eps")
     else:
         raise ConversionError(
             f"UpdateConfig.optimizer must be mlpersonal.SGD(...) or mlpersonal.Adam(...), got "
             f"{type(opt).__name__}"
         )
+    _write_double(m.learningRate, "learning_rate", opt.learning_rate,
+                  opt.learning_rate_range, opt.learning_rate_set)
+    _write_int(m.miniBatchSize, "mini_batch_size", opt.mini_batch_size,
+               opt.mini_batch_size_range, opt.mini_batch_size_set)
+    for key in doubles:  # same field names in the proto and the config
+        _write_double(getattr(m, key), key, getattr(opt, key), getattr(opt, f"{key}_range"),
+                      getattr(opt, f"{key}_set"))
 
 
 # --- the network ---------------------------------------------------------------------------
