@@ -334,6 +334,10 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
         if kind == "multiArrayType":
             out[name] = _encode_arrays(fd, values, device, f.shape)
         elif kind == "imageType":
+            pixels = plain_pixels(fd, values)  # uint8 arrays at a size the model takes: at once
+            if pixels is not None:
+                out[name] = torch.from_numpy(pixels).to(device)
+                continue
             arrs = [encode_image(fd, v, i) for i, v in enumerate(values)]
             shapes = {a.shape for a in arrs}
             if len(shapes) > 1:
