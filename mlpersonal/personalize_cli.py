@@ -144,18 +144,11 @@ def top1(model, images: list, labels: list, input_name: str, batch: int = 256) -
     name = model.spec.description.predictedFeatureName
     if not name:
         raise InvalidModelError("the model declares no predicted feature (class label output)")
-    import numpy as np
-
     from runtime.batch import ArrayBatchProvider
 
     hits = 0
     for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        if isinstance(chunk, list) and chunk and all(
-                isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.shape == chunk[0].shape
-                for im in chunk):
-            chunk = np.stack(chunk)  # one pixel array: encoded at once
-        out = model.predict_batch(ArrayBatchProvider({input_name: chunk}))
+        out = model.predict_batch(ArrayBatchProvider({input_name: images[i:i + batch]}))
         hits += sum(p == y for p, y in zip(out.column(name), labels[i:i + batch]))
     return hits / max(len(images), 1)
 
