@@ -401,19 +401,19 @@ class KNNModel(CompiledModel):
             q = np.ascontiguousarray(col, dtype=np.float32)
             if not q.flags.writeable:
                 q = q.copy()
-            if q[0].size != self.dims or not np.isfinite(q).all():
+        elif isinstance(batch, (list, tuple)) and batch:
+            try:
+                vals = [ex[self.input_name] for ex in batch]
+                if not all(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in vals):
+                    return None
+                q = np.asarray(vals, dtype=np.float32)
+            except (KeyError, TypeError, ValueError):
                 return None
-            return q.reshape(len(batch), self.dims)
-        if not isinstance(batch, (list, tuple)) or not batch:
-            return None
-        try:
-            vals = [ex[self.input_name] for ex in batch]
-            if not all(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in vals):
+            if q.ndim < 2:
                 return None
-            q = np.asarray(vals, dtype=np.float32)
-        except (KeyError, TypeError, ValueError):
+        else:
             return None
-        if q.ndim < 2 or q[0].size != self.dims or not np.isfinite(q).all():
+        if q[0].size != self.dims or not np.isfinite(q).all():
             return None
         return q.reshape(len(batch), self.dims)
 
