@@ -6,9 +6,15 @@ the equivalent layers with coremltools' builder; it is a benchmark helper, not a
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples.sticker_classifier.model import StickerNet  # noqa: E402
 
 
 class Residual(nn.Module):
@@ -24,13 +30,10 @@ class Residual(nn.Module):
 
 
 def sticker_cnn() -> nn.Module:
-    """3x[conv3x3 pad1 + ReLU + maxpool2] 1->16->32->64, FC 576->128, ReLU, FC 128->10, softmax."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(576, 128), nn.ReLU(), nn.Linear(128, 10), nn.Softmax(dim=1),
-    )
+    """The example's StickerNet (3x[conv3x3 pad1 + ReLU + maxpool2] 1->16->32->64, FC 576->128,
+    ReLU, FC 128->10) as one flat Sequential, softmax appended."""
+    net = StickerNet(10)
+    return nn.Sequential(*net.features, *net.embedding, net.classifier, nn.Softmax(dim=1))
 
 
 def mnist_cnn() -> nn.Module:

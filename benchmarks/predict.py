@@ -29,22 +29,9 @@ import mlpersonal as mp  # noqa: E402
 from _util import medians_ms, table  # noqa: E402
 from exporters.converter import ClassifierConfig, convert  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
+from examples.sticker_classifier.model import StickerNet  # noqa: E402
 
 LABELS = ["heart", "star", "sun", "house", "cat", "dog", "tree", "car", "moon", "fish"]
-
-
-class StickerCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(576, 128), nn.ReLU(),
-                                        nn.Linear(128, 10))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 def main() -> None:
@@ -57,7 +44,7 @@ def main() -> None:
     torch.manual_seed(0)
     import onnxruntime as ort
 
-    module = StickerCNN().eval()
+    module = StickerNet(len(LABELS)).eval()
     image = mp.ImageType("image", (1, 28, 28), color="grayscale", scale=1 / 255.0)
     tensor = mp.TensorType("image", (1, 28, 28))
     cfg = ClassifierConfig(labels=LABELS)

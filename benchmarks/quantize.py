@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlpersonal as mp  # noqa: E402
+from examples.sticker_classifier.model import StickerNet  # noqa: E402
 from exporters.quantized import apply_qat_weights  # noqa: E402
 from mlpersonal import codecs  # noqa: E402
 from mlpersonal.quantization import weight_slots  # noqa: E402
@@ -102,26 +102,6 @@ def sticker(n_per_class: int, seed: int):
     classes = list(CLASSES)[:10]
     x, labels = make_dataset(classes, n_per_class, seed)
     return x, np.array([classes.index(c) for c in labels])
-
-
-# --- model --------------------------------------------------------------------------------------
-class StickerNet(nn.Module):
-    """3x[conv3x3 + ReLU + maxpool2] (1->16->32->64) -> FC 576->128 + ReLU -> FC 128->10."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        layers = []
-        for i, (cin, cout) in enumerate([(1, 16), (16, 32), (32, 64)], 1):
-            layers += [(f"conv{i}", nn.Conv2d(cin, cout, 3, padding=1)), (f"relu{i}", nn.ReLU()),
-                       (f"pool{i}", nn.MaxPool2d(2))]
-        self.features = nn.Sequential(OrderedDict(layers))
-        self.embedding = nn.Sequential(OrderedDict([("flatten", nn.Flatten()),
-                                                    ("fc", nn.Linear(576, 128)),
-                                                    ("relu", nn.ReLU())]))
-        self.classifier = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.embedding(self.features(x)))
 
 
 def float_weight(m):
