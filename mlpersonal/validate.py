@@ -437,10 +437,12 @@ def _check_update(spec, nn, updatable, kinds: dict, is_classifier: bool, pre: st
             raise fail(f"{pre}layer {layer.name!r} is marked updatable but is a {lk!r} layer; only "
                        f"{', '.join(UPDATABLE_LAYER_KINDS)} layers can be updated")
         p = getattr(layer, lk)
-        for field in ("weights", "bias"):
-            wp = getattr(p, field, None)
-            if wp is None or (field == "bias" and not getattr(p, "hasBias", False)):
-                continue
+        if lk == "uniDirectionalLSTM":  # every gate's matrices, biases and peepholes
+            held = [(f.name, getattr(p.weightParams, f.name)) for f in p.weightParams.DESCRIPTOR.fields]
+            held = [(field, wp) for field, wp in held if count_of(wp)]
+        else:
+            held = [("weights", p.weights)] + ([("bias", p.bias)] if getattr(p, "hasBias", False) else [])
+        for field, wp in held:
             storage = storage_of(wp)
             if storage != "float32":
                 raise fail(f"{pre}layer {layer.name!r} ({field}) is updatable but stored as "

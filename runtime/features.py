@@ -37,12 +37,15 @@ class Feature:
     """One feature description read once (name, kind, declared array shape, optional), so that
     encoding and decoding do no protobuf look-ups per call; ``fd`` is the description itself."""
 
-    __slots__ = ("fd", "name", "kind", "shape", "optional")
+    __slots__ = ("fd", "name", "kind", "shape", "optional", "sequence")
 
     def __init__(self, fd):
         self.fd, self.name, self.kind = fd, fd.name, feature_kind(fd)
         self.shape = array_shape(fd) if self.kind == "multiArrayType" else ()
         self.optional = bool(fd.type.isOptional)
+        #: a rank-1 ``(C,)`` multi-array of a rank-5 network, which also takes a sequence of
+        #: vectors as ``(Seq, 1, C)`` (set by the network model)
+        self.sequence = False
 
 
 class Features(tuple):
@@ -91,16 +94,21 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
     return arr
 
 
-def encode_array(fd, value, index: int) -> np.ndarray:
+def encode_array(fd, value, index: int, sequence: bool = False) -> np.ndarray:
+    """One multi-array value as float32 of an allowed shape (``sequence``: ``(Seq, 1, C)`` too,
+    for a declared ``(C,)``)."""
     name = fd.name
     arr = _to_numpy(value, name, index).astype(np.float32, copy=False)
     default = array_shape(fd)
-    if arr.shape != default and not _shape_allowed(arr.shape, fd):
+    if sequence and arr.ndim == 3 and arr.shape[1] == 1 and arr.shape[2:] == default and len(arr):
+        pass  # a sequence of vectors
+    elif arr.shape != default and not _shape_allowed(arr.shape, fd):
         if default and arr.size == int(np.prod(default)) and allowed_array_shapes(fd) == ([], None):
             arr = arr.reshape(default)
         else:
             enum, ranges = allowed_array_shapes(fd)
-            allowed = [default] + enum + ([f"ranges {ranges}"] if ranges else [])
+            allowed = [default] + enum + ([f"ranges {ranges}"] if ranges else []) + (
+                [f"(Seq, 1, {default[0]}) for a sequence"] if sequence else [])
             raise InvalidInputError(
                 f"example {index}: feature {name!r} has shape {tuple(arr.shape)}, the model "
                 f"accepts {', '.join(map(str, allowed))}"
@@ -123,12 +131,16 @@ def plain_arrays(values: list, default: tuple):
     return np.stack(values)
 
 
-def _encode_arrays(fd, values: list, device: torch.device, default: tuple):
+def _encode_arrays(fd, values: list, device: torch.device, default: tuple, sequence: bool = False):
     """Multi-array values -> one ``(B, *shape)`` tensor, or a list of tensors (mixed shapes).
 
     Fast path: float32 numpy arrays of the declared shape ``default`` skip per-example
     conversion and are checked for NaN/Inf once, batched (same errors as :func:`encode_array`).
+    An optional input left out is zeros of the declared shape (Core ML: a recurrent layer's
+    initial state).
     """
+    if fd.type.isOptional and any(v is None for v in values):
+        values = [np.zeros(default, np.float32) if v is None else v for v in values]
     stacked = plain_arrays(values, default)
     if stacked is not None:  # the common case: no per-example conversion
         arrs, fast = values, range(len(values))
@@ -139,7 +151,7 @@ def _encode_arrays(fd, values: list, device: torch.device, default: tuple):
                 arrs.append(v)
                 fast.append(i)
             else:
-                arrs.append(encode_array(fd, v, i))
+                arrs.append(encode_array(fd, v, i, sequence))
         if len({a.shape for a in arrs}) > 1:  # mixed flexible shapes
             for i in fast:
                 _check_finite(arrs[i], fd.name, i)
@@ -152,7 +164,7 @@ def _encode_arrays(fd, values: list, device: torch.device, default: tuple):
     return t if getattr(device, "type", device) == "cpu" else t.to(device)
 
 
-def _encode_array_column(fd, col, device: torch.device, default: tuple):
+def _encode_array_column(fd, col, device: torch.device, default: tuple, sequence: bool = False):
     """A ``(B, *shape)`` array column -> one tensor without per-example work when it is float32
     of the declared shape (other dtypes are converted once); otherwise row by row, with the
     per-example rules and errors of :func:`encode_array`."""
@@ -162,7 +174,7 @@ def _encode_array_column(fd, col, device: torch.device, default: tuple):
             raise InvalidInputError(f"feature {fd.name!r} must be numeric (real), got dtype {arr.dtype}")
         arr = arr.astype(np.float32)
     if arr.shape[1:] != default:
-        return _encode_arrays(fd, list(arr), device, default)
+        return _encode_arrays(fd, list(arr), device, default, sequence)
     if not (arr.flags.c_contiguous and arr.flags.writeable):
         arr = np.array(arr, order="C")
     if not np.isfinite(arr).all():
@@ -304,7 +316,7 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
                                         f"are {[g.name for g in inputs]})")
             col = columns.get(name)
             if kind == "multiArrayType" and isinstance(col, (np.ndarray, torch.Tensor)):
-                out[name] = _encode_array_column(fd, col, device, f.shape)
+                out[name] = _encode_array_column(fd, col, device, f.shape, f.sequence)
                 continue
             if kind == "imageType" and isinstance(col, np.ndarray):
                 pixels = pixel_batch(fd, col)
@@ -332,7 +344,7 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
                     )
                 values.append(ex[name])
         if kind == "multiArrayType":
-            out[name] = _encode_arrays(fd, values, device, f.shape)
+            out[name] = _encode_arrays(fd, values, device, f.shape, f.sequence)
         elif kind == "imageType":
             pixels = plain_pixels(fd, values)  # uint8 arrays at a size the model takes: at once
             if pixels is not None:
@@ -367,6 +379,12 @@ def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.devi
     return out
 
 
+def _to_array(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad:
+        return t.numpy()
+    return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+
+
 def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int,
                    columns: bool = False) -> list[dict] | ArrayBatchProvider:
     """Batched outputs -> one dict of python/numpy values per example, or (``columns=True``) an
@@ -381,11 +399,10 @@ def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int,
         if name not in batched:
             continue
         v = batched[name]
+        if type(v) is list and v and isinstance(v[0], torch.Tensor):  # mixed shapes, per example
+            v = [_to_array(t) for t in v]
         if isinstance(v, torch.Tensor):
-            if v.dtype == torch.float32 and v.device.type == "cpu" and not v.requires_grad:
-                arr = v.numpy()
-            else:
-                arr = v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            arr = _to_array(v)
             if kind == "doubleType":
                 v = [float(a) for a in arr.reshape(n, -1)[:, 0].tolist()]
             elif kind == "int64Type":

@@ -49,6 +49,10 @@ class NeuralNetworkModel(CompiledModel):
         # ND models run one example at a time at its declared shape; batches go through vmap.
         self._rank4_images = int(self.nn_spec.imageInputShapeMapping) == RANK4_IMAGE_MAPPING
         self._inputs = describe(spec.description.input)
+        if not self.nd:  # rank-5 networks also take (Seq, 1, C) sequences for a (C,) input
+            for f in self._inputs:
+                f.sequence = f.kind == "multiArrayType" and len(f.shape) == 1
+        self._io = (self._inputs, describe(spec.description.output))
         self._outputs_cache = None  # see _output_plan
         self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
         self._plan_lock = threading.Lock()
@@ -132,10 +136,14 @@ class NeuralNetworkModel(CompiledModel):
                 if not self.nd:
                     if x.dim() == 2:
                         x = x.reshape(x.shape[0], x.shape[1], 1, 1)
+                    elif f.sequence and x.dim() == 4:  # [B, Seq, 1, C]: vectors in sequence
+                        x = x.reshape(x.shape[0], x.shape[1], x.shape[3], 1, 1)
                     elif x.dim() == 6:  # [B, Seq, 1, C, H, W] from a rank-5 declared shape
-                        x = x.reshape(x.shape[0], *x.shape[-3:])
+                        x = x.reshape(x.shape[0], x.shape[1], *x.shape[-3:])
                     elif x.dim() != 4:
                         x = x.reshape(x.shape[0], -1, 1, 1)
+                    if x.dim() == 5 and x.shape[1] == 1:  # a sequence of one is no sequence
+                        x = x.reshape(x.shape[0], *x.shape[2:])
             elif kind == "imageType":
                 if self.nd:
                     x = x.reshape(x.shape[0], *([1] if self._rank4_images else [1, 1]), *x.shape[1:])
@@ -171,6 +179,8 @@ class NeuralNetworkModel(CompiledModel):
                     t = t.reshape(n, *declared)
                 elif t.dim() == 4 and t.shape[-1] == 1 and t.shape[-2] == 1:
                     t = t.reshape(n, -1)
+                elif t.dim() == 5 and t.shape[-2:] == (1, 1) and len(declared) <= 1:
+                    t = t.reshape(n, t.shape[1], 1, t.shape[2])  # vectors in sequence: (Seq, 1, C)
             out[name] = t
         if self.is_classifier:
             out[self._label_name], probs = self._classify(env, n)

@@ -65,6 +65,7 @@ _KEEP_AXIS0 = {"Relu", "Sigmoid", "Tanh", "Softmax", "LeakyRelu", "Elu", "Conv",
                "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization"}
 
 _FAILED = object()  # cache marker: this signature runs eagerly
+_BATCH = np.iinfo(np.int64).min  # simplify(): "the batch size" inside a computed Reshape shape
 
 
 class _Traced(torch.nn.Module):
@@ -317,7 +318,8 @@ def simplify(model_bytes: bytes) -> bytes:
     """Remove what tracing leaves that blocks onnxruntime's fusions; semantics unchanged.
 
     - ``Reshape`` shapes computed as ``[Shape(t)[0], consts...]``, where ``t`` shares axis 0 with
-      the reshaped tensor, become constants ``[0, consts...]`` (0 copies that axis);
+      the reshaped tensor, become constants ``[0, consts...]`` (0 copies that axis; the batch
+      size anywhere else in the shape keeps the computation);
     - ``Reshape -> Relu`` becomes ``Relu -> Reshape`` (elementwise ops commute with reshapes),
       so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it; likewise
       a softmax over the channels of ``(B, K, 1, 1)`` runs on the ``(B, K)`` it was made from
@@ -368,7 +370,7 @@ def simplify(model_bytes: bytes) -> bytes:
             idx = np.asarray(consts[n.input[1]]).reshape(-1)
             if (src is not None and src.op_type == "Shape" and not src.attribute
                     and idx.size == 1 and int(idx[0]) == 0 and same0(src.input[0]) == same0(data)):
-                return np.zeros(1, dtype=np.int64)
+                return np.array([_BATCH], dtype=np.int64)
         return None
 
     def keeps_batch(shape_name: str) -> bool:
@@ -378,7 +380,8 @@ def simplify(model_bytes: bytes) -> bytes:
     for node in nodes:
         if node.op_type == "Reshape" and node.input[1] not in consts:
             v = shape_value(node.input[1], node.input[0])
-            if v is not None:
+            if v is not None and _BATCH not in v[1:]:  # 0 copies the input's axis 0 only there
+                v = np.where(v == _BATCH, 0, v)
                 name = node.input[1] + "__const"
                 g.initializer.append(numpy_helper.from_array(v.astype(np.int64), name))
                 consts[name] = v

@@ -519,7 +519,7 @@ class NeuralNetworkUpdater(Updater):
                 )
         from .features import encode_inputs
 
-        feeds = encode_inputs(self.model.spec.description.input, data, self.device)
+        feeds = encode_inputs(self.model._described()[0], data, self.device)
         for name, v in feeds.items():
             if isinstance(v, list):
                 raise InvalidInputError(

@@ -121,5 +121,5 @@ def spatial(fn: Callable) -> Callable:
 # Register the built-in kinds (import for side effects).
 from . import (  # noqa: E402,F401
     activation, constant, conv, custom, dense, elementwise, mathops, ndshape, normalization, pooling,
-    reduce, resize, shape,
+    recurrent, reduce, resize, shape,
 )

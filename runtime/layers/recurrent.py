@@ -1,0 +1,263 @@
+"""Recurrent layers: simpleRecurrent, gru, uniDirectionalLSTM, biDirectionalLSTM.
+
+Core ML's blobs are ``[Seq, Batch, C, 1, 1]``. Rank-5 mode holds them batch first: ``(B, C, 1, 1)``
+for a sequence of one, ``(B, S, C, 1, 1)`` otherwise; ND mode holds one example's
+``(S, Batch, C, 1, 1)`` literally. State inputs/outputs (``h``, ``c``) are ``[1, Batch, H, 1, 1]``;
+a state input that is not connected starts at zero. Every pre-activation is clipped to
+``[-50, 50]`` and an LSTM cell state to ``cellClipThreshold`` (50 when unset), as the spec says;
+activation parameters left at 0 take their usual values (:data:`_PARAM_DEFAULTS`).
+Gate weights are ``[H, C]`` (input) and ``[H, H]`` (recursion) row-major, one matrix per gate.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from mlpersonal.errors import InvalidInputError
+
+from . import or_default, register
+from .activation import _activation_fn
+
+CLIP = 50.0
+_SPATIAL = ("PReLU", "parametricSoftplus")  # per-channel parameters on axis -3
+
+
+#: parameters a recurrent activation takes when they are 0 (coremltools' builder and the Keras
+#: converter write these activations without parameters; Keras' hard sigmoid is 0.2 x + 0.5)
+_PARAM_DEFAULTS = {"sigmoidHard": {"alpha": 0.2, "beta": 0.5}, "linear": {"alpha": 1.0},
+                   "scaledTanh": {"alpha": 1.0, "beta": 1.0}}
+
+
+def _act(a, ctx, default: Callable) -> Callable:
+    """A recurrent activation: ``default`` when the ActivationParams is empty."""
+    kind = a.WhichOneof("NonlinearityType") if a is not None else None
+    if kind is None:
+        return default
+    if kind in _PARAM_DEFAULTS:
+        a = type(a).FromString(a.SerializeToString())  # the spec itself stays as it is
+        sub = getattr(a, kind)
+        for field, value in _PARAM_DEFAULTS[kind].items():
+            setattr(sub, field, or_default(getattr(sub, field), value))
+    fn = _activation_fn(a, ctx)
+    if kind in _SPATIAL:  # their parameters broadcast over (C, 1, 1): give them that shape
+        return lambda x: fn(x[..., None, None])[..., 0, 0]
+    return fn
+
+
+def _acts(params, ctx, defaults: tuple) -> list[Callable]:
+    params = list(params)
+    return [_act(params[i] if i < len(params) else None, ctx, d) for i, d in enumerate(defaults)]
+
+
+class _Layout:
+    """Converts between blobs and ``(S, N, C)`` sequences / ``(N, H)`` states."""
+
+    def __init__(self, ctx, size: int, name: str):
+        self.nd, self.size, self.name = ctx.nd, size, name
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (1, 1) or x.shape[-3] != self.size or x.dim() < (3 if self.nd else 4):
+            raise InvalidInputError(
+                f"layer {self.name!r} takes sequences of {self.size}-vectors "
+                f"([Seq, Batch, {self.size}, 1, 1]), got a blob of shape {tuple(x.shape)}")
+        if self.nd:  # (S, Batch, C, 1, 1) of one example
+            return x.reshape(-1, x.shape[-4] if x.dim() >= 4 else 1, self.size)
+        if x.dim() == 4:  # (B, C, 1, 1): a sequence of one
+            return x.reshape(1, x.shape[0], self.size)
+        return x.reshape(x.shape[0], -1, self.size).transpose(0, 1)
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """``(S, N, H)`` -> the output blob (a sequence of one keeps rank-5 mode's 4-D form)."""
+        h = y.shape[-1]
+        if self.nd:
+            return y.reshape(*y.shape, 1, 1)
+        if y.shape[0] == 1:
+            return y.reshape(y.shape[1], h, 1, 1)
+        return y.transpose(0, 1).reshape(y.shape[1], y.shape[0], h, 1, 1)
+
+    def state(self, blob: Optional[torch.Tensor], n: int, h: int, like: torch.Tensor) -> torch.Tensor:
+        if blob is None:
+            return like.new_zeros(n, h)
+        if blob.numel() != n * h:
+            raise InvalidInputError(
+                f"layer {self.name!r}: a state input must hold {h} values per sequence "
+                f"([1, Batch, {h}, 1, 1]), got shape {tuple(blob.shape)}")
+        return blob.reshape(n, h)
+
+    def state_out(self, s: torch.Tensor) -> torch.Tensor:
+        return self.output(s.unsqueeze(0))
+
+
+def _gates(ctx, wp, names: tuple, shape: tuple, field: str, updatable: bool = False):
+    return [ctx.weights(getattr(wp, n), shape, f"{field}.{n}", updatable=updatable) for n in names]
+
+
+def _clip(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(-CLIP, CLIP)
+
+
+def _outputs(layer, outs: tuple):
+    """The outputs the layer names: ``y`` alone, or ``y`` and its states."""
+    return outs[0] if len(layer.output) == 1 else outs[:len(layer.output)]
+
+
+def _inputs(xs: tuple, count: int) -> list:
+    """The layer's inputs padded with None for unconnected states."""
+    return list(xs) + [None] * (count - len(xs))
+
+
+@register("simpleRecurrent")
+def simple_recurrent(layer, ctx):
+    """y_t = f(clip(W x_t + R y_{t-1} + b))."""
+    p = layer.simpleRecurrent
+    c, h = int(p.inputVectorSize), int(p.outputVectorSize)
+    w = ctx.weights(p.weightMatrix, (h, c), "weightMatrix")
+    r = ctx.weights(p.recursionMatrix, (h, h), "recursionMatrix")
+    b = ctx.weights(p.biasVector, (h,), "biasVector") if p.hasBiasVector else None
+    f = _act(p.activation if p.HasField("activation") else None, ctx, torch.tanh)
+    lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.sequenceOutput, p.reverseInput
+
+    def run(*xs):
+        x, h0 = _inputs(xs, 2)
+        xs_ = lay.sequence(x)
+        xs_ = xs_.flip(0) if reverse else xs_
+        proj = torch.nn.functional.linear(xs_, w, b)
+        y, ys = lay.state(h0, xs_.shape[1], h, xs_), []
+        for t in range(xs_.shape[0]):
+            y = f(_clip(proj[t] + y @ r.t()))
+            ys.append(y)
+        out = torch.stack(ys) if seq_out else y.unsqueeze(0)
+        return _outputs(layer, (lay.output(out), lay.state_out(y)))
+
+    return run
+
+
+@register("gru")
+def gru(layer, ctx):
+    """z = f(W_z x + R_z y + b_z), r = f(W_r x + R_r y + b_r), o = g(W_o x + R_o (y * r) + b_o),
+    y_t = (1 - z) * o + z * y_{t-1} (pre-activations clipped)."""
+    p = layer.gru
+    c, h = int(p.inputVectorSize), int(p.outputVectorSize)
+    gates = ("updateGate", "resetGate", "outputGate")
+    ws = [ctx.weights(getattr(p, g + "WeightMatrix"), (h, c), g + "WeightMatrix") for g in gates]
+    rs = [ctx.weights(getattr(p, g + "RecursionMatrix"), (h, h), g + "RecursionMatrix") for g in gates]
+    bs = [ctx.weights(getattr(p, g + "BiasVector"), (h,), g + "BiasVector") for g in gates] \
+        if p.hasBiasVectors else None
+    f, g = _acts(p.activations, ctx, (torch.sigmoid, torch.tanh))
+    lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.sequenceOutput, p.reverseInput
+
+    def run(*xs):
+        x, h0 = _inputs(xs, 2)
+        xs_ = lay.sequence(x)
+        xs_ = xs_.flip(0) if reverse else xs_
+        proj = torch.nn.functional.linear(xs_, torch.cat(ws), torch.cat(bs) if bs else None)
+        r_zr = torch.cat(rs[:2]).t()
+        r_o = rs[2].t()
+        y, ys = lay.state(h0, xs_.shape[1], h, xs_), []
+        for t in range(xs_.shape[0]):
+            pz, pr, po = proj[t].split(h, -1)
+            rz, rr = (y @ r_zr).split(h, -1)
+            z, r = f(_clip(pz + rz)), f(_clip(pr + rr))
+            o = g(_clip(po + (y * r) @ r_o))
+            y = (1 - z) * o + z * y
+            ys.append(y)
+        out = torch.stack(ys) if seq_out else y.unsqueeze(0)
+        return _outputs(layer, (lay.output(out), lay.state_out(y)))
+
+    return run
+
+
+_LSTM_W = ("inputGateWeightMatrix", "forgetGateWeightMatrix", "blockInputWeightMatrix",
+           "outputGateWeightMatrix")
+_LSTM_R = ("inputGateRecursionMatrix", "forgetGateRecursionMatrix", "blockInputRecursionMatrix",
+           "outputGateRecursionMatrix")
+_LSTM_B = ("inputGateBiasVector", "forgetGateBiasVector", "blockInputBiasVector",
+           "outputGateBiasVector")
+_LSTM_P = ("inputGatePeepholeVector", "forgetGatePeepholeVector", "outputGatePeepholeVector")
+
+
+def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable: bool):
+    """``run(xs (S, N, C), h0, c0) -> (ys (S, N, H), h_last, c_last)`` of one LSTM direction."""
+    ws = _gates(ctx, wp, _LSTM_W, (h, c), field, updatable)
+    rs = _gates(ctx, wp, _LSTM_R, (h, h), field, updatable)
+    bs = _gates(ctx, wp, _LSTM_B, (h,), field, updatable) if params.hasBiasVectors else None
+    peep = _gates(ctx, wp, _LSTM_P, (h,), field, updatable) if params.hasPeepholeVectors else None
+    f, g, act_h = _acts(acts, ctx, (torch.sigmoid, torch.tanh, torch.tanh))
+    forget_bias, coupled = params.forgetBias, params.coupledInputAndForgetGate
+    cell_clip = or_default(params.cellClipThreshold, CLIP)
+
+    def run(xs, h0, c0):
+        b = torch.cat(bs) if bs is not None else None
+        if forget_bias:  # a vector of ones added to the forget gate's bias
+            one = xs.new_zeros(4 * h)
+            one[h:2 * h] = 1.0
+            b = one if b is None else b + one
+        proj = torch.nn.functional.linear(xs, torch.cat(ws), b)
+        rec = torch.cat(rs).t()
+        y, cell, ys = h0, c0, []
+        for t in range(xs.shape[0]):
+            pi, pf, pz, po = (proj[t] + y @ rec).split(h, -1)
+            if peep is not None:
+                pi, pf = pi + peep[0] * cell, pf + peep[1] * cell
+            i = f(_clip(pi))
+            fg = 1 - i if coupled else f(_clip(pf))
+            cell = (cell * fg + i * g(_clip(pz))).clamp(-cell_clip, cell_clip)
+            if peep is not None:
+                po = po + peep[2] * cell
+            y = act_h(cell) * f(_clip(po))
+            ys.append(y)
+        return torch.stack(ys), y, cell
+
+    return run
+
+
+@register("uniDirectionalLSTM")
+def uni_lstm(layer, ctx):
+    """Inputs ``x[, h_in, c_in]``, outputs ``y[, h_out, c_out]`` (LSTMParams equations)."""
+    p = layer.uniDirectionalLSTM
+    c, h = int(p.inputVectorSize), int(p.outputVectorSize)
+    step = _lstm_direction(ctx, p.params, p.weightParams, p.activations, c, h, "weightParams",
+                           layer.isUpdatable)
+    lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.params.sequenceOutput, p.reverseInput
+
+    def run(*xs):
+        x, h0, c0 = _inputs(xs, 3)
+        seq = lay.sequence(x)
+        n = seq.shape[1]
+        ys, y, cell = step(seq.flip(0) if reverse else seq, lay.state(h0, n, h, seq),
+                           lay.state(c0, n, h, seq))
+        return _outputs(layer, (lay.output(ys if seq_out else y.unsqueeze(0)), lay.state_out(y),
+                                lay.state_out(cell)))
+
+    return run
+
+
+@register("biDirectionalLSTM")
+def bi_lstm(layer, ctx):
+    """Inputs ``x[, h_f, c_f, h_b, c_b]``, outputs ``y[, h_f, c_f, h_b, c_b]``; ``y`` is the forward
+    and backward outputs side by side (2H channels), the backward ones aligned with the input
+    positions (at step t: the state after reading x_S ... x_t)."""
+    p = layer.biDirectionalLSTM
+    c, h = int(p.inputVectorSize), int(p.outputVectorSize)
+    if len(p.weightParams) != 2:
+        raise ctx.fail(f"a bidirectional LSTM needs 2 weightParams (forward, backward), "
+                       f"has {len(p.weightParams)}")
+    fwd = _lstm_direction(ctx, p.params, p.weightParams[0], p.activationsForwardLSTM, c, h,
+                          "weightParams[0]", False)
+    bwd = _lstm_direction(ctx, p.params, p.weightParams[1], p.activationsBackwardLSTM, c, h,
+                          "weightParams[1]", False)
+    lay, seq_out = _Layout(ctx, c, layer.name), p.params.sequenceOutput
+
+    def run(*xs):
+        x, hf, cf, hb, cb = _inputs(xs, 5)
+        seq = lay.sequence(x)
+        n = seq.shape[1]
+        yf, hf, cf = fwd(seq, lay.state(hf, n, h, seq), lay.state(cf, n, h, seq))
+        yb, hb, cb = bwd(seq.flip(0), lay.state(hb, n, h, seq), lay.state(cb, n, h, seq))
+        y = torch.cat([yf, yb.flip(0)], -1) if seq_out else torch.cat([hf, hb], -1).unsqueeze(0)
+        return _outputs(layer, (lay.output(y), lay.state_out(hf), lay.state_out(cf),
+                                lay.state_out(hb), lay.state_out(cb)))
+
+    return run

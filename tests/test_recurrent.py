@@ -1,0 +1,322 @@
+"""Recurrent layers (simpleRecurrent, gru, uniDirectionalLSTM, biDirectionalLSTM) on specs built
+with coremltools' NeuralNetworkBuilder, against torch's nn.RNN / nn.LSTM and, where torch has no
+equivalent (Core ML's GRU, peepholes, coupled gates, clipping), a step-by-step float64 reference of
+the equations in NeuralNetwork.proto."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from coremltools.models import datatypes
+from coremltools.models.neural_network import NeuralNetworkBuilder
+
+import mlpersonal as mp
+from runtime.batch import ArrayBatchProvider
+
+C, H, S = 5, 7, 6
+ATOL = 2e-6
+
+
+def _seq(seed: int, s: int = S, c: int = C) -> np.ndarray:
+    """A sequence of ``s`` vectors in Core ML's ``(Seq, 1, C)`` form."""
+    return np.random.default_rng(seed).standard_normal((s, 1, c)).astype(np.float32)
+
+
+def _optional_states(b: NeuralNetworkBuilder) -> None:
+    for f in b.spec.description.input[1:]:
+        f.type.isOptional = True
+
+
+def _torch_lstm_gates(lstm: torch.nn.LSTM, suffix: str = ""):
+    """nn.LSTM's weights as Core ML's per-gate lists, in the builder's [i, f, o, z] order."""
+    wi, wf, wz, wo = [w.detach().numpy() for w in getattr(lstm, "weight_ih_l0" + suffix).chunk(4)]
+    ri, rf, rz, ro = [w.detach().numpy() for w in getattr(lstm, "weight_hh_l0" + suffix).chunk(4)]
+    b = (getattr(lstm, "bias_ih_l0" + suffix) + getattr(lstm, "bias_hh_l0" + suffix)).detach().numpy()
+    bi, bf, bz, bo = np.split(b, 4)
+    return [ri, rf, ro, rz], [wi, wf, wo, wz], [bi, bf, bo, bz]
+
+
+def _lstm_model(lstm, output_all: bool, reverse: bool = False):
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C)), ("h_in", datatypes.Array(H)),
+                              ("c_in", datatypes.Array(H))],
+                             [("y", None), ("h_out", None), ("c_out", None)])
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x", "h_in", "c_in"],
+                  ["y", "h_out", "c_out"], output_all=output_all, reverse_input=reverse)
+    _optional_states(b)
+    return mp.load(b.spec)
+
+
+@pytest.mark.parametrize("output_all", [True, False])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unidirectional_lstm_matches_torch(output_all, reverse):
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(C, H)
+    model = _lstm_model(lstm, output_all, reverse)
+    x = _seq(1)
+    h0, c0 = (torch.randn(1, 1, H) for _ in range(2))
+    with torch.no_grad():  # reverseInput: read right to left, outputs in reading order
+        ref, (hn, cn) = lstm(torch.from_numpy(x[::-1].copy() if reverse else x), (h0, c0))
+    out = model.predict({"x": x, "h_in": h0.numpy().ravel(), "c_in": c0.numpy().ravel()})
+    want = ref.numpy() if output_all else ref.numpy()[-1].ravel()
+    assert out["y"].shape == want.shape  # (Seq, 1, H) for sequences, (H,) for the last output
+    np.testing.assert_allclose(out["y"], want, atol=ATOL)
+    np.testing.assert_allclose(out["h_out"], hn.numpy().ravel(), atol=ATOL)
+    np.testing.assert_allclose(out["c_out"], cn.numpy().ravel(), atol=ATOL)
+
+
+def test_omitted_states_start_at_zero_and_carried_states_stream():
+    """Core ML's stateful pattern: feed h_out/c_out back as h_in/c_in for the next chunk."""
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(C, H)
+    model = _lstm_model(lstm, output_all=True)
+    x = _seq(2, s=8)
+    whole = model.predict({"x": x})
+    zeros = model.predict({"x": x, "h_in": np.zeros(H, np.float32), "c_in": np.zeros(H, np.float32)})
+    np.testing.assert_array_equal(whole["y"], zeros["y"])
+    with torch.no_grad():
+        np.testing.assert_allclose(whole["y"], lstm(torch.from_numpy(x))[0].numpy(), atol=ATOL)
+    first = model.predict({"x": x[:3]})
+    second = model.predict({"x": x[3:], "h_in": first["h_out"], "c_in": first["c_out"]})
+    np.testing.assert_allclose(np.concatenate([first["y"], second["y"]]), whole["y"], atol=ATOL)
+
+
+def test_batches_of_equal_and_mixed_lengths_match_single_predictions():
+    torch.manual_seed(2)
+    model = _lstm_model(torch.nn.LSTM(C, H), output_all=True)
+    same = [{"x": _seq(i)} for i in range(4)]
+    mixed = [{"x": _seq(10 + i, s=s)} for i, s in enumerate((1, 4, 9))]
+    for batch in (same, mixed):
+        got = model.predict_batch(batch)
+        for g, ex in zip(got, batch):
+            one = model.predict(ex)
+            steps = len(ex["x"])  # a one-step sequence answers like a single vector
+            assert type(g["y"]) is np.ndarray and g["y"].shape == ((steps, 1, H) if steps > 1 else (H,))
+            for k in ("y", "h_out", "c_out"):
+                np.testing.assert_allclose(g[k], one[k], atol=ATOL)
+    cols = model.predict_batch(ArrayBatchProvider({"x": np.stack([ex["x"] for ex in same])}))
+    np.testing.assert_allclose(cols.column("y"), np.stack([g["y"] for g in model.predict_batch(same)]),
+                               atol=ATOL)
+
+
+@pytest.mark.parametrize("output_all", [True, False])
+def test_bidirectional_lstm_matches_torch(output_all):
+    torch.manual_seed(3)
+    lstm = torch.nn.LSTM(C, H, bidirectional=True)
+    rf, wf, bf = _torch_lstm_gates(lstm)
+    rb, wb, bb = _torch_lstm_gates(lstm, "_reverse")
+    names = ["x", "hf", "cf", "hb", "cb"]
+    b = NeuralNetworkBuilder([(n, datatypes.Array(C if n == "x" else H)) for n in names],
+                             [("y", None)] + [(n + "_out", None) for n in names[1:]])
+    b.add_bidirlstm("bi", rf, wf, bf, rb, wb, bb, H, C, names, ["y"] + [n + "_out" for n in names[1:]],
+                    output_all=output_all)
+    _optional_states(b)
+    model = mp.load(b.spec)
+    x = _seq(4)
+    with torch.no_grad():
+        ref, (hn, cn) = lstm(torch.from_numpy(x))
+    out = model.predict({"x": x})
+    # torch aligns the backward outputs with the input positions, as Core ML's docs describe
+    want = ref.numpy() if output_all else torch.cat([hn[0], hn[1]], -1).numpy().ravel()
+    np.testing.assert_allclose(out["y"], want, atol=ATOL)
+    for k, t in (("hf_out", hn[0]), ("cf_out", cn[0]), ("hb_out", hn[1]), ("cb_out", cn[1])):
+        np.testing.assert_allclose(out[k], t.numpy().ravel(), atol=ATOL)
+
+
+def test_simple_recurrent_matches_torch_rnn():
+    torch.manual_seed(4)
+    rnn = torch.nn.RNN(C, H, nonlinearity="tanh")
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C)), ("h_in", datatypes.Array(H))],
+                             [("y", None), ("h_out", None)])
+    b.add_simple_rnn("rnn", rnn.weight_hh_l0.detach().numpy(), rnn.weight_ih_l0.detach().numpy(),
+                     (rnn.bias_ih_l0 + rnn.bias_hh_l0).detach().numpy(), H, C, "TANH",
+                     ["x", "h_in"], ["y", "h_out"], output_all=True)
+    _optional_states(b)
+    model = mp.load(b.spec)
+    x, h0 = _seq(5), torch.randn(1, 1, H)
+    with torch.no_grad():
+        ref, hn = rnn(torch.from_numpy(x), h0)
+    out = model.predict({"x": x, "h_in": h0.numpy().ravel()})
+    np.testing.assert_allclose(out["y"], ref.numpy(), atol=ATOL)
+    np.testing.assert_allclose(out["h_out"], hn.numpy().ravel(), atol=ATOL)
+
+
+# --- Core ML equations without a torch module: a float64 reference, step by step ---------------
+def _sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+def _hard_sigmoid(v, alpha=0.2, beta=0.5):  # the builder's SIGMOID_HARD defaults
+    return np.clip(alpha * v + beta, 0, 1)
+
+
+def _clip(v):
+    return np.clip(v, -50, 50)
+
+
+def test_gru_matches_the_spec_equations():
+    rng = np.random.default_rng(6)
+    W = [rng.standard_normal((H, C)) * 0.5 for _ in range(3)]  # z, r, o
+    R = [rng.standard_normal((H, H)) * 0.5 for _ in range(3)]
+    bias = [rng.standard_normal(H) * 0.1 for _ in range(3)]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None), ("h_out", None)])
+    b.add_gru("gru", [r.astype(np.float32) for r in R], [w.astype(np.float32) for w in W],
+              [v.astype(np.float32) for v in bias], H, C, ["x"], ["y", "h_out"], output_all=True)
+    model = mp.load(b.spec)  # default inner activation: SIGMOID_HARD
+    x = _seq(7)
+    y, ys = np.zeros(H), []
+    for t in range(S):
+        xt = x[t, 0].astype(np.float64)
+        z = _hard_sigmoid(_clip(W[0] @ xt + R[0] @ y + bias[0]))
+        r = _hard_sigmoid(_clip(W[1] @ xt + R[1] @ y + bias[1]))
+        o = np.tanh(_clip(W[2] @ xt + R[2] @ (y * r) + bias[2]))
+        y = (1 - z) * o + z * y
+        ys.append(y)
+    out = model.predict({"x": x})
+    np.testing.assert_allclose(out["y"], np.stack(ys)[:, None, :], atol=1e-5)
+    np.testing.assert_allclose(out["h_out"], y, atol=1e-5)
+
+
+@pytest.mark.parametrize("peep,forget_bias,coupled,clip", [
+    (True, False, False, 50000.0), (False, True, False, 50000.0), (False, False, True, 50000.0),
+    (True, True, False, 0.3)])
+def test_lstm_options_match_the_spec_equations(peep, forget_bias, coupled, clip):
+    rng = np.random.default_rng(8)
+    W = [rng.standard_normal((H, C)) * 0.6 for _ in range(4)]  # i, f, o, z (builder order)
+    R = [rng.standard_normal((H, H)) * 0.6 for _ in range(4)]
+    bias = [rng.standard_normal(H) * 0.2 for _ in range(4)]
+    P = [rng.standard_normal(H) * 0.5 for _ in range(3)]  # i, f, o
+    f32 = lambda vs: [v.astype(np.float32) for v in vs]  # noqa: E731
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None), ("h_out", None), ("c_out", None)])
+    b.add_unilstm("lstm", f32(R), f32(W), f32(bias), H, C, ["x"], ["y", "h_out", "c_out"],
+                  inner_activation="SIGMOID_HARD", peep=f32(P) if peep else None, output_all=True,
+                  forget_bias=forget_bias, coupled_input_forget_gate=coupled, cell_clip_threshold=clip)
+    model = mp.load(b.spec)
+    x = _seq(9)
+    y, c, ys = np.zeros(H), np.zeros(H), []
+    p = P if peep else [np.zeros(H)] * 3
+    for t in range(S):
+        xt = x[t, 0].astype(np.float64)
+        pre = [W[k] @ xt + R[k] @ y + bias[k] for k in range(4)]
+        i = _hard_sigmoid(_clip(pre[0] + p[0] * c))
+        f = 1 - i if coupled else _hard_sigmoid(_clip(pre[1] + float(forget_bias) + p[1] * c))
+        c = np.clip(c * f + i * np.tanh(_clip(pre[3])), -clip, clip)
+        o = _hard_sigmoid(_clip(pre[2] + p[2] * c))
+        y = np.tanh(c) * o
+        ys.append(y)
+    out = model.predict({"x": x})
+    np.testing.assert_allclose(out["y"], np.stack(ys)[:, None, :], atol=1e-5)
+    np.testing.assert_allclose(out["c_out"], c, atol=1e-5)
+
+
+def test_lstm_feeding_a_classifier_head_predicts_like_torch():
+    """A sequence classifier (LSTM -> innerProduct -> softmax), the activity-classifier shape."""
+    torch.manual_seed(10)
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    labels = ["walk", "run", "sit"]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
+    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    model = mp.load(b.spec)
+    xs = np.stack([_seq(20 + i) for i in range(5)])
+    with torch.no_grad():
+        last = lstm(torch.from_numpy(xs[:, :, 0, :]).transpose(0, 1))[0][-1]
+        ref = torch.softmax(fc(last), -1).numpy()
+    got = model.predict_batch([{"x": x} for x in xs])
+    np.testing.assert_allclose([[g["probs"][lab] for lab in labels] for g in got], ref, atol=ATOL)
+    assert [g["label"] for g in got] == [labels[i] for i in ref.argmax(1)]
+
+
+def test_sequence_of_the_wrong_vector_size_is_refused():
+    torch.manual_seed(11)
+    model = _lstm_model(torch.nn.LSTM(C, H), output_all=True)
+    with pytest.raises(mp.InvalidInputError, match=r"'x'.*\(Seq, 1, 5\)"):
+        model.predict({"x": np.zeros((4, 1, C + 1), np.float32)})
+    with pytest.raises(mp.InvalidInputError, match="h_in"):
+        model.predict({"x": _seq(0), "h_in": np.zeros(H + 2, np.float32)})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_updatable_lstm_trains_like_torch(optimizer, tmp_path):
+    """Core ML allows uniDirectionalLSTM layers to be updatable: backprop through time into the
+    LSTM's 12 weight blobs, checked against nn.LSTM + Linear with torch.optim, then saved."""
+    from coremltools.models.neural_network import AdamParams, SgdParams
+
+    torch.manual_seed(12)
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    labels = ["walk", "run", "sit"]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
+    before = _torch_lstm_gates(lstm)[1][0].copy()  # W_i (torch trains the parameter in place)
+    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    b.make_updatable(["fc"])
+    layer = next(l for l in b.spec.neuralNetworkClassifier.layers if l.name == "lstm")
+    layer.isUpdatable = True
+    for field in layer.uniDirectionalLSTM.weightParams.DESCRIPTOR.fields:
+        getattr(layer.uniDirectionalLSTM.weightParams, field.name).isUpdatable = True
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_sgd_optimizer(SgdParams(lr=0.5, batch=8)) if optimizer == "sgd" else \
+        b.set_adam_optimizer(AdamParams(lr=0.05, batch=8))
+    b.set_epochs(2)
+    xs = np.stack([_seq(30 + i) for i in range(16)])
+    ys = np.arange(16) % 3
+    data = [{"x": x, "label": labels[y]} for x, y in zip(xs, ys)]
+    trained = mp.load(b.spec).update(data, parameters={"shuffle": False})
+    # torch oracle: the same two epochs of two mini-batches; the spec holds one bias per gate,
+    # so torch trains b_ih = b_ih + b_hh alone (two biases would each get the full gradient)
+    with torch.no_grad():
+        lstm.bias_ih_l0 += lstm.bias_hh_l0
+        lstm.bias_hh_l0.zero_()
+    lstm.bias_hh_l0.requires_grad_(False)
+    params = [p for p in lstm.parameters() if p.requires_grad] + list(fc.parameters())
+    opt = torch.optim.SGD(params, lr=0.5) if optimizer == "sgd" else torch.optim.Adam(params, lr=0.05)
+    seq = torch.from_numpy(xs[:, :, 0, :]).transpose(0, 1)
+    for _ in range(2):
+        for s in range(0, 16, 8):
+            logits = fc(lstm(seq[:, s:s + 8])[0][-1])
+            loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ys[s:s + 8]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    want_r, want_w, want_b = _torch_lstm_gates(lstm)
+    wp = next(l for l in trained.spec.neuralNetworkClassifier.layers if l.name == "lstm").uniDirectionalLSTM.weightParams
+    for got, want in zip([wp.inputGateWeightMatrix, wp.forgetGateWeightMatrix, wp.outputGateWeightMatrix,
+                          wp.blockInputWeightMatrix], want_w):
+        np.testing.assert_allclose(np.asarray(got.floatValue).reshape(H, C), want, atol=1e-5)
+    for got, want in zip([wp.inputGateRecursionMatrix, wp.forgetGateRecursionMatrix,
+                          wp.outputGateRecursionMatrix, wp.blockInputRecursionMatrix], want_r):
+        np.testing.assert_allclose(np.asarray(got.floatValue).reshape(H, H), want, atol=1e-5)
+    for got, want in zip([wp.inputGateBiasVector, wp.forgetGateBiasVector,
+                          wp.outputGateBiasVector, wp.blockInputBiasVector], want_b):
+        np.testing.assert_allclose(np.asarray(got.floatValue), want, atol=1e-5)
+    assert np.abs(np.asarray(wp.inputGateWeightMatrix.floatValue).reshape(H, C) - before).max() > 1e-3
+    again = mp.load(trained.save(tmp_path / "lstm.mlmodel"))
+    q = [{"x": x} for x in xs[:4]]
+    assert [r["label"] for r in again.predict_batch(q)] == [r["label"] for r in trained.predict_batch(q)]
+
+
+def test_truncated_or_half_precision_updatable_lstm_weights_are_refused():
+    torch.manual_seed(13)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None)])
+    b.add_unilstm("lstm", *_torch_lstm_gates(torch.nn.LSTM(C, H)), H, C, ["x"], ["y"])
+    short = b.spec.__class__.FromString(b.spec.SerializeToString())
+    del short.neuralNetwork.layers[0].uniDirectionalLSTM.weightParams.forgetGateRecursionMatrix.floatValue[-1]
+    with pytest.raises(mp.InvalidModelError, match="lstm.*forgetGateRecursionMatrix"):
+        mp.load(short)
+    b.make_updatable([])
+    b.set_mean_squared_error_loss("loss", input_feature=("y", datatypes.Array(H)))
+    from coremltools.models.neural_network import SgdParams
+
+    b.set_sgd_optimizer(SgdParams(lr=0.1, batch=2))
+    b.set_epochs(1)
+    layer = b.spec.neuralNetwork.layers[0]
+    layer.isUpdatable = True
+    wp = layer.uniDirectionalLSTM.weightParams.outputGateBiasVector
+    wp.float16Value = np.asarray(wp.floatValue, np.float16).tobytes()
+    del wp.floatValue[:]
+    with pytest.raises(mp.InvalidModelError, match="lstm.*outputGateBiasVector.*float32"):
+        mp.load(b.spec)
