@@ -320,3 +320,20 @@ def test_truncated_or_half_precision_updatable_lstm_weights_are_refused():
     del wp.floatValue[:]
     with pytest.raises(mp.InvalidModelError, match="lstm.*outputGateBiasVector.*float32"):
         mp.load(b.spec)
+
+
+def test_nd_network_takes_the_rank5_blob_literally():
+    """An ND (EXACT_ARRAY_MAPPING) network declares the [Seq, Batch, C, 1, 1] input itself."""
+    torch.manual_seed(14)
+    lstm = torch.nn.LSTM(C, H)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(S, 1, C, 1, 1))], [("y", None)],
+                             disable_rank5_shape_mapping=True)
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["y"], output_all=True)
+    model = mp.load(b.spec)
+    xs = [_seq(40 + i).reshape(S, 1, C, 1, 1) for i in range(3)]
+    got = model.predict_batch([{"x": x} for x in xs])
+    with torch.no_grad():
+        for g, x in zip(got, xs):
+            ref = lstm(torch.from_numpy(x.reshape(S, 1, C)))[0].numpy()
+            assert g["y"].shape == (S, 1, H, 1, 1)
+            np.testing.assert_allclose(g["y"].reshape(S, 1, H), ref, atol=ATOL)

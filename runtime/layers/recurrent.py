@@ -21,6 +21,9 @@ from . import or_default, register
 from .activation import _activation_fn
 
 CLIP = 50.0
+#: an LSTM whose cell clip is at least this runs torch's fused kernel (its cell stays below the
+#: clip for sequences shorter than this minus the initial cell state)
+FUSED_CELL_CLIP = 1e4
 _SPATIAL = ("PReLU", "parametricSoftplus")  # per-channel parameters on axis -3
 
 
@@ -187,14 +190,27 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
     f, g, act_h = _acts(acts, ctx, (torch.sigmoid, torch.tanh, torch.tanh))
     forget_bias, coupled = params.forgetBias, params.coupledInputAndForgetGate
     cell_clip = or_default(params.cellClipThreshold, CLIP)
+    # torch's fused LSTM computes the same thing when the gates are the standard ones: the
+    # [-50, 50] clip does not change a float32 sigmoid/tanh, and a cell grows by at most 1 a step
+    fused = (f is torch.sigmoid and g is torch.tanh and act_h is torch.tanh and peep is None
+             and not coupled and cell_clip >= FUSED_CELL_CLIP)
 
-    def run(xs, h0, c0):
+    def bias(like):
         b = torch.cat(bs) if bs is not None else None
         if forget_bias:  # a vector of ones added to the forget gate's bias
-            one = xs.new_zeros(4 * h)
+            one = like.new_zeros(4 * h)
             one[h:2 * h] = 1.0
             b = one if b is None else b + one
-        proj = torch.nn.functional.linear(xs, torch.cat(ws), b)
+        return b
+
+    def run(xs, h0, c0):
+        if fused:
+            b = bias(xs)
+            weights = [torch.cat(ws), torch.cat(rs)] + ([b, torch.zeros_like(b)] if b is not None else [])
+            ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, b is not None, 1, 0.0,
+                                     torch.is_grad_enabled(), False, False)
+            return ys, y[0], cell[0]
+        proj = torch.nn.functional.linear(xs, torch.cat(ws), bias(xs))
         rec = torch.cat(rs).t()
         y, cell, ys = h0, c0, []
         for t in range(xs.shape[0]):
