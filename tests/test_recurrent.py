@@ -337,3 +337,31 @@ def test_nd_network_takes_the_rank5_blob_literally():
             ref = lstm(torch.from_numpy(x.reshape(S, 1, C)))[0].numpy()
             assert g["y"].shape == (S, 1, H, 1, 1)
             np.testing.assert_allclose(g["y"].reshape(S, 1, H), ref, atol=ATOL)
+
+
+@pytest.mark.parametrize("steps", [2, 8])
+@pytest.mark.parametrize("plan", [True, False])
+def test_standard_lstm_cell_clip_with_and_without_the_fused_kernel(steps, plan):
+    """Eagerly, standard gates run torch's fused kernel only while the clip cannot engage
+    (|c0| + steps <= clip); 8 saturated steps under a clip of 3 need the step-by-step form,
+    which the ONNX plan always traces."""
+    rng = np.random.default_rng(15)
+    W = [np.full((H, C), 2.0) for _ in range(4)]  # i, f, o, z: every gate near 1, the cell grows
+    R = [np.zeros((H, H)) for _ in range(4)]
+    bias = [np.full(H, 3.0) for _ in range(4)]
+    f32 = lambda vs: [v.astype(np.float32) for v in vs]  # noqa: E731
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None), ("h_out", None), ("c_out", None)])
+    b.add_unilstm("lstm", f32(R), f32(W), f32(bias), H, C, ["x"], ["y", "h_out", "c_out"],
+                  output_all=True, cell_clip_threshold=3.0)
+    model = mp.load(b.spec)
+    model.use_plan = plan
+    x = np.abs(rng.standard_normal((steps, 1, C))).astype(np.float32)
+    y, c = np.zeros(H), np.zeros(H)
+    for t in range(steps):
+        pre = [W[k] @ x[t, 0] + R[k] @ y + bias[k] for k in range(4)]
+        c = np.clip(c * _sigmoid(pre[1]) + _sigmoid(pre[0]) * np.tanh(pre[3]), -3, 3)
+        y = np.tanh(c) * _sigmoid(pre[2])
+    out = model.predict({"x": x})
+    np.testing.assert_allclose(out["c_out"], c, atol=1e-5)
+    np.testing.assert_allclose(out["h_out"], y, atol=1e-5)
+    assert (np.abs(c).max() == 3.0) == (steps == 8)  # the clip engaged only in the long run

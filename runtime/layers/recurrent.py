@@ -21,9 +21,6 @@ from . import or_default, register
 from .activation import _activation_fn
 
 CLIP = 50.0
-#: an LSTM whose cell clip is at least this runs torch's fused kernel (its cell stays below the
-#: clip for sequences shorter than this minus the initial cell state)
-FUSED_CELL_CLIP = 1e4
 _SPATIAL = ("PReLU", "parametricSoftplus")  # per-channel parameters on axis -3
 
 
@@ -190,10 +187,12 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
     f, g, act_h = _acts(acts, ctx, (torch.sigmoid, torch.tanh, torch.tanh))
     forget_bias, coupled = params.forgetBias, params.coupledInputAndForgetGate
     cell_clip = or_default(params.cellClipThreshold, CLIP)
-    # torch's fused LSTM computes the same thing when the gates are the standard ones: the
-    # [-50, 50] clip does not change a float32 sigmoid/tanh, and a cell grows by at most 1 a step
-    fused = (f is torch.sigmoid and g is torch.tanh and act_h is torch.tanh and peep is None
-             and not coupled and cell_clip >= FUSED_CELL_CLIP)
+    # torch's fused LSTM computes the same thing with the standard gates: the [-50, 50] clip
+    # does not change a float32 sigmoid/tanh, and a cell grows by at most 1 a step, so it cannot
+    # reach the cell clip within a call when |c0| + steps stays below it (checked per call; a
+    # trace for the ONNX plan keeps the step-by-step form, clip included)
+    standard = (f is torch.sigmoid and g is torch.tanh and act_h is torch.tanh and peep is None
+                and not coupled)
 
     def bias(like):
         b = torch.cat(bs) if bs is not None else None
@@ -204,7 +203,8 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
         return b
 
     def run(xs, h0, c0):
-        if fused:
+        if standard and not torch.jit.is_tracing() and (
+                xs.shape[0] + float(c0.abs().max()) <= cell_clip if c0.numel() else True):
             b = bias(xs)
             weights = [torch.cat(ws), torch.cat(rs)] + ([b, torch.zeros_like(b)] if b is not None else [])
             ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, b is not None, 1, 0.0,
