@@ -108,6 +108,26 @@ def _inputs(xs: tuple, count: int) -> list:
     return list(xs) + [None] * (count - len(xs))
 
 
+def _one_state(layer, ctx, p, c: int, h: int, project: Callable, step: Callable) -> Callable:
+    """A layer with inputs ``x[, h_in]`` and outputs ``y[, h_out]`` (simpleRecurrent, gru):
+    ``project(xs (S, N, C))`` the input terms of every step at once, ``step(p_t, y) -> y_t``."""
+    lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.sequenceOutput, p.reverseInput
+
+    def run(*xs):
+        x, h0 = _inputs(xs, 2)
+        seq = lay.sequence(x)
+        seq = seq.flip(0) if reverse else seq
+        proj = project(seq)
+        y, ys = lay.state(h0, seq.shape[1], h, seq), []
+        for t in range(seq.shape[0]):
+            y = step(proj[t], y)
+            ys.append(y)
+        out = torch.stack(ys) if seq_out else y.unsqueeze(0)
+        return _outputs(layer, (lay.output(out), lay.state_out(y)))
+
+    return run
+
+
 @register("simpleRecurrent")
 def simple_recurrent(layer, ctx):
     """y_t = f(clip(W x_t + R y_{t-1} + b))."""
@@ -117,21 +137,11 @@ def simple_recurrent(layer, ctx):
     r = ctx.weights(p.recursionMatrix, (h, h), "recursionMatrix")
     b = ctx.weights(p.biasVector, (h,), "biasVector") if p.hasBiasVector else None
     f = _act(p.activation if p.HasField("activation") else None, ctx, torch.tanh)
-    lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.sequenceOutput, p.reverseInput
 
-    def run(*xs):
-        x, h0 = _inputs(xs, 2)
-        xs_ = lay.sequence(x)
-        xs_ = xs_.flip(0) if reverse else xs_
-        proj = torch.nn.functional.linear(xs_, w, b)
-        y, ys = lay.state(h0, xs_.shape[1], h, xs_), []
-        for t in range(xs_.shape[0]):
-            y = f(_clip(proj[t] + y @ r.t()))
-            ys.append(y)
-        out = torch.stack(ys) if seq_out else y.unsqueeze(0)
-        return _outputs(layer, (lay.output(out), lay.state_out(y)))
+    def step(p_t, y):
+        return f(_clip(p_t + y @ r.t()))
 
-    return run
+    return _one_state(layer, ctx, p, c, h, lambda xs: torch.nn.functional.linear(xs, w, b), step)
 
 
 @register("gru")
@@ -146,27 +156,19 @@ def gru(layer, ctx):
     bs = [ctx.weights(getattr(p, g + "BiasVector"), (h,), g + "BiasVector") for g in gates] \
         if p.hasBiasVectors else None
     f, g = _acts(p.activations, ctx, (torch.sigmoid, torch.tanh))
-    lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.sequenceOutput, p.reverseInput
+    r_zr, r_o = torch.cat(rs[:2]).t(), rs[2].t()
 
-    def run(*xs):
-        x, h0 = _inputs(xs, 2)
-        xs_ = lay.sequence(x)
-        xs_ = xs_.flip(0) if reverse else xs_
-        proj = torch.nn.functional.linear(xs_, torch.cat(ws), torch.cat(bs) if bs else None)
-        r_zr = torch.cat(rs[:2]).t()
-        r_o = rs[2].t()
-        y, ys = lay.state(h0, xs_.shape[1], h, xs_), []
-        for t in range(xs_.shape[0]):
-            pz, pr, po = proj[t].split(h, -1)
-            rz, rr = (y @ r_zr).split(h, -1)
-            z, r = f(_clip(pz + rz)), f(_clip(pr + rr))
-            o = g(_clip(po + (y * r) @ r_o))
-            y = (1 - z) * o + z * y
-            ys.append(y)
-        out = torch.stack(ys) if seq_out else y.unsqueeze(0)
-        return _outputs(layer, (lay.output(out), lay.state_out(y)))
+    def step(p_t, y):
+        pz, pr, po = p_t.split(h, -1)
+        rz, rr = (y @ r_zr).split(h, -1)
+        z, r = f(_clip(pz + rz)), f(_clip(pr + rr))
+        o = g(_clip(po + (y * r) @ r_o))
+        return (1 - z) * o + z * y
 
-    return run
+    def project(xs):
+        return torch.nn.functional.linear(xs, torch.cat(ws), torch.cat(bs) if bs else None)
+
+    return _one_state(layer, ctx, p, c, h, project, step)
 
 
 _LSTM_W = ("inputGateWeightMatrix", "forgetGateWeightMatrix", "blockInputWeightMatrix",
