@@ -19,7 +19,7 @@ from mlpersonal.errors import ConversionError, MLPersonalError, UnsupportedLayer
 from mlpersonal.features import ImageType, TensorType
 from mlpersonal.proto import Model_pb2, NeuralNetwork_pb2
 
-from . import ops
+from . import ops, recurrent
 
 _CONST = object()  # blob marker for get_attr nodes (constant tensors)
 _BATCH = 2  # batch size used to trace shapes; any op changing it is refused
@@ -76,6 +76,11 @@ class Context:
         self.layers_by_path: dict[str, list[str]] = {}
         self.classifier_node = classifier_node
         self.node: Optional[fx.Node] = None
+        #: blobs holding a sequence (rank-5 [Seq, ...]): only recurrent layers may read them
+        self.sequences: set[str] = set()
+
+    #: blob marker of nodes that hold no blob of their own (a recurrent module's output tuple)
+    SKIP = _CONST
 
     # --- reading the graph ---
     def is_tensor(self, a) -> bool:
@@ -103,6 +108,17 @@ class Context:
             raise self.unsupported(self.node, f"a constant tensor operand ({a.target})")
         if blob is None:
             raise self.unsupported(self.node, f"operand {a!r}, which is not a tensor of the graph")
+        if blob in self.sequences:
+            raise self.unsupported(self.node, f"a sequence operand ({a.name}); a sequence can only "
+                                   "feed nn.LSTM / nn.RNN (exporters.recurrent)")
+        return blob
+
+    def sequence_blob(self, a, node) -> str:
+        """The blob of ``a``, which must hold a sequence (a recurrent module's input)."""
+        blob = self.blobs.get(a) if isinstance(a, fx.Node) else None
+        if blob not in self.sequences:
+            raise self.unsupported(node, "an input that is not a sequence: a recurrent module "
+                                   "reads a model input declared (Seq, C) or another LSTM/RNN's output")
         return blob
 
     def classifier_output(self, node) -> bool:
@@ -263,6 +279,8 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
         if node.op == "placeholder":
             ctx.blobs[node] = next(in_names)
             continue
+        if node in ctx.blobs:  # given its blob by the converter of a node it reads from
+            continue
         if node.op == "get_attr":
             ctx.blobs[node] = _CONST
             continue
@@ -295,6 +313,26 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
             raise ConversionError(f"{describe(gm, node)}: conversion failed: {type(e).__name__}: {e}") from e
 
 
+def _sequence_inputs(gm, inputs) -> set[str]:
+    """Names of the inputs a recurrent module reads: declared ``(Seq, C)``, read only by such
+    modules; the Core ML input is ``(C,)`` and takes ``(Seq, 1, C)`` (exporters.recurrent)."""
+    names = set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, i in zip(placeholders, inputs):
+        readers = [u for u in node.users if recurrent.is_sequence_consumer(gm, u)]
+        sequence = isinstance(i, TensorType) and len(i.shape) == 2
+        if not readers and not sequence:
+            continue
+        if not sequence:
+            raise ConversionError(f"input {i.name!r} feeds a recurrent module, so it is a sequence: "
+                                  "declare it mp.TensorType(name, (Seq, C)) (the Seq of the trace)")
+        if len(readers) != len(node.users) or any(u.args[0] is not node for u in readers):
+            raise ConversionError(f"input {i.name!r} is a sequence (declared (Seq, C) or read by a "
+                                  "recurrent module); in Core ML only nn.LSTM / nn.RNN may read it")
+        names.add(i.name)
+    return names
+
+
 def _set_metadata(spec, metadata: Optional[dict]) -> None:
     if not metadata:
         return
@@ -312,7 +350,7 @@ def _set_metadata(spec, metadata: Optional[dict]) -> None:
 
 
 def _updatable_layers(module, ctx: Context) -> list[str]:
-    """Layer names of Conv2d/Linear modules that require grad (or are marked updatable)."""
+    """Layer names of Conv2d/Linear/LSTM modules that require grad (or are marked updatable)."""
     names: list[str] = []
     for path, m in module.named_modules():
         own = list(m.parameters(recurse=False))
@@ -320,13 +358,16 @@ def _updatable_layers(module, ctx: Context) -> list[str]:
         trainable = any(p.requires_grad for p in own)
         if not (marked or trainable):
             continue
-        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LSTM)):
             raise ConversionError(
-                f"module {path!r} ({type(m).__name__}) has trainable parameters, but only Conv2d and "
-                f"Linear layers can be updatable in Core ML; freeze it with "
+                f"module {path!r} ({type(m).__name__}) has trainable parameters, but only Conv2d, "
+                f"Linear and LSTM layers can be updatable in Core ML; freeze it with "
                 f"model.{path}.requires_grad_(False) (or trainers.freeze) before exporting"
             )
         layers = ctx.layers_by_path.get(path, [])
+        if isinstance(m, torch.nn.LSTM) and len(layers) == m.num_layers:
+            names.extend(layers)  # one uniDirectionalLSTM per torch layer
+            continue
         if len(layers) != 1:
             raise ConversionError(
                 f"module {path!r} is updatable but appears {len(layers)} times in the exported "
@@ -334,7 +375,7 @@ def _updatable_layers(module, ctx: Context) -> list[str]:
             )
         names.extend(layers)
     if not names:
-        raise ConversionError("respect_trainable=True but no Conv2d/Linear parameter requires grad; "
+        raise ConversionError("respect_trainable=True but no Conv2d/Linear/LSTM parameter requires grad; "
                               "unfreeze (or trainers.mark_updatable) the layers to personalize")
     return names
 
@@ -434,7 +475,9 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         gm = _trace(root, inputs, custom)
         out_nodes = _graph_outputs(gm)
         out_names = _output_names(len(out_nodes), classifier, regressor, outputs)
-        in_features = [(i.name, datatypes.Array(*i.shape)) for i in inputs]
+        seq_inputs = _sequence_inputs(gm, inputs)
+        in_features = [(i.name, datatypes.Array(*(i.shape[-1:] if i.name in seq_inputs else i.shape)))
+                       for i in inputs]
         if classifier is not None:
             n = int(np.prod(out_nodes[0].meta["tensor_meta"].shape[1:]))
             if n != len(classifier.labels):
@@ -443,7 +486,9 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
             out_features = [(classifier.probabilities_name, datatypes.Array(n))]
             mode = "classifier"
         else:
-            out_features = [(name, datatypes.Array(*node.meta["tensor_meta"].shape[1:]))
+            out_features = [(name, datatypes.Array(*(node.meta["tensor_meta"].shape[-1:]
+                                                     if recurrent.is_sequence_output(gm, node)
+                                                     else node.meta["tensor_meta"].shape[1:])))
                             for name, node in zip(out_names, out_nodes)]
             mode = "regressor" if regressor is not None else None
         names = [i.name for i in inputs] + out_names
@@ -454,6 +499,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         reserved = set(names)
         builder = NeuralNetworkBuilder(in_features, out_features, mode=mode, use_float_arraytype=True)
         ctx = Context(gm, builder, reserved, out_nodes[0] if classifier is not None else None)
+        ctx.sequences.update(seq_inputs)
         _emit(ctx, gm, inputs, custom)
     finally:
         for m, training in modes:

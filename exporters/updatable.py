@@ -23,12 +23,13 @@ from typing import Iterable, Optional, Sequence, Union
 
 from mlpersonal.codecs import storage_of
 from mlpersonal.errors import ConversionError, UpdateParameterError
+from mlpersonal.validate import UPDATABLE_LAYER_KINDS, updatable_weights
 from mlpersonal.proto import Model_pb2
 
 #: Core ML refuses older specification versions for updatable models.
 MIN_UPDATABLE_SPEC_VERSION = 4
 #: The only layer kinds Core ML can update.
-UPDATABLE_KINDS = ("convolution", "innerProduct")
+UPDATABLE_KINDS = UPDATABLE_LAYER_KINDS
 #: Layer kinds Core ML backpropagates through (activation: ReLU, sigmoid, tanh only).
 _COREML_BACKPROP = {"convolution", "innerProduct", "flatten", "pooling", "batchnorm"}
 _COREML_BACKPROP_ACTIVATIONS = {"ReLU", "sigmoid", "tanh"}
@@ -183,14 +184,11 @@ def _check_layer(layer, name: str) -> None:
     if kind not in UPDATABLE_KINDS:
         raise ConversionError(
             f"module {name!r} became a {kind!r} layer, which Core ML cannot update (only "
-            "convolution and fully-connected layers: nn.Conv2d, nn.Linear). Freeze it with "
+            "convolution, fully-connected and LSTM layers: nn.Conv2d, nn.Linear, nn.LSTM). Freeze it with "
             "trainers.freeze(...) or set requires_grad=False on its parameters."
         )
-    params = getattr(layer, kind)
-    for field in ("weights", "bias"):
-        if field == "bias" and not params.hasBias:
-            continue
-        storage = storage_of(getattr(params, field))
+    for field, wp in updatable_weights(layer):
+        storage = storage_of(wp)
         if storage not in ("float32", "raw"):
             raise ConversionError(
                 f"module {name!r}: its {field} are stored as {storage}; updatable layers must keep "
@@ -199,9 +197,12 @@ def _check_layer(layer, name: str) -> None:
 
 
 def _mark_layer(layer) -> None:
-    """Mirror coremltools: the layer and every WeightParams field of it become updatable."""
+    """Mirror coremltools: the layer and every WeightParams field of it (an LSTM's, nested in
+    weightParams) become updatable."""
     layer.isUpdatable = True
     params = getattr(layer, layer.WhichOneof("layer"))
+    if layer.WhichOneof("layer") == "uniDirectionalLSTM":
+        params = params.weightParams
     for fd in params.DESCRIPTOR.fields:
         if fd.message_type is not None and fd.message_type.name == "WeightParams":
             getattr(params, fd.name).isUpdatable = True

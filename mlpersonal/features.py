@@ -88,7 +88,9 @@ class ImageType:
 
 @dataclass(frozen=True)
 class TensorType:
-    """A multi-array input: ``(C,)`` or ``(C, H, W)`` without the batch axis (rank-5 mapping).
+    """A multi-array input: ``(C,)`` or ``(C, H, W)`` without the batch axis (rank-5 mapping), or
+    ``(Seq, C)``: a sequence of ``C``-vectors for ``nn.LSTM`` / ``nn.RNN`` (batch_first) to read;
+    its Core ML input is ``(C,)``, taking sequences of any length as ``(Seq, 1, C)``.
 
     Flexible shapes: ``enumerated_shapes=[(C, H, W), ...]`` or ``shape_range=[(lo, hi)] * rank``
     (``-1``: unbounded maximum).
@@ -101,7 +103,10 @@ class TensorType:
 
     def __post_init__(self):
         _check_name(self.name)
-        object.__setattr__(self, "shape", _check_shape(self.name, self.shape, (1, 3)))
+        object.__setattr__(self, "shape", _check_shape(self.name, self.shape, (1, 2, 3)))
+        if len(self.shape) == 2 and self.is_flexible:
+            raise ConversionError(f"input {self.name!r}: a (Seq, C) sequence takes any length "
+                                  "already; it has no enumerated_shapes or shape_range")
         if self.enumerated_shapes is not None and self.shape_range is not None:
             raise ConversionError(f"input {self.name!r}: give enumerated_shapes or shape_range, not both")
 

@@ -436,17 +436,21 @@ def _check_update(spec, nn, updatable, kinds: dict, is_classifier: bool, pre: st
         if lk not in UPDATABLE_LAYER_KINDS:
             raise fail(f"{pre}layer {layer.name!r} is marked updatable but is a {lk!r} layer; only "
                        f"{', '.join(UPDATABLE_LAYER_KINDS)} layers can be updated")
-        p = getattr(layer, lk)
-        if lk == "uniDirectionalLSTM":  # every gate's matrices, biases and peepholes
-            held = [(f.name, getattr(p.weightParams, f.name)) for f in p.weightParams.DESCRIPTOR.fields]
-            held = [(field, wp) for field, wp in held if count_of(wp)]
-        else:
-            held = [("weights", p.weights)] + ([("bias", p.bias)] if getattr(p, "hasBias", False) else [])
-        for field, wp in held:
+        for field, wp in updatable_weights(layer):
             storage = storage_of(wp)
             if storage != "float32":
                 raise fail(f"{pre}layer {layer.name!r} ({field}) is updatable but stored as "
                            f"{storage}; updatable weights must be float32 (floatValue)")
+
+
+def updatable_weights(layer) -> list[tuple[str, object]]:
+    """``(field, WeightParams)`` an updatable layer trains: a convolution's or innerProduct's
+    weights and bias, every weight blob an LSTM holds (gate matrices, biases, peepholes)."""
+    p = getattr(layer, layer.WhichOneof("layer"))
+    if layer.WhichOneof("layer") == "uniDirectionalLSTM":
+        wp = p.weightParams
+        return [(f.name, getattr(wp, f.name)) for f in wp.DESCRIPTOR.fields if count_of(getattr(wp, f.name))]
+    return [("weights", p.weights)] + ([("bias", p.bias)] if getattr(p, "hasBias", False) else [])
 
 
 def _check_default(name: str, p, where: str) -> None:

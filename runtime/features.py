@@ -95,13 +95,14 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
 
 
 def encode_array(fd, value, index: int, sequence: bool = False) -> np.ndarray:
-    """One multi-array value as float32 of an allowed shape (``sequence``: ``(Seq, 1, C)`` too,
-    for a declared ``(C,)``)."""
+    """One multi-array value as float32 of an allowed shape (``sequence``: also ``(Seq, 1, C)``
+    or ``(Seq, C)`` for a declared ``(C,)``, answered as ``(Seq, 1, C)``)."""
     name = fd.name
     arr = _to_numpy(value, name, index).astype(np.float32, copy=False)
     default = array_shape(fd)
-    if sequence and arr.ndim == 3 and arr.shape[1] == 1 and arr.shape[2:] == default and len(arr):
-        pass  # a sequence of vectors
+    if sequence and arr.ndim in (2, 3) and arr.shape[-1:] == default and arr.shape[1:-1] in ((), (1,)) \
+            and len(arr):
+        arr = arr.reshape(len(arr), 1, default[0])  # a sequence of vectors, (Seq, C) taken too
     elif arr.shape != default and not _shape_allowed(arr.shape, fd):
         if default and arr.size == int(np.prod(default)) and allowed_array_shapes(fd) == ([], None):
             arr = arr.reshape(default)

@@ -350,7 +350,9 @@ def test_bad_arguments_raise_conversion_error():
     with pytest.raises(mp.ConversionError, match="color"):
         mp.ImageType("img", (3, 8, 8), color="cmyk")
     with pytest.raises(mp.ConversionError, match="shape"):
-        mp.TensorType("x", (3, 4))
+        mp.TensorType("x", (3, 4, 5, 6))
+    with pytest.raises(mp.ConversionError, match="'x' is a sequence.*only nn.LSTM / nn.RNN"):
+        convert(MLP(), [mp.TensorType("x", (3, 20))])  # (Seq, C): for recurrent modules only
     with pytest.raises(mp.ConversionError, match="labels"):
         convert(MLP(), [mp.TensorType("x", (20,))], classifier=ClassifierConfig(labels=list("abc")))
     with pytest.raises(mp.ConversionError, match="declares 2"):

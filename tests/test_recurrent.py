@@ -76,6 +76,7 @@ def test_omitted_states_start_at_zero_and_carried_states_stream():
     np.testing.assert_array_equal(whole["y"], zeros["y"])
     with torch.no_grad():
         np.testing.assert_allclose(whole["y"], lstm(torch.from_numpy(x))[0].numpy(), atol=ATOL)
+    np.testing.assert_array_equal(model.predict({"x": x[:, 0]})["y"], whole["y"])  # (Seq, C) too
     first = model.predict({"x": x[:3]})
     second = model.predict({"x": x[3:], "h_in": first["h_out"], "c_in": first["c_out"]})
     np.testing.assert_allclose(np.concatenate([first["y"], second["y"]]), whole["y"], atol=ATOL)

@@ -100,7 +100,7 @@ def test_shuffle_off_and_no_seed():
 
 def test_refuses_non_updatable_layer_kinds_naming_the_module():
     spec = cnn_builder(CNN(), "ce").spec
-    with pytest.raises(mp.ConversionError, match=r"module 'bn'.*'batchnorm'.*convolution and fully-connected"):
+    with pytest.raises(mp.ConversionError, match=r"module 'bn'.*'batchnorm'.*convolution, fully-connected and LSTM"):
         make_updatable(spec, ["fc", "bn"], mp.UpdateConfig())
     assert not spec.isUpdatable  # nothing half-written
 

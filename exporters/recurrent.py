@@ -1,0 +1,182 @@
+"""nn.LSTM and nn.RNN -> uniDirectionalLSTM / simpleRecurrent layers (one per torch layer).
+
+Core ML's rank-5 blobs hold a sequence on an axis torch ops cannot name, so a sequence may only
+flow between recurrent modules: the module consumes a model input declared as a sequence (its
+``TensorType`` shape is ``(Seq, C)``; the Core ML input is ``(C,)`` and takes ``(Seq, 1, C)``) or
+another recurrent module's output, and its output is used as
+
+- the input of another ``nn.LSTM`` / ``nn.RNN`` (batch_first), or a model output (``(Seq, 1, H)``);
+- its last step: ``out[:, -1]`` (also ``out[:, -1, :]``), or the final states ``h_n[-1]``,
+  ``c_n[-1]`` (``h_n[0]`` / ``h_n.squeeze(0)`` for one layer): these are the layer's state
+  outputs, ordinary ``(N, H)`` tensors for the rest of the graph.
+
+Supported: ``batch_first=True``, unidirectional, ``proj_size=0``, any ``num_layers``, no initial
+state argument, nn.RNN with tanh. torch's two biases are summed into Core ML's one. nn.GRU is refused: torch
+applies the reset gate after the recurrent product, Core ML before it, so no weights map exactly.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch.nn as nn
+
+from .ops import register_module
+
+#: modules that read a sequence (nn.GRU only to be refused with its reason)
+RECURRENT = (nn.LSTM, nn.RNN, nn.GRU)
+
+
+def _np(t):
+    return t.detach().cpu().numpy()
+
+
+def _is_last_step(node, seq_node) -> bool:
+    """``seq[:, -1]`` / ``seq[:, -1, :]``."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[0] is not seq_node:
+        return False
+    idx = node.args[1]
+    full = slice(None, None, None)
+    return (isinstance(idx, tuple) and len(idx) in (2, 3) and idx[0] == full and idx[1] == -1
+            and all(i == full for i in idx[2:]))
+
+
+def _is_last_layer(node, states, layers: int) -> bool:
+    """``h_n[-1]``, ``h_n[layers - 1]``, ``h_n.squeeze(0)`` (one layer)."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[0] is states:
+        return isinstance(node.args[1], int) and node.args[1] in (-1, layers - 1)
+    if node.op == "call_method" and node.target == "squeeze" and node.args[0] is states:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return layers == 1 and dim == 0
+    return False
+
+
+def _getitems(node) -> dict[int, object] | None:
+    """{index: getitem node} of a tuple-valued node, None when it is used any other way."""
+    out = {}
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
+            return None
+        out[user.args[1]] = user
+    return out
+
+
+def is_sequence_consumer(gm, node) -> bool:
+    """Whether fx ``node`` calls a recurrent module (which takes a sequence)."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), RECURRENT)
+
+
+def is_sequence_output(gm, node) -> bool:
+    """Whether fx ``node`` is a recurrent module's sequence output (``out`` of ``out, _ = ...``)."""
+    return (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0
+            and isinstance(node.args[0], type(node)) and is_sequence_consumer(gm, node.args[0]))
+
+
+def _check(ctx, node, m) -> None:
+    why = []
+    if not m.batch_first:
+        why.append("batch_first=False (use batch_first=True: the model input's first axis is the batch)")
+    if m.bidirectional:
+        why.append("bidirectional=True")
+    if getattr(m, "proj_size", 0):
+        why.append(f"proj_size={m.proj_size}")
+    if len(node.args) > 1 or node.kwargs:
+        why.append("an initial state argument (Core ML starts from zeros)")
+    if isinstance(m, nn.RNN) and m.nonlinearity != "tanh":
+        why.append(f"nonlinearity={m.nonlinearity!r} (Core ML clips the pre-activation to "
+                   "[-50, 50], which changes a ReLU's larger outputs; tanh is unaffected)")
+    if why:
+        raise ctx.unsupported(node, f"{type(m).__name__} with {', '.join(why)}")
+
+
+def _uses(ctx, node, m, lstm: bool):
+    """(sequence consumers?, [nodes needing the last h], [nodes needing the last c])."""
+    items = _getitems(node)
+    if items is None or set(items) - {0, 1}:
+        raise ctx.unsupported(node, f"{type(m).__name__} output used other than as `out, state = ...`")
+    seq_users, last_h, last_c = False, [], []
+    out = items.get(0)
+    for user in (out.users if out is not None else ()):
+        if _is_last_step(user, out):
+            last_h.append(user)
+        elif (is_sequence_consumer(ctx.gm, user) and user.args[0] is out) or user.op == "output":
+            seq_users = True  # another recurrent module, or a model output (Seq, 1, H)
+        else:
+            raise ctx.unsupported(
+                node, f"its sequence output feeding {user.op} {user.target!r}; a sequence can only "
+                "feed another nn.LSTM/nn.RNN or be reduced to its last step, out[:, -1]")
+    state = items.get(1)
+    if state is not None:
+        parts = _getitems(state) if lstm else {0: state}
+        if parts is None:
+            raise ctx.unsupported(node, "its state tuple used other than as (h_n, c_n)")
+        for k, part in parts.items():
+            for user in part.users:
+                if not _is_last_layer(user, part, m.num_layers):
+                    raise ctx.unsupported(node, f"its final states used as {user.op} {user.target!r}; "
+                                          "take the last layer's, h_n[-1] / c_n[-1]")
+                (last_h if k == 0 else last_c).append(user)
+    return seq_users, last_h, last_c
+
+
+def _emit(ctx, node, m, lstm: bool) -> str:
+    _check(ctx, node, m)
+    seq_users, last_h, last_c = _uses(ctx, node, m, lstm)
+    x = ctx.sequence_blob(node.args[0], node)
+    hidden = m.hidden_size
+    for k in range(m.num_layers):
+        last = k == m.num_layers - 1
+        name, y = ctx.layer(node)
+        h_out, c_out = ctx.new_blob(f"{name}_h"), ctx.new_blob(f"{name}_c")
+        w_ih, w_hh = _np(getattr(m, f"weight_ih_l{k}")), _np(getattr(m, f"weight_hh_l{k}"))
+        b = (_np(getattr(m, f"bias_ih_l{k}")) + _np(getattr(m, f"bias_hh_l{k}"))) if m.bias else None
+        cin = w_ih.shape[1]
+        if lstm:  # torch stacks gates i, f, g(z), o; the builder takes [i, f, o, z]
+            wi, wf, wz, wo = np.split(w_ih, 4)
+            ri, rf, rz, ro = np.split(w_hh, 4)
+            bias = None
+            if b is not None:
+                bi, bf, bz, bo = np.split(b, 4)
+                bias = [bi, bf, bo, bz]
+            ctx.builder.add_unilstm(name, [ri, rf, ro, rz], [wi, wf, wo, wz], bias, hidden, cin,
+                                    [x], [y, h_out, c_out], output_all=not last or seq_users,
+                                    cell_clip_threshold=1e9)
+        else:
+            ctx.builder.add_simple_rnn(name, w_hh, w_ih, b if b is not None else np.zeros(hidden, np.float32),
+                                       hidden, cin, "TANH", [x], [y, h_out],
+                                       output_all=not last or seq_users)
+            if b is None:
+                ctx.builder.nn_spec.layers[-1].simpleRecurrent.hasBiasVector = False
+                del ctx.builder.nn_spec.layers[-1].simpleRecurrent.biasVector.floatValue[:]
+        x = y
+    for user in last_h:
+        ctx.blobs[user] = h_out
+    for user in last_c:
+        ctx.blobs[user] = c_out
+    ctx.sequences.add(y)
+    items = _getitems(node)
+    if 0 in items:
+        ctx.blobs[items[0]] = y
+    if 1 in items:
+        ctx.blobs[items[1]] = ctx.SKIP
+        for part in ((_getitems(items[1]) or {}).values() if lstm else ()):
+            ctx.blobs[part] = ctx.SKIP
+    return ctx.SKIP
+
+
+@register_module(nn.LSTM)
+def lstm(ctx, node, m: nn.LSTM) -> str:
+    return _emit(ctx, node, m, lstm=True)
+
+
+@register_module(nn.RNN)
+def rnn(ctx, node, m: nn.RNN) -> str:
+    return _emit(ctx, node, m, lstm=False)
+
+
+@register_module(nn.GRU)
+def gru(ctx, node, m: nn.GRU) -> str:
+    raise ctx.unsupported(node, "nn.GRU: torch applies the reset gate after the recurrent matrix "
+                          "(r * (W_hn h + b_hn)), Core ML's GRU before it (W_o (r * h)); no weights "
+                          "reproduce torch's outputs. Use nn.LSTM or nn.RNN")

@@ -1,0 +1,179 @@
+"""torch nn.LSTM / nn.RNN -> Core ML recurrent layers (exporters.recurrent): the exported spec
+predicts what the module computes, an exported updatable LSTM trains like torch, and what Core
+ML's layout cannot express is refused with a message that says what to change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import mlpersonal as mp
+from exporters.converter import ClassifierConfig, convert
+
+S, C, H = 9, 6, 8
+LABELS = ["walk", "run", "sit"]
+
+
+class LastStep(nn.Module):
+    """Sequence classifier: LSTM (or RNN) -> its last step -> Linear."""
+
+    def __init__(self, rnn: nn.Module, hidden: int = H):
+        super().__init__()
+        self.rnn, self.fc = rnn, nn.Linear(hidden, len(LABELS))
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+class FinalState(nn.Module):
+    """Sequence classifier reading the last layer's final hidden state."""
+
+    def __init__(self, layers: int = 1):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(C, H, num_layers=layers, batch_first=True), nn.Linear(H, 3)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return torch.softmax(self.fc(h[-1]), 1)
+
+
+def _seqs(n: int, seed: int = 0, s: int = S) -> torch.Tensor:
+    return torch.randn(n, s, C, generator=torch.Generator().manual_seed(seed))
+
+
+def _probs(model, xs: torch.Tensor) -> np.ndarray:
+    got = model.predict_batch([{"x": x[:, None, :].numpy()} for x in xs])  # Core ML's (Seq, 1, C)
+    return np.array([[g["labelProbs"][lab] for lab in LABELS] for g in got])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LastStep(nn.LSTM(C, H, batch_first=True)),
+    lambda: LastStep(nn.LSTM(C, H, num_layers=3, batch_first=True)),
+    lambda: LastStep(nn.LSTM(C, H, batch_first=True, bias=False)),
+    lambda: LastStep(nn.RNN(C, H, batch_first=True)),
+    lambda: FinalState(layers=2),
+], ids=["lstm", "lstm-3-layers", "lstm-no-bias", "rnn", "final-state"])
+def test_exported_sequence_classifier_matches_torch(make):
+    torch.manual_seed(0)
+    net = make().eval()
+    spec = convert(net, [mp.TensorType("x", (S, C))], classifier=ClassifierConfig(LABELS))
+    assert list(spec.description.input[0].type.multiArrayType.shape) == [C]
+    model = mp.load(spec)
+    xs = torch.cat([_seqs(4, 1), _seqs(1, 2)])
+    with torch.no_grad():
+        ref = torch.softmax(net(xs), 1).numpy() if not isinstance(net, FinalState) else net(xs).numpy()
+    np.testing.assert_allclose(_probs(model, xs), ref, atol=2e-6)
+    # sequences of other lengths than the traced one: the Core ML input takes any length
+    other = _seqs(3, 3, s=4)
+    with torch.no_grad():
+        ref = torch.softmax(net(other), 1).numpy() if not isinstance(net, FinalState) else net(other).numpy()
+    np.testing.assert_allclose(_probs(model, other), ref, atol=2e-6)
+
+
+def test_sequence_output_and_stacked_modules():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.LSTM(C, H, batch_first=True)
+            self.b = nn.RNN(H, 5, batch_first=True)
+
+        def forward(self, x):
+            return self.b(self.a(x)[0])[0]
+
+    torch.manual_seed(1)
+    net = Tagger().eval()
+    model = mp.load(convert(net, [mp.TensorType("x", (S, C))], outputs=["tags"]))
+    xs = _seqs(2, 4)
+    with torch.no_grad():
+        ref = net(xs).numpy()  # (N, S, 5)
+    got = model.predict_batch([{"x": x[:, None, :].numpy()} for x in xs])
+    for g, r in zip(got, ref):
+        assert g["tags"].shape == (S, 1, 5)
+        np.testing.assert_allclose(g["tags"][:, 0], r, atol=2e-6)
+
+
+def test_exported_updatable_lstm_trains_like_torch():
+    """respect_trainable marks the LSTM's layers updatable (Core ML allows uniDirectionalLSTM);
+    the runtime's update equals torch SGD on the same module with one bias per gate."""
+    torch.manual_seed(2)
+    net = LastStep(nn.LSTM(C, H, batch_first=True))
+    with torch.no_grad():  # Core ML holds one bias per gate: fold torch's second one in
+        net.rnn.bias_ih_l0 += net.rnn.bias_hh_l0
+        net.rnn.bias_hh_l0.zero_()
+    net.rnn.bias_hh_l0.requires_grad_(False)
+    spec = convert(net.eval(), [mp.TensorType("x", (S, C))], classifier=ClassifierConfig(LABELS),
+                   respect_trainable=True,
+                   update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.3, mini_batch_size=6),
+                                          epochs=2, shuffle=False))
+    layers = {l.name: l for l in spec.neuralNetworkClassifier.layers}
+    assert layers["rnn"].isUpdatable and layers["fc"].isUpdatable
+    assert layers["rnn"].uniDirectionalLSTM.weightParams.inputGateWeightMatrix.isUpdatable
+    xs, ys = _seqs(12, 5), torch.arange(12) % 3
+    data = [{"x": x[:, None, :].numpy(), "label": LABELS[int(y)]} for x, y in zip(xs, ys)]
+    trained = mp.load(spec).update(data)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.3)
+    net.train()
+    for _ in range(2):
+        for s in range(0, 12, 6):
+            loss = nn.functional.cross_entropy(net(xs[s:s + 6]), ys[s:s + 6])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    again = convert(net, [mp.TensorType("x", (S, C))], classifier=ClassifierConfig(LABELS))
+    got = {l.name: l for l in trained.spec.neuralNetworkClassifier.layers}
+    want = {l.name: l for l in again.neuralNetworkClassifier.layers}
+    for name in ("rnn", "fc"):
+        a, b = getattr(got[name], got[name].WhichOneof("layer")), getattr(want[name], want[name].WhichOneof("layer"))
+        wa = a.weightParams if name == "rnn" else a
+        wb = b.weightParams if name == "rnn" else b
+        for fd in wb.DESCRIPTOR.fields:
+            if fd.message_type is not None and fd.message_type.name == "WeightParams":
+                np.testing.assert_allclose(np.asarray(getattr(wa, fd.name).floatValue),
+                                           np.asarray(getattr(wb, fd.name).floatValue), atol=1e-5,
+                                           err_msg=f"{name}.{fd.name}")
+    with torch.no_grad():
+        np.testing.assert_allclose(_probs(trained, xs), torch.softmax(net(xs), 1).numpy(), atol=1e-5)
+
+
+class _Direct(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0][:, -1]
+
+
+class _SequenceToLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(C, H, batch_first=True), nn.Linear(H, 2)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0]).mean(1)
+
+
+class _InputElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(C, H, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x * 2)[0][:, -1]
+
+
+@pytest.mark.parametrize("net,needle", [
+    (_Direct(nn.LSTM(C, H)), "batch_first=False"),
+    (_Direct(nn.LSTM(C, H, batch_first=True, bidirectional=True)), "bidirectional"),
+    (_Direct(nn.GRU(C, H, batch_first=True)), "reset gate"),
+    (_Direct(nn.RNN(C, H, batch_first=True, nonlinearity="relu")), "nonlinearity='relu'"),
+    (_SequenceToLinear(), "sequence can only feed another nn.LSTM/nn.RNN"),
+    (_InputElsewhere(), "only nn.LSTM / nn.RNN may read it"),
+], ids=["batch-first", "bidirectional", "gru", "relu", "sequence-to-linear", "input-elsewhere"])
+def test_what_core_ml_cannot_express_is_refused(net, needle):
+    with pytest.raises(mp.MLPersonalError, match=needle):
+        convert(net.eval(), [mp.TensorType("x", (S, C))])
