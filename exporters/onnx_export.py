@@ -23,7 +23,8 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
             output_names: Optional[Sequence[str]] = None, dynamic_batch: bool = True) -> Path:
     """Export ``module`` (in eval mode) to ONNX at ``path`` (written atomically); returns the path.
 
-    Inputs are named as declared; the batch axis is dynamic unless ``dynamic_batch=False``.
+    Inputs are named as declared; the batch axis is dynamic unless ``dynamic_batch=False``, and so
+    is the sequence axis of a ``(Seq, C)`` input.
     Image inputs take the preprocessed tensor (``pixel * scale + bias``), like the torch module.
     """
     if isinstance(inputs, (ImageType, TensorType)):
@@ -38,17 +39,23 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     try:
         with torch.no_grad():
             out = module(*examples)
-        return _export(module, examples, names, out, path, opset, output_names, dynamic_batch)
+        sequences = [i.name for i in inputs if isinstance(i, TensorType) and len(i.shape) == 2]
+        return _export(module, examples, names, out, path, opset, output_names, dynamic_batch,
+                       sequences)
     finally:
         for m, training in modes:
             m.training = training
 
 
-def _export(module, examples, names, out, path, opset, output_names, dynamic_batch) -> Path:
+def _export(module, examples, names, out, path, opset, output_names, dynamic_batch,
+            sequences=()) -> Path:
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
     outs = list(output_names) if output_names else (["output"] if n_out == 1 else
                                                     [f"output_{i}" for i in range(n_out)])
-    dynamic = {n: {0: "batch"} for n in names + outs} if dynamic_batch else None
+    dynamic = {n: {0: "batch"} for n in names + outs} if dynamic_batch else {}
+    for n in sequences:  # a (Seq, C) input takes sequences of any length, as in Core ML
+        dynamic[n] = {**dynamic.get(n, {}), 1: "sequence"}
+    dynamic = dynamic or None
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_file = Path(tmp) / "model.onnx"

@@ -177,3 +177,28 @@ class _InputElsewhere(nn.Module):
 def test_what_core_ml_cannot_express_is_refused(net, needle):
     with pytest.raises(mp.MLPersonalError, match=needle):
         convert(net.eval(), [mp.TensorType("x", (S, C))])
+
+
+def test_onnx_export_of_the_same_model_takes_any_length(tmp_path):
+    """to_onnx gives the (Seq, C) input a dynamic sequence axis; onnxruntime, torch and the
+    Core ML export agree on sequences of two lengths."""
+    import warnings
+
+    import onnxruntime as ort
+
+    from exporters.onnx_export import to_onnx
+
+    torch.manual_seed(3)
+    net = LastStep(nn.LSTM(C, H, num_layers=2, batch_first=True)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's RNN-export deprecation notice
+        path = to_onnx(net, [mp.TensorType("x", (S, C))], tmp_path / "lstm.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    coreml = mp.load(convert(net, [mp.TensorType("x", (S, C))], classifier=ClassifierConfig(LABELS)))
+    for s in (S, 4):
+        xs = _seqs(3, 6, s=s)
+        with torch.no_grad():
+            ref = net(xs).numpy()
+        np.testing.assert_allclose(sess.run(None, {"x": xs.numpy()})[0], ref, atol=2e-6)
+        np.testing.assert_allclose(_probs(coreml, xs), torch.softmax(torch.from_numpy(ref), 1).numpy(),
+                                   atol=2e-6)
