@@ -77,8 +77,7 @@ def update_with_progress(model, data: list, parameters: Optional[dict] = None, d
     task = UpdateTask(model, data, parameters=parameters, progress_handlers=bars.handlers,
                       **task_options)
     t = time.perf_counter()
-    task.resume()
-    ctx = task.wait()
+    ctx = task.run()  # in this thread: an app's background thread would use resume()
     seconds = time.perf_counter() - t
     bars.close()
     if ctx.error is not None:

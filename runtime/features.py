@@ -143,6 +143,9 @@ def _encode_arrays(fd, values: list, device: torch.device, default: tuple, seque
     if fd.type.isOptional and any(v is None for v in values):
         values = [np.zeros(default, np.float32) if v is None else v for v in values]
     stacked = plain_arrays(values, default)
+    if stacked is None and sequence and type(values[0]) is np.ndarray and values[0].ndim == 3 \
+            and values[0].shape[1:] == (1, *default) and len(values[0]):
+        stacked = plain_arrays(values, values[0].shape)  # sequences of one length: at once
     if stacked is not None:  # the common case: no per-example conversion
         arrs, fast = values, range(len(values))
     else:
@@ -174,7 +177,10 @@ def _encode_array_column(fd, col, device: torch.device, default: tuple, sequence
         if arr.dtype.kind not in _NUMERIC_KINDS:
             raise InvalidInputError(f"feature {fd.name!r} must be numeric (real), got dtype {arr.dtype}")
         arr = arr.astype(np.float32)
-    if arr.shape[1:] != default:
+    if sequence and arr.ndim in (3, 4) and arr.shape[-1:] == default and arr.shape[2:-1] in ((), (1,)) \
+            and arr.shape[1]:  # (B, Seq, 1, C) or (B, Seq, C): sequences of one length
+        arr = arr.reshape(len(arr), arr.shape[1], 1, default[0])
+    elif arr.shape[1:] != default:
         return _encode_arrays(fd, list(arr), device, default, sequence)
     if not (arr.flags.c_contiguous and arr.flags.writeable):
         arr = np.array(arr, order="C")

@@ -139,9 +139,7 @@ class CompiledModel:
         """Train synchronously (see :class:`runtime.update.UpdateTask`); returns the updated model."""
         from .update import UpdateTask
 
-        task = UpdateTask(self, training_data, **options)
-        task.resume()
-        ctx = task.wait()
+        ctx = UpdateTask(self, training_data, **options).run()  # in this thread
         if ctx.error is not None:
             raise ctx.error
         return ctx.model

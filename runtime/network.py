@@ -66,6 +66,8 @@ class Network(torch.nn.Module):
             {k.replace(".", "__"): p for k, p in ctx.parameters.items()}
         )
         self.param_names = list(ctx.parameters)
+        #: the layers whose weights train (keys of named_updatable are "layer.field")
+        self.updatable_layers = frozenset(ctx.updatable_layers)
         self._bindings = ctx.bindings
         self._params_by_name = dict(ctx.parameters)
 

@@ -205,11 +205,20 @@ class InferencePlan:
         module = _Traced(self._run, inputs, self.outputs)
         buf = io.BytesIO()
         axes = {k: {0: "batch"} for k in inputs + self.outputs}
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, buf, dynamo=False, input_names=inputs,
-                              output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET,
-                              do_constant_folding=True)
+        # an updatable model's weights are Parameters that require grad, which tracing cannot
+        # store as constants: off for the export (the plan is rebuilt when they change)
+        trained = [p for p in self._params if p.requires_grad]
+        try:
+            for p in trained:
+                p.requires_grad_(False)
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, example, buf, dynamo=False, input_names=inputs,
+                                  output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET,
+                                  do_constant_folding=True)
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
         return simplify(buf.getvalue())
 
 

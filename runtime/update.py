@@ -75,6 +75,7 @@ from mlpersonal.update_params import normalize_key, resolve
 from .batch import ArrayBatchProvider
 from .features import feature_kind
 from .model import CompiledModel, compile_spec, load
+from .layers.recurrent import KINDS as RECURRENT_KINDS
 from .updating import Updater
 
 EVENTS = ("training_began", "mini_batch_end", "epoch_end")
@@ -152,7 +153,8 @@ class UpdateTask:
         self._params = None  # the model's Parameter table, once known
         self._state = "ready"
         self._context: Optional[UpdateContext] = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = None  # the thread training (resume's, run's caller)
+        self._background = False  # trained by resume()'s own thread
 
     # --- public ----------------------------------------------------------------------------
     @property
@@ -171,13 +173,16 @@ class UpdateTask:
         return ctx.error if ctx is not None and self._done.is_set() else None
 
     def resume(self, parameters: Optional[dict] = None) -> None:
-        """Start the task, or (while running, e.g. from a handler) continue with new values."""
+        """Start the task in a background thread, or (while running, e.g. from a handler)
+        continue with new values."""
         with self._lock:
             if self._state == "ready":
                 if parameters:
                     self._overrides.update(parameters)
                 self._state = "running"
-                self._thread = threading.Thread(target=self._run, name="mlpersonal-update", daemon=True)
+                self._background = True
+                self._thread = threading.Thread(target=self._run, args=(True,),
+                                                name="mlpersonal-update", daemon=True)
                 self._thread.start()
                 return
             if self._state != "running":
@@ -186,6 +191,23 @@ class UpdateTask:
                 if self._params is not None:  # check now, in the caller's thread
                     resolve(self._params, parameters)
                 self._pending.update(parameters)
+
+    def run(self, parameters: Optional[dict] = None) -> UpdateContext:
+        """Train in the calling thread and return the final context (``ctx.error`` set on
+        failure): :meth:`resume` + :meth:`wait` without a thread. Handlers run in this thread;
+        :meth:`cancel` works from them or from another thread. Faster than a background thread
+        when this thread has run torch ops before: torch's OpenMP workers cannot spin-wait
+        between ops while two OpenMP thread teams share the cores (libgomp throttles them once
+        its threads outnumber the cores), which slows many-small-op training several times."""
+        with self._lock:
+            if self._state != "ready":
+                raise MLPersonalError(f"cannot run a task that is {self._state}")
+            if parameters:
+                self._overrides.update(parameters)
+            self._state = "running"
+            self._thread = threading.current_thread()
+        self._run(False)
+        return self._context
 
     def cancel(self) -> None:
         """Stop after the mini-batch in flight (or at once if the task has not started); from
@@ -207,8 +229,9 @@ class UpdateTask:
             raise MLPersonalError("wait() called from a progress handler would never return")
         if not self._done.wait(timeout):
             raise TimeoutError(f"the update task is still running after {timeout} s")
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join()
+        worker = self._thread
+        if self._background and worker is not threading.current_thread():
+            worker.join()  # resume()'s thread (run() trains in the caller's, which goes on)
         return self._context
 
     def __repr__(self) -> str:
@@ -251,12 +274,14 @@ class UpdateTask:
                 raise TrainingError(f"the {event!r} progress handler raised {type(e).__name__}: {e}") from e
         self._apply_pending(values)
 
-    def _run(self) -> None:
+    def _run(self, background: bool) -> None:
         up: Optional[Updater] = None
         values: dict = {}
         metrics = _metrics(None, 0, 0)
         try:
             up = self._load().make_updater()
+            if background and up.serial:
+                _one_openmp_thread()
             up.cancelled = self._cancel.is_set
             self._params = up.parameters()
             values = resolve(self._params, self._overrides)
@@ -312,6 +337,19 @@ class UpdateTask:
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"the update task's completion handler raised {type(e).__name__}: {e}",
                           RuntimeWarning, stacklevel=2)
+
+
+def _one_openmp_thread() -> None:
+    """Compute on one OpenMP thread in this (background) thread only; other threads keep
+    torch's count. Recurrent training is many small ops: one thread runs them as fast as two
+    (3.3-4.1 ms per epoch for the benchmarks/recurrent.py LSTM), while a second OpenMP team
+    beside the caller's is woken from sleep for every op (31-35 ms)."""
+    torch.get_num_threads()  # torch sets this thread's OpenMP count on first use: do it first
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)  # the loaded libgomp's
+    if fn is not None:
+        fn(1)
 
 
 def _metrics(loss, epoch: int, mini_batch: int) -> dict:
@@ -404,7 +442,7 @@ PER_EXAMPLE_KINDS = frozenset({
     "l2normalize", "lrn", "mvn", "flatten", "concat", "reshape", "permute", "split", "slice", "crop",
     "padding", "upsample", "resizeBilinear", "reduce", "unary", "scale", "bias", "add", "multiply",
     "max", "min", "average", "dot", "sequenceRepeat", "reorganizeData", "custom", "copy",
-    "loadConstant",
+    "loadConstant", *RECURRENT_KINDS,  # each example's sequence (and states) on its own
 })
 
 
@@ -441,6 +479,7 @@ class NeuralNetworkUpdater(Updater):
         self.model = work
         self.net = work.net
         self.params = list(self.net.named_updatable().values())
+        self.serial = any(step.kind in RECURRENT_KINDS for step in self.net.steps)
         if not self.params:
             raise InvalidModelError(
                 "the model is marked updatable but none of its layers is (no layer with "
@@ -555,7 +594,7 @@ class NeuralNetworkUpdater(Updater):
         inputs only through frozen, per-example layers, and the blobs of that region (model
         inputs included) that the rest of the training plan reads."""
         layers = {l.name: l for l in self.model.nn_spec.layers}
-        owners = {k.rsplit(".", 1)[0] for k in self.net.named_updatable()}
+        owners = self.net.updatable_layers
         cls = {b: "x" for b in self.model.input_names}  # x: batched and frozen; c: constant; t: trained
         for s in self.plan:
             kinds = {cls.get(b, "c") for b in s.inputs}

@@ -52,6 +52,10 @@ class Updater:
     def prepare(self, training_data: list[dict], values: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    #: many small ops per step (recurrent layers): a background training thread computes on one
+    #: OpenMP thread (see runtime.update.UpdateTask)
+    serial = False
+
     def num_epochs(self, values: dict[str, Any]) -> int:
         return int(values.get("epochs", 1))
 

@@ -181,7 +181,10 @@ def test_weights_changed_in_place_use_eager_then_rebuild(rng):
     eager.net.load_state_dict(planned.net.state_dict())
     for _ in range(3):  # stale -> eager, then rebuilt with the new weights
         assert_same(planned.predict_batch(feeds), eager.predict_batch(feeds))
-    assert planned.inference_plan()._sessions
+    plan = planned.inference_plan()
+    assert plan._sessions and plan.last_fallback_reason is None
+    assert all(type(e).__name__ == "_Signature" for e in plan._sessions.values())  # none failed
+    assert all(p.requires_grad for p in planned.net.params.values())  # still trainable
 
 
 def test_concurrent_predictions(rng):

@@ -98,6 +98,8 @@ def test_batches_of_equal_and_mixed_lengths_match_single_predictions():
     cols = model.predict_batch(ArrayBatchProvider({"x": np.stack([ex["x"] for ex in same])}))
     np.testing.assert_allclose(cols.column("y"), np.stack([g["y"] for g in model.predict_batch(same)]),
                                atol=ATOL)
+    flat = model.predict_batch(ArrayBatchProvider({"x": np.stack([ex["x"][:, 0] for ex in same])}))
+    np.testing.assert_array_equal(flat.column("y"), cols.column("y"))  # (B, Seq, C) columns too
 
 
 @pytest.mark.parametrize("output_all", [True, False])
@@ -366,3 +368,33 @@ def test_standard_lstm_cell_clip_with_and_without_the_fused_kernel(steps, plan):
     np.testing.assert_allclose(out["c_out"], c, atol=1e-5)
     np.testing.assert_allclose(out["h_out"], y, atol=1e-5)
     assert (np.abs(c).max() == 3.0) == (steps == 8)  # the clip engaged only in the long run
+
+
+def test_background_recurrent_training_keeps_the_callers_threads():
+    """resume()'s thread trains a recurrent network on one OpenMP thread of its own: the same
+    weights as run() in this thread (to float rounding), and torch's count here is untouched."""
+    torch.manual_seed(16)
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    labels = ["walk", "run", "sit"]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
+    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    b.make_updatable(["fc"])
+    from coremltools.models.neural_network import SgdParams
+
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_sgd_optimizer(SgdParams(lr=0.5, batch=4))
+    b.set_epochs(2)
+    data = [{"x": _seq(50 + i), "label": labels[i % 3]} for i in range(8)]
+    before = torch.get_num_threads()
+    task = mp.UpdateTask(mp.load(b.spec), data, parameters={"shuffle": False})
+    task.resume()
+    background = task.wait()
+    here = mp.UpdateTask(mp.load(b.spec), data, parameters={"shuffle": False}).run()
+    assert torch.get_num_threads() == before
+    w = lambda ctx: np.asarray(next(l for l in ctx.model.spec.neuralNetworkClassifier.layers  # noqa: E731
+                                    if l.name == "fc").innerProduct.weights.floatValue)
+    assert not np.array_equal(w(background), fc.weight.detach().numpy().ravel())
+    np.testing.assert_allclose(w(background), w(here), atol=1e-6)

@@ -371,3 +371,38 @@ def test_context_model_is_a_snapshot(cnn):
     feats = [{"image": X[i].numpy()} for i in range(3)]
     assert snaps[0].predict_batch(feats) != ctx.model.predict_batch(feats)
     assert snaps[1].predict_batch(feats) == ctx.model.predict_batch(feats)
+
+
+def test_run_trains_in_the_calling_thread_like_resume(cnn):
+    """run() = resume() + wait() without a thread: handlers run here, the same weights result."""
+    _, spec, data, _, _ = cnn
+    threads = []
+    handlers = {"mini_batch_end": lambda c: threads.append(threading.current_thread())}
+    task = mp.UpdateTask(mp.load(spec), data, parameters={"shuffle": False}, progress_handlers=handlers)
+    ctx = task.run()
+    assert task.state == "completed" and ctx.error is None and ctx.model is not None
+    assert set(threads) == {threading.current_thread()}
+    with pytest.raises(mp.MLPersonalError, match="cannot run a task that is completed"):
+        task.run()
+    assert task.wait() is ctx  # wait() on a finished run() returns at once
+    _, other = _run(mp.load(spec), data, parameters={"shuffle": False})
+    for name in ("conv1", "fc"):
+        np.testing.assert_array_equal(layer_weights(ctx.model.spec, name)["weights"],
+                                      layer_weights(other.model.spec, name)["weights"])
+
+
+def test_run_cancelled_from_a_handler_and_wait_from_a_handler_refused(cnn):
+    _, spec, data, _, _ = cnn
+    errors = []
+
+    def on_mb(ctx):
+        try:
+            ctx.task.wait()
+        except mp.MLPersonalError as e:
+            errors.append(str(e))
+        ctx.task.cancel()
+
+    task = mp.UpdateTask(mp.load(spec), data, progress_handlers={"mini_batch_end": on_mb})
+    ctx = task.run()
+    assert task.state == "cancelled" and ctx.event == "cancelled"
+    assert errors and "would never return" in errors[0]

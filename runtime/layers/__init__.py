@@ -46,6 +46,8 @@ class BuildContext:
         self.parameters: dict[str, torch.nn.Parameter] = {}
         #: key -> (WeightParams message, shape) to write trained values back into the spec
         self.bindings: dict[str, tuple] = {}
+        #: names of the layers that own updatable parameters
+        self.updatable_layers: set[str] = set()
         self.layer = None  # the NeuralNetworkLayer being built
 
     def where(self, field: str = "") -> str:
@@ -69,6 +71,7 @@ class BuildContext:
             key = f"{self.layer.name}.{field}"
             p = torch.nn.Parameter(t)
             self.parameters[key] = p
+            self.updatable_layers.add(self.layer.name)
             self.bindings[key] = (wp, shape)
             return p
         return t

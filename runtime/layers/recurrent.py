@@ -21,6 +21,7 @@ from . import or_default, register
 from .activation import _activation_fn
 
 CLIP = 50.0
+KINDS = ("simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM")
 _SPATIAL = ("PReLU", "parametricSoftplus")  # per-channel parameters on axis -3
 
 
@@ -192,7 +193,8 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
     # torch's fused LSTM computes the same thing with the standard gates: the [-50, 50] clip
     # does not change a float32 sigmoid/tanh, and a cell grows by at most 1 a step, so it cannot
     # reach the cell clip within a call when |c0| + steps stays below it (checked per call; a
-    # trace for the ONNX plan keeps the step-by-step form, clip included)
+    # trace for the ONNX plan, which becomes onnxruntime's LSTM op, takes it only when no cell
+    # state is fed in, and otherwise keeps the step-by-step form, clip included)
     standard = (f is torch.sigmoid and g is torch.tanh and act_h is torch.tanh and peep is None
                 and not coupled)
 
@@ -204,9 +206,15 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
             b = one if b is None else b + one
         return b
 
-    def run(xs, h0, c0):
-        if standard and not torch.jit.is_tracing() and (
-                xs.shape[0] + float(c0.abs().max()) <= cell_clip if c0.numel() else True):
+    def fusable(xs, c0, c0_is_zero: bool) -> bool:
+        if not standard:
+            return False
+        if c0_is_zero or not c0.numel():  # static: the same answer in a trace
+            return xs.shape[0] <= cell_clip
+        return not torch.jit.is_tracing() and xs.shape[0] + float(c0.abs().max()) <= cell_clip
+
+    def run(xs, h0, c0, c0_is_zero: bool = False):
+        if fusable(xs, c0, c0_is_zero):
             b = bias(xs)
             weights = [torch.cat(ws), torch.cat(rs)] + ([b, torch.zeros_like(b)] if b is not None else [])
             ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, b is not None, 1, 0.0,
@@ -245,7 +253,7 @@ def uni_lstm(layer, ctx):
         seq = lay.sequence(x)
         n = seq.shape[1]
         ys, y, cell = step(seq.flip(0) if reverse else seq, lay.state(h0, n, h, seq),
-                           lay.state(c0, n, h, seq))
+                           lay.state(c0, n, h, seq), c0 is None)
         return _outputs(layer, (lay.output(ys if seq_out else y.unsqueeze(0)), lay.state_out(y),
                                 lay.state_out(cell)))
 
@@ -272,8 +280,8 @@ def bi_lstm(layer, ctx):
         x, hf, cf, hb, cb = _inputs(xs, 5)
         seq = lay.sequence(x)
         n = seq.shape[1]
-        yf, hf, cf = fwd(seq, lay.state(hf, n, h, seq), lay.state(cf, n, h, seq))
-        yb, hb, cb = bwd(seq.flip(0), lay.state(hb, n, h, seq), lay.state(cb, n, h, seq))
+        yf, hf, cf = fwd(seq, lay.state(hf, n, h, seq), lay.state(cf, n, h, seq), cf is None)
+        yb, hb, cb = bwd(seq.flip(0), lay.state(hb, n, h, seq), lay.state(cb, n, h, seq), cb is None)
         y = torch.cat([yf, yb.flip(0)], -1) if seq_out else torch.cat([hf, hb], -1).unsqueeze(0)
         return _outputs(layer, (lay.output(y), lay.state_out(hf), lay.state_out(cf),
                                 lay.state_out(hb), lay.state_out(cb)))

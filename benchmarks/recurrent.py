@@ -1,0 +1,171 @@
+"""Recurrent models: an exported LSTM sequence classifier, predicted and personalized.
+
+    PYTHONPATH=$PWD python benchmarks/recurrent.py [--rounds 5]
+
+The model: ``nn.LSTM(6 -> 32)`` over 50 steps (2.5 s of 6 motion channels at 20 Hz, the shape of
+an activity classifier) -> last step -> ``nn.Linear(32 -> 3)``, exported with
+``exporters.convert`` (LSTM and Linear updatable). Side by side, interleaved round by round
+(medians; compare ratios within one run only), torch and onnxruntime on 2 threads:
+
+- predict: ``predict_batch`` of per-example dicts and of one column, vs onnxruntime on
+  ``to_onnx`` of the same module (one pre-stacked array), vs the module in torch eager;
+- update, per epoch after the first (64 examples, mini-batches of 16, SGD): the UpdateTask with
+  every layer updatable and with the LSTM frozen (the head alone), trained in its own thread
+  (``resume``) and in this one (``run``), vs a hand-written torch loop over the same batches
+  (nn.LSTM + Linear, cross-entropy, torch.optim.SGD) in this thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import mlpersonal as mp  # noqa: E402
+from _util import medians_ms, table  # noqa: E402
+from exporters.converter import ClassifierConfig, convert  # noqa: E402
+from exporters.onnx_export import to_onnx  # noqa: E402
+
+STEPS, CHANNELS, HIDDEN = 50, 6, 32
+LABELS = ["walk", "run", "sit"]
+N, BATCH, EPOCHS = 64, 16, 4
+THREADS = 2
+
+
+class Activity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(CHANNELS, HIDDEN, batch_first=True), nn.Linear(HIDDEN, len(LABELS))
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+def export(net: Activity, lstm_updatable: bool):
+    net.lstm.requires_grad_(lstm_updatable)
+    spec = convert(net.eval(), [mp.TensorType("x", (STEPS, CHANNELS))],
+                   classifier=ClassifierConfig(LABELS), respect_trainable=True,
+                   update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.05, mini_batch_size=BATCH),
+                                          epochs=EPOCHS, shuffle=False))
+    net.lstm.requires_grad_(True)
+    return spec
+
+
+def ours_epochs(spec, data, background: bool) -> list[float]:
+    """Seconds of each epoch after the first (the epoch_end events' spacing); the task trains in
+    its own thread (``resume``) or in this one (``run``)."""
+    stamps: list[float] = []
+    model = mp.load(spec, compute_units="cpu_only")
+    task = mp.UpdateTask(model, data, progress_handlers={"epoch_end": lambda c: stamps.append(time.perf_counter())})
+    if background:
+        task.resume()
+        ctx = task.wait()
+    else:
+        ctx = task.run()
+    if ctx.error is not None:
+        raise ctx.error
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def torch_epochs(net: Activity, X, y, lstm_updatable: bool) -> list[float]:
+    net = Activity()
+    params = list(net.fc.parameters()) + (list(net.lstm.parameters()) if lstm_updatable else [])
+    net.lstm.requires_grad_(lstm_updatable)
+    opt = torch.optim.SGD(params, lr=0.05)
+    stamps = []
+    for _ in range(EPOCHS):
+        for s in range(0, len(X), BATCH):
+            if lstm_updatable:
+                logits = net(X[s:s + BATCH])
+            else:  # a frozen LSTM: no graph through it
+                with torch.no_grad():
+                    h = net.lstm(X[s:s + BATCH])[0][:, -1]
+                logits = net.fc(h)
+            loss = nn.functional.cross_entropy(logits, y[s:s + BATCH])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    import onnxruntime as ort
+
+    net = Activity().eval()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N, STEPS, CHANNELS, generator=g)
+    y = torch.arange(N) % len(LABELS)
+    model = mp.load(export(net, True), compute_units="cpu_only")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = to_onnx(net, [mp.TensorType("x", (STEPS, CHANNELS))], os.path.join(tmp, "a.onnx"))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = THREADS, 1, 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    rows = []
+    for b in (1, 64):
+        xb = X[:b].numpy()
+        dicts = [{"x": x[:, None, :]} for x in xb]
+        column = mp.ArrayBatchProvider({"x": xb[:, :, None, :]})
+        got = model.predict_batch(column).column("labelProbs").values
+        with torch.no_grad():
+            ref = torch.softmax(net(X[:b]), 1).numpy()
+        diff = float(np.abs(got - ref).max())
+
+        def eager():
+            with torch.inference_mode():
+                net(X[:b])
+
+        fns = {"dicts": lambda: model.predict_batch(dicts), "columns": lambda: model.predict_batch(column),
+               "ort": lambda: sess.run(None, {"x": xb}), "torch": eager}
+        times = {k: [] for k in fns}
+        for _ in range(args.rounds):
+            for k, v in medians_ms(fns, repeat=30 if b == 1 else 10).items():
+                times[k].append(v)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append([b, med["dicts"], med["columns"], med["ort"], med["torch"],
+                     f"{med['dicts'] / med['ort']:.2f}", f"{med['columns'] / med['ort']:.2f}",
+                     f"{med['columns'] / med['torch']:.2f}", f"{diff:.1e}"])
+    print(f"\nLSTM({CHANNELS}->{HIDDEN}) x {STEPS} steps -> Linear({HIDDEN}->{len(LABELS)}); "
+          f"predict, ms per call (median of {args.rounds} interleaved rounds)\n")
+    print(table(["batch", "dicts", "columns", "onnxruntime", "torch", "dicts/ORT", "columns/ORT",
+                 "columns/torch", "max|diff|"], rows))
+
+    data = [{"x": x[:, None, :].numpy(), "label": LABELS[int(t)]} for x, t in zip(X, y)]
+    rows = []
+    for name, lstm_updatable in (("all layers", True), ("head only", False)):
+        spec = export(net, lstm_updatable)
+        bg, fg, theirs = [], [], []
+        for _ in range(args.rounds):
+            bg += ours_epochs(spec, data, True)
+            fg += ours_epochs(spec, data, False)
+            theirs += torch_epochs(net, X, y, lstm_updatable)
+        b, f, t = (statistics.median(v) * 1e3 for v in (bg, fg, theirs))
+        rows.append([name, b, f, t, f"{b / t:.2f}", f"{f / t:.2f}"])
+    print(f"\nupdate, ms per epoch ({N} examples, mini-batch {BATCH}, SGD; median over "
+          f"{args.rounds} tasks x {EPOCHS - 1} epochs); the task in its own thread (resume) or "
+          "in this one (run)\n")
+    print(table(["updatable", "resume()", "run()", "torch loop", "resume/torch", "run/torch"], rows))
+
+
+if __name__ == "__main__":
+    main()
