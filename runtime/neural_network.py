@@ -21,6 +21,13 @@ EXACT_ARRAY_MAPPING = 1
 RANK4_IMAGE_MAPPING = 1
 
 
+def _sequence_steps(f, shape: tuple) -> int:
+    """The length of a ``(Seq, 1, C)`` or ``(Seq, C)`` sequence value of feature ``f``, else 0."""
+    if f.sequence and len(shape) in (2, 3) and shape[-1:] == f.shape and shape[1:-1] in ((), (1,)):
+        return shape[0]
+    return 0
+
+
 @register_model_kind("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
 class NeuralNetworkModel(CompiledModel):
     """A compiled neural network; its :attr:`net` is a ``torch.nn.Module`` over named blobs."""
@@ -260,15 +267,28 @@ class NeuralNetworkModel(CompiledModel):
                     return None
                 blobs[name] = a
                 continue
+            steps = 1
             if columns:
-                if a.dtype != np.float32 or a.shape[1:] != shape:
+                if a.dtype != np.float32:
                     return None
+                if a.shape[1:] != shape:
+                    steps = _sequence_steps(f, a.shape[1:])
+                    if not steps:
+                        return None
                 a = np.ascontiguousarray(a)
             else:
-                a = plain_arrays(a, shape)
+                first = a[0]
+                if type(first) is not np.ndarray:
+                    return None
+                if first.shape != shape:
+                    steps = _sequence_steps(f, first.shape)
+                a = plain_arrays(a, first.shape) if steps else None
             if a is None or not np.isfinite(a).all():
                 return None
-            blobs[name] = a if len(shape) == 3 else a.reshape(n, -1, 1, 1)  # as layout() does
+            if steps > 1:  # (B, Seq, C, 1, 1), as layout() does
+                blobs[name] = a.reshape(n, steps, -1, 1, 1)
+            else:
+                blobs[name] = a if len(shape) == 3 else a.reshape(n, -1, 1, 1)  # as layout() does
         env = self._plan.run(blobs, n, build=False)
         if env is None:
             return None

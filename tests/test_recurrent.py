@@ -398,3 +398,38 @@ def test_background_recurrent_training_keeps_the_callers_threads():
                                     if l.name == "fc").innerProduct.weights.floatValue)
     assert not np.array_equal(w(background), fc.weight.detach().numpy().ravel())
     np.testing.assert_allclose(w(background), w(here), atol=1e-6)
+
+
+def test_sequences_take_the_plans_short_path_with_the_same_outputs(monkeypatch):
+    """Once the plan is ready, float32 sequences (dicts of (Seq, 1, C), columns of (B, Seq, 1, C)
+    or (B, Seq, C)) skip the generic encoder; outputs equal the eager network's; a NaN still
+    gets the generic path's error."""
+    import runtime.model as model_mod
+
+    torch.manual_seed(17)
+    labels = ["walk", "run", "sit"]
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
+    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    planned, eager = mp.load(b.spec), mp.load(b.spec)
+    eager.use_plan = False
+    xs = np.stack([_seq(60 + i) for i in range(4)])
+    feeds = [{"x": x} for x in xs]
+    planned.predict_batch(feeds)  # builds the plan through the generic path
+    monkeypatch.setattr(model_mod, "encode_inputs", lambda *a, **k: 1 / 0)
+    got = planned.predict_batch(feeds)
+    cols = planned.predict_batch(ArrayBatchProvider({"x": xs}))
+    flat = planned.predict_batch(ArrayBatchProvider({"x": xs[:, :, 0]}))
+    monkeypatch.undo()
+    want = eager.predict_batch(feeds)
+    assert [g["label"] for g in got] == [w["label"] for w in want] == cols.column("label")
+    np.testing.assert_allclose([[g["probs"][k] for k in labels] for g in got],
+                               [[w["probs"][k] for k in labels] for w in want], atol=ATOL)
+    np.testing.assert_array_equal(cols.column("probs").values, flat.column("probs").values)
+    bad = xs.copy()
+    bad[2, 3, 0, 1] = np.nan
+    with pytest.raises(mp.InvalidInputError, match="example 2: feature 'x' contains NaN"):
+        planned.predict_batch([{"x": x} for x in bad])
