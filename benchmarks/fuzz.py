@@ -3,7 +3,7 @@
 Run:  PYTHONPATH=$PWD python benchmarks/fuzz.py [--cases 2000] [--seed 0]
 
 Cases are byte mutations of serialized specs built with coremltools' builders (an NN classifier,
-an updatable NN, a kNN with samples, a pipeline NN -> kNN): bit flips, truncation, duplicated
+an updatable NN, a kNN with samples, a pipeline NN -> kNN, recurrent layers): bit flips, truncation, duplicated
 chunks and fields, random bytes, huge varint lengths; and structural mutations of the parsed
 protobuf (a random field set to an extreme value, repeated fields dropped/duplicated/reordered,
 deep pipeline nesting). Each case: ``mlpersonal.load(bytes)``, then one ``predict`` on a valid
@@ -147,9 +147,24 @@ def base_specs() -> dict:
     quantized = quantize_weights(MLModel(q.spec), nbits=4, quantization_mode="linear").get_spec()
     lut = quantize_weights(MLModel(q.spec), nbits=3, quantization_mode="linear_lut").get_spec()
     quantized.neuralNetworkClassifier.layers[2].CopyFrom(lut.neuralNetworkClassifier.layers[2])
+    # 8. recurrent: LSTM (optional state inputs, peepholes) -> GRU -> simple RNN -> bi-LSTM -> fc
+    s = NeuralNetworkBuilder([("x", datatypes.Array(3)), ("h_in", datatypes.Array(4)),
+                              ("c_in", datatypes.Array(4))],
+                             [("y", datatypes.Array(2)), ("h_out", datatypes.Array(4))])
+    g = lambda *shape: [rng.normal(size=shape).astype(f32) for _ in range(4)]  # noqa: E731
+    s.add_unilstm("lstm", g(4, 4), g(4, 3), g(4), 4, 3, ["x", "h_in", "c_in"],
+                  ["l", "h_out", "c_out"], peep=g(4)[:3], output_all=True)
+    s.add_gru("gru", g(4, 4)[:3], g(4, 4)[:3], g(4)[:3], 4, 4, ["l"], ["gr"], output_all=True)
+    s.add_simple_rnn("rnn", rng.normal(size=(4, 4)).astype(f32), rng.normal(size=(4, 4)).astype(f32),
+                     np.zeros(4, f32), 4, 4, "TANH", ["gr"], ["rn"], output_all=True)
+    s.add_bidirlstm("bi", g(2, 2), g(2, 4), g(2), g(2, 2), g(2, 4), g(2), 2, 4, ["rn"], ["bo"])
+    s.add_inner_product("fc", rng.normal(size=(2, 4)).astype(f32), None, 4, 2, False, "bo", "y")
+    for fd in s.spec.description.input[1:]:
+        fd.type.isOptional = True
+    recurrent = s.spec
     return {"nn_image_classifier": image_spec, "updatable_nn": updatable,
             "updatable_regressor": regressor, "knn": knn, "pipeline": pipe,
-            "custom_layer": custom, "quantized_nn": quantized}
+            "custom_layer": custom, "quantized_nn": quantized, "recurrent": recurrent}
 
 
 def valid_input(spec, rng) -> dict:

@@ -433,3 +433,20 @@ def test_sequences_take_the_plans_short_path_with_the_same_outputs(monkeypatch):
     bad[2, 3, 0, 1] = np.nan
     with pytest.raises(mp.InvalidInputError, match="example 2: feature 'x' contains NaN"):
         planned.predict_batch([{"x": x} for x in bad])
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda l: setattr(l.uniDirectionalLSTM.params, "cellClipThreshold", float("nan")), "cellClipThreshold nan"),
+    (lambda l: setattr(l.uniDirectionalLSTM.params, "cellClipThreshold", -5.0), "cellClipThreshold -5"),
+    (lambda l: l.input.extend(["x", "x", "x"]), "takes 1 to 3 inputs.*has 4 and 1"),
+    (lambda l: l.output.extend(["a", "b", "c"]), "gives 1 to 3 outputs.*has 1 and 4"),
+    (lambda l: l.input.pop(), "takes 1 to 3 inputs.*has 0 and 1"),
+    (lambda l: setattr(l.uniDirectionalLSTM, "outputVectorSize", 0), "inputGateWeightMatrix.*needs 0"),
+], ids=["clip-nan", "clip-negative", "inputs", "outputs", "no-input", "hidden-0"])
+def test_hostile_recurrent_layers_are_refused_at_load(mutate, needle):
+    torch.manual_seed(18)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None)])
+    b.add_unilstm("lstm", *_torch_lstm_gates(torch.nn.LSTM(C, H)), H, C, ["x"], ["y"])
+    mutate(b.spec.neuralNetwork.layers[0])
+    with pytest.raises(mp.InvalidModelError, match=f"lstm.*{needle}"):
+        mp.load(b.spec)

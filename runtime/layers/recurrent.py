@@ -104,6 +104,14 @@ def _outputs(layer, outs: tuple):
     return outs[0] if len(layer.output) == 1 else outs[:len(layer.output)]
 
 
+def _check_arity(layer, ctx, inputs: int, outputs: int) -> None:
+    """At most ``inputs`` inputs (x and its states) and ``outputs`` outputs (y and its states)."""
+    if not 1 <= len(layer.input) <= inputs or not 1 <= len(layer.output) <= outputs:
+        raise ctx.fail(f"a {layer.WhichOneof('layer')} layer takes 1 to {inputs} inputs and gives 1 to "
+                       f"{outputs} outputs (the sequence and its states), this one has "
+                       f"{len(layer.input)} and {len(layer.output)}")
+
+
 def _inputs(xs: tuple, count: int) -> list:
     """The layer's inputs padded with None for unconnected states."""
     return list(xs) + [None] * (count - len(xs))
@@ -112,6 +120,7 @@ def _inputs(xs: tuple, count: int) -> list:
 def _one_state(layer, ctx, p, c: int, h: int, project: Callable, step: Callable) -> Callable:
     """A layer with inputs ``x[, h_in]`` and outputs ``y[, h_out]`` (simpleRecurrent, gru):
     ``project(xs (S, N, C))`` the input terms of every step at once, ``step(p_t, y) -> y_t``."""
+    _check_arity(layer, ctx, 2, 2)
     lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.sequenceOutput, p.reverseInput
 
     def run(*xs):
@@ -190,6 +199,8 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
     f, g, act_h = _acts(acts, ctx, (torch.sigmoid, torch.tanh, torch.tanh))
     forget_bias, coupled = params.forgetBias, params.coupledInputAndForgetGate
     cell_clip = or_default(params.cellClipThreshold, CLIP)
+    if not cell_clip > 0:  # NaN or negative: no cell value could satisfy it
+        raise ctx.fail(f"cellClipThreshold {params.cellClipThreshold} must be a positive number")
     # torch's fused LSTM computes the same thing with the standard gates: the [-50, 50] clip
     # does not change a float32 sigmoid/tanh, and a cell grows by at most 1 a step, so it cannot
     # reach the cell clip within a call when |c0| + steps stays below it (checked per call; a
@@ -244,6 +255,7 @@ def uni_lstm(layer, ctx):
     """Inputs ``x[, h_in, c_in]``, outputs ``y[, h_out, c_out]`` (LSTMParams equations)."""
     p = layer.uniDirectionalLSTM
     c, h = int(p.inputVectorSize), int(p.outputVectorSize)
+    _check_arity(layer, ctx, 3, 3)
     step = _lstm_direction(ctx, p.params, p.weightParams, p.activations, c, h, "weightParams",
                            layer.isUpdatable)
     lay, seq_out, reverse = _Layout(ctx, c, layer.name), p.params.sequenceOutput, p.reverseInput
@@ -267,6 +279,7 @@ def bi_lstm(layer, ctx):
     positions (at step t: the state after reading x_S ... x_t)."""
     p = layer.biDirectionalLSTM
     c, h = int(p.inputVectorSize), int(p.outputVectorSize)
+    _check_arity(layer, ctx, 5, 5)
     if len(p.weightParams) != 2:
         raise ctx.fail(f"a bidirectional LSTM needs 2 weightParams (forward, backward), "
                        f"has {len(p.weightParams)}")
