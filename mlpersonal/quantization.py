@@ -216,6 +216,34 @@ def weight_slots(layer) -> list[_Slot]:
     elif kind in ("loadConstant", "loadConstantND"):
         n = int(np.prod(p.shape)) if len(p.shape) else len(p.data.floatValue)
         out.append(_Slot("data", p.data, (n,), n, role="other"))
+    elif kind == "simpleRecurrent":
+        o, i = int(p.outputVectorSize), int(p.inputVectorSize)
+        out += [_Slot("weightMatrix", p.weightMatrix, (o, i), o),
+                _Slot("recursionMatrix", p.recursionMatrix, (o, o), o)]
+        if p.hasBiasVector:
+            out.append(_Slot("biasVector", p.biasVector, (o,), o, role="bias"))
+    elif kind == "gru":
+        o, i = int(p.outputVectorSize), int(p.inputVectorSize)
+        for g in ("updateGate", "resetGate", "outputGate"):
+            out += [_Slot(g + "WeightMatrix", getattr(p, g + "WeightMatrix"), (o, i), o),
+                    _Slot(g + "RecursionMatrix", getattr(p, g + "RecursionMatrix"), (o, o), o)]
+            if p.hasBiasVectors:
+                out.append(_Slot(g + "BiasVector", getattr(p, g + "BiasVector"), (o,), o, role="bias"))
+    elif kind in ("uniDirectionalLSTM", "biDirectionalLSTM"):
+        o, i = int(p.outputVectorSize), int(p.inputVectorSize)
+        sets = [p.weightParams] if kind == "uniDirectionalLSTM" else list(p.weightParams)
+        for k, wps in enumerate(sets):
+            pre = "weightParams." if kind == "uniDirectionalLSTM" else f"weightParams[{k}]."
+            for g in ("inputGate", "forgetGate", "blockInput", "outputGate"):
+                out += [_Slot(pre + g + "WeightMatrix", getattr(wps, g + "WeightMatrix"), (o, i), o),
+                        _Slot(pre + g + "RecursionMatrix", getattr(wps, g + "RecursionMatrix"), (o, o), o)]
+                if p.params.hasBiasVectors:
+                    out.append(_Slot(pre + g + "BiasVector", getattr(wps, g + "BiasVector"), (o,), o,
+                                     role="bias"))
+            if p.params.hasPeepholeVectors:
+                for g in ("inputGate", "forgetGate", "outputGate"):
+                    out.append(_Slot(pre + g + "PeepholeVector", getattr(wps, g + "PeepholeVector"),
+                                     (o,), o, role="bias"))
     return out
 
 
