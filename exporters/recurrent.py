@@ -154,7 +154,8 @@ def _emit(ctx, node, m, lstm: bool) -> str:
         ctx.blobs[user] = h_out
     for user in last_c:
         ctx.blobs[user] = c_out
-    ctx.sequences.add(y)
+    if seq_users:  # y holds the whole sequence (else only its last step)
+        ctx.sequences.add(y)
     items = _getitems(node)
     if 0 in items:
         ctx.blobs[items[0]] = y
