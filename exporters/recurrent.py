@@ -1,4 +1,4 @@
-"""nn.LSTM and nn.RNN -> uniDirectionalLSTM / simpleRecurrent layers (one per torch layer).
+"""nn.LSTM and nn.RNN -> uni/biDirectionalLSTM / simpleRecurrent layers (one per torch layer).
 
 Core ML's rank-5 blobs hold a sequence on an axis torch ops cannot name, so a sequence may only
 flow between recurrent modules: the module consumes a model input declared as a sequence (its
@@ -7,11 +7,13 @@ another recurrent module's output, and its output is used as
 
 - the input of another ``nn.LSTM`` / ``nn.RNN`` (batch_first), or a model output (``(Seq, 1, H)``);
 - its last step: ``out[:, -1]`` (also ``out[:, -1, :]``), or the final states ``h_n[-1]``,
-  ``c_n[-1]`` (``h_n[0]`` / ``h_n.squeeze(0)`` for one layer): these are the layer's state
-  outputs, ordinary ``(N, H)`` tensors for the rest of the graph.
+  ``c_n[-1]`` (``h_n[0]`` / ``h_n.squeeze(0)`` for one layer; ``h_n[-2]`` and ``h_n[-1]``, the
+  forward and backward halves, for a bidirectional LSTM): these are the layer's state outputs,
+  ordinary ``(N, H)`` tensors for the rest of the graph (``torch.cat([h_n[-2], h_n[-1]], 1)``).
 
-Supported: ``batch_first=True``, unidirectional, ``proj_size=0``, any ``num_layers``, no initial
-state argument, nn.RNN with tanh. torch's two biases are summed into Core ML's one. nn.GRU is refused: torch
+Supported: ``batch_first=True``, ``proj_size=0``, any ``num_layers``, bidirectional LSTMs (not
+their ``out[:, -1]``: its backward half has read only the last step), no initial state
+argument, nn.RNN with tanh. torch's two biases are summed into Core ML's one. nn.GRU is refused: torch
 applies the reset gate after the recurrent product, Core ML before it, so no weights map exactly.
 """
 
@@ -42,14 +44,21 @@ def _is_last_step(node, seq_node) -> bool:
             and all(i == full for i in idx[2:]))
 
 
-def _is_last_layer(node, states, layers: int) -> bool:
-    """``h_n[-1]``, ``h_n[layers - 1]``, ``h_n.squeeze(0)`` (one layer)."""
+def _last_layer_direction(node, states, layers: int, directions: int):
+    """The direction (0 forward, 1 backward) of the last layer's state that ``node`` takes from
+    torch's ``(layers * directions, N, H)`` states: ``h_n[-1]`` (``h_n[-2]`` is the forward one
+    of a bidirectional module), ``h_n[i]`` with i >= the last layer's first index, or
+    ``h_n.squeeze(0)`` for one layer and direction; None for anything else."""
+    total = layers * directions
     if node.op == "call_function" and node.target is operator.getitem and node.args[0] is states:
-        return isinstance(node.args[1], int) and node.args[1] in (-1, layers - 1)
+        i = node.args[1]
+        if isinstance(i, int) and -total <= i < total and i % total >= total - directions:
+            return i % total - (total - directions)
+        return None
     if node.op == "call_method" and node.target == "squeeze" and node.args[0] is states:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return layers == 1 and dim == 0
-    return False
+        return 0 if total == 1 and dim == 0 else None
+    return None
 
 
 def _getitems(node) -> dict[int, object] | None:
@@ -77,7 +86,7 @@ def _check(ctx, node, m) -> None:
     why = []
     if not m.batch_first:
         why.append("batch_first=False (use batch_first=True: the model input's first axis is the batch)")
-    if m.bidirectional:
+    if m.bidirectional and not isinstance(m, nn.LSTM):
         why.append("bidirectional=True")
     if getattr(m, "proj_size", 0):
         why.append(f"proj_size={m.proj_size}")
@@ -91,17 +100,22 @@ def _check(ctx, node, m) -> None:
 
 
 def _uses(ctx, node, m, lstm: bool):
-    """(sequence consumers?, [nodes needing the last h], [nodes needing the last c])."""
+    """(sequence consumers?, [(node, "h" | "c", direction)] taking the last layer's states)."""
     items = _getitems(node)
     if items is None or set(items) - {0, 1}:
         raise ctx.unsupported(node, f"{type(m).__name__} output used other than as `out, state = ...`")
-    seq_users, last_h, last_c = False, [], []
+    seq_users, states = False, []
     out = items.get(0)
     for user in (out.users if out is not None else ()):
-        if _is_last_step(user, out):
-            last_h.append(user)
+        if _is_last_step(user, out) and not m.bidirectional:
+            states.append((user, "h", 0))  # the last output is the final hidden state
         elif (is_sequence_consumer(ctx.gm, user) and user.args[0] is out) or user.op == "output":
             seq_users = True  # another recurrent module, or a model output (Seq, 1, H)
+        elif _is_last_step(user, out):
+            raise ctx.unsupported(
+                node, "out[:, -1] of a bidirectional LSTM: its backward half has read only the last "
+                "step (Core ML's last output holds the backward state after the whole sequence); "
+                "use torch.cat([h_n[-2], h_n[-1]], 1)")
         else:
             raise ctx.unsupported(
                 node, f"its sequence output feeding {user.op} {user.target!r}; a sequence can only "
@@ -111,49 +125,60 @@ def _uses(ctx, node, m, lstm: bool):
         parts = _getitems(state) if lstm else {0: state}
         if parts is None:
             raise ctx.unsupported(node, "its state tuple used other than as (h_n, c_n)")
+        directions = 2 if m.bidirectional else 1
         for k, part in parts.items():
             for user in part.users:
-                if not _is_last_layer(user, part, m.num_layers):
+                d = _last_layer_direction(user, part, m.num_layers, directions)
+                if d is None:
                     raise ctx.unsupported(node, f"its final states used as {user.op} {user.target!r}; "
-                                          "take the last layer's, h_n[-1] / c_n[-1]")
-                (last_h if k == 0 else last_c).append(user)
-    return seq_users, last_h, last_c
+                                          "take the last layer's, h_n[-1] / c_n[-1] (and h_n[-2] "
+                                          "for the forward half of a bidirectional LSTM)")
+                states.append((user, "hc"[k], d))
+    return seq_users, states
+
+
+def _lstm_weights(m, k: int, suffix: str = ""):
+    """Layer ``k``'s (recursion, input, biases) in the builder's [i, f, o, z] gate order (torch
+    stacks i, f, g(z), o)."""
+    w_ih, w_hh = _np(getattr(m, f"weight_ih_l{k}{suffix}")), _np(getattr(m, f"weight_hh_l{k}{suffix}"))
+    wi, wf, wz, wo = np.split(w_ih, 4)
+    ri, rf, rz, ro = np.split(w_hh, 4)
+    bias = None
+    if m.bias:
+        bi, bf, bz, bo = np.split(_np(getattr(m, f"bias_ih_l{k}{suffix}")) + _np(getattr(m, f"bias_hh_l{k}{suffix}")), 4)
+        bias = [bi, bf, bo, bz]
+    return [ri, rf, ro, rz], [wi, wf, wo, wz], bias
 
 
 def _emit(ctx, node, m, lstm: bool) -> str:
     _check(ctx, node, m)
-    seq_users, last_h, last_c = _uses(ctx, node, m, lstm)
+    seq_users, states = _uses(ctx, node, m, lstm)
     x = ctx.sequence_blob(node.args[0], node)
     hidden = m.hidden_size
     for k in range(m.num_layers):
-        last = k == m.num_layers - 1
+        all_steps = k < m.num_layers - 1 or seq_users
         name, y = ctx.layer(node)
-        h_out, c_out = ctx.new_blob(f"{name}_h"), ctx.new_blob(f"{name}_c")
-        w_ih, w_hh = _np(getattr(m, f"weight_ih_l{k}")), _np(getattr(m, f"weight_hh_l{k}"))
-        b = (_np(getattr(m, f"bias_ih_l{k}")) + _np(getattr(m, f"bias_hh_l{k}"))) if m.bias else None
-        cin = w_ih.shape[1]
-        if lstm:  # torch stacks gates i, f, g(z), o; the builder takes [i, f, o, z]
-            wi, wf, wz, wo = np.split(w_ih, 4)
-            ri, rf, rz, ro = np.split(w_hh, 4)
-            bias = None
-            if b is not None:
-                bi, bf, bz, bo = np.split(b, 4)
-                bias = [bi, bf, bo, bz]
-            ctx.builder.add_unilstm(name, [ri, rf, ro, rz], [wi, wf, wo, wz], bias, hidden, cin,
-                                    [x], [y, h_out, c_out], output_all=not last or seq_users,
+        cin = getattr(m, f"weight_ih_l{k}").shape[1]
+        blobs = {(s, d): ctx.new_blob(f"{name}_{s}{'_back' if d else ''}") for s in "hc" for d in (0, 1)}
+        if lstm and m.bidirectional:
+            ctx.builder.add_bidirlstm(name, *_lstm_weights(m, k), *_lstm_weights(m, k, "_reverse"), hidden,
+                                      cin, [x], [y, blobs["h", 0], blobs["c", 0], blobs["h", 1], blobs["c", 1]],
+                                      output_all=all_steps, cell_clip_threshold=1e9)
+        elif lstm:
+            ctx.builder.add_unilstm(name, *_lstm_weights(m, k), hidden, cin, [x],
+                                    [y, blobs["h", 0], blobs["c", 0]], output_all=all_steps,
                                     cell_clip_threshold=1e9)
         else:
+            w_ih, w_hh = _np(getattr(m, f"weight_ih_l{k}")), _np(getattr(m, f"weight_hh_l{k}"))
+            b = (_np(getattr(m, f"bias_ih_l{k}")) + _np(getattr(m, f"bias_hh_l{k}"))) if m.bias else None
             ctx.builder.add_simple_rnn(name, w_hh, w_ih, b if b is not None else np.zeros(hidden, np.float32),
-                                       hidden, cin, "TANH", [x], [y, h_out],
-                                       output_all=not last or seq_users)
+                                       hidden, cin, "TANH", [x], [y, blobs["h", 0]], output_all=all_steps)
             if b is None:
                 ctx.builder.nn_spec.layers[-1].simpleRecurrent.hasBiasVector = False
                 del ctx.builder.nn_spec.layers[-1].simpleRecurrent.biasVector.floatValue[:]
         x = y
-    for user in last_h:
-        ctx.blobs[user] = h_out
-    for user in last_c:
-        ctx.blobs[user] = c_out
+    for user, s, d in states:  # the last layer's state outputs
+        ctx.blobs[user] = blobs[s, d]
     if seq_users:  # y holds the whole sequence (else only its last step)
         ctx.sequences.add(y)
     items = _getitems(node)

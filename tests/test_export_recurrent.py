@@ -73,6 +73,48 @@ def test_exported_sequence_classifier_matches_torch(make):
     np.testing.assert_allclose(_probs(model, other), ref, atol=2e-6)
 
 
+class BiFinalStates(nn.Module):
+    """Bidirectional classifier: the last layer's forward and backward final states, side by side."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.lstm = nn.LSTM(C, H, num_layers=layers, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * H, len(LABELS))
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return self.fc(torch.cat([h[-2], h[-1]], 1))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_bidirectional_lstm_classifier_and_tagger_match_torch(layers):
+    torch.manual_seed(7)
+    net = BiFinalStates(layers).eval()
+    spec = convert(net, [mp.TensorType("x", (S, C))], classifier=ClassifierConfig(LABELS))
+    assert [l.WhichOneof("layer") for l in spec.neuralNetworkClassifier.layers][:layers] == \
+        ["biDirectionalLSTM"] * layers
+    model = mp.load(spec)
+    for xs in (_seqs(3, 8), _seqs(2, 9, s=3)):  # the traced length and another
+        with torch.no_grad():
+            np.testing.assert_allclose(_probs(model, xs), torch.softmax(net(xs), 1).numpy(), atol=2e-6)
+    xs = _seqs(3, 8)
+
+    class Tagger(nn.Module):  # the whole (N, S, 2H) sequence out: aligned as in Core ML
+        def __init__(self):
+            super().__init__()
+            self.lstm = net.lstm
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    tagger = Tagger().eval()
+    got = mp.load(convert(tagger, [mp.TensorType("x", (S, C))])).predict_batch(
+        [{"x": x[:, None, :].numpy()} for x in xs[:3]])
+    with torch.no_grad():
+        want = tagger(xs[:3]).numpy()
+    np.testing.assert_allclose(np.stack([g["output"][:, 0] for g in got]), want, atol=2e-6)
+
+
 def test_sequence_output_and_stacked_modules():
     class Tagger(nn.Module):
         def __init__(self):
@@ -168,12 +210,14 @@ class _InputElsewhere(nn.Module):
 
 @pytest.mark.parametrize("net,needle", [
     (_Direct(nn.LSTM(C, H)), "batch_first=False"),
-    (_Direct(nn.LSTM(C, H, batch_first=True, bidirectional=True)), "bidirectional"),
+    (_Direct(nn.LSTM(C, H, batch_first=True, bidirectional=True)), r"out\[:, -1\] of a bidirectional"),
+    (_Direct(nn.RNN(C, H, batch_first=True, bidirectional=True)), "RNN with bidirectional=True"),
     (_Direct(nn.GRU(C, H, batch_first=True)), "reset gate"),
     (_Direct(nn.RNN(C, H, batch_first=True, nonlinearity="relu")), "nonlinearity='relu'"),
     (_SequenceToLinear(), "sequence can only feed another nn.LSTM/nn.RNN"),
     (_InputElsewhere(), "only nn.LSTM / nn.RNN may read it"),
-], ids=["batch-first", "bidirectional", "gru", "relu", "sequence-to-linear", "input-elsewhere"])
+], ids=["batch-first", "bidirectional-last-step", "bidirectional-rnn", "gru", "relu",
+        "sequence-to-linear", "input-elsewhere"])
 def test_what_core_ml_cannot_express_is_refused(net, needle):
     with pytest.raises(mp.MLPersonalError, match=needle):
         convert(net.eval(), [mp.TensorType("x", (S, C))])
