@@ -17,7 +17,8 @@ def _channel_param(ctx, wp, field):
     return t.reshape(n, 1, 1) if n > 1 else t.reshape(())
 
 
-def _activation_fn(a, ctx):
+def activation_fn(a, ctx):
+    """The function of an ``ActivationParams`` (activation layers and recurrent gates)."""
     kind = a.WhichOneof("NonlinearityType")
     if kind == "ReLU":
         return F.relu
@@ -59,7 +60,7 @@ def _activation_fn(a, ctx):
 
 @register("activation")
 def activation(layer, ctx):
-    return _activation_fn(layer.activation, ctx)
+    return activation_fn(layer.activation, ctx)
 
 
 @register("softmax")

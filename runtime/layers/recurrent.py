@@ -18,7 +18,7 @@ import torch
 from mlpersonal.errors import InvalidInputError
 
 from . import or_default, register
-from .activation import _activation_fn
+from .activation import activation_fn
 
 CLIP = 50.0
 KINDS = ("simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM")
@@ -41,7 +41,7 @@ def _act(a, ctx, default: Callable) -> Callable:
         sub = getattr(a, kind)
         for field, value in _PARAM_DEFAULTS[kind].items():
             setattr(sub, field, or_default(getattr(sub, field), value))
-    fn = _activation_fn(a, ctx)
+    fn = activation_fn(a, ctx)
     if kind in _SPATIAL:  # their parameters broadcast over (C, 1, 1): give them that shape
         return lambda x: fn(x[..., None, None])[..., 0, 0]
     return fn
