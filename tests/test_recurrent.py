@@ -47,6 +47,17 @@ def _lstm_model(lstm, output_all: bool, reverse: bool = False):
     return mp.load(b.spec)
 
 
+def _classifier(lstm: torch.nn.LSTM, fc: torch.nn.Linear, labels: list) -> NeuralNetworkBuilder:
+    """LSTM (its last output) -> innerProduct -> softmax, a classifier over ``labels``."""
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
+    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, len(labels),
+                        True, "h", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    return b
+
+
 @pytest.mark.parametrize("output_all", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_unidirectional_lstm_matches_torch(output_all, reverse):
@@ -217,11 +228,7 @@ def test_lstm_feeding_a_classifier_head_predicts_like_torch():
     torch.manual_seed(10)
     lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
     labels = ["walk", "run", "sit"]
-    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
-    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
-    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
-    b.add_softmax("softmax", "logits", "probs")
-    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    b = _classifier(lstm, fc, labels)
     model = mp.load(b.spec)
     xs = np.stack([_seq(20 + i) for i in range(5)])
     with torch.no_grad():
@@ -250,12 +257,8 @@ def test_updatable_lstm_trains_like_torch(optimizer, tmp_path):
     torch.manual_seed(12)
     lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
     labels = ["walk", "run", "sit"]
-    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
-    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
+    b = _classifier(lstm, fc, labels)
     before = _torch_lstm_gates(lstm)[1][0].copy()  # W_i (torch trains the parameter in place)
-    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
-    b.add_softmax("softmax", "logits", "probs")
-    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
     b.make_updatable(["fc"])
     layer = next(l for l in b.spec.neuralNetworkClassifier.layers if l.name == "lstm")
     layer.isUpdatable = True
@@ -376,11 +379,7 @@ def test_background_recurrent_training_keeps_the_callers_threads():
     torch.manual_seed(16)
     lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
     labels = ["walk", "run", "sit"]
-    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
-    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
-    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
-    b.add_softmax("softmax", "logits", "probs")
-    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    b = _classifier(lstm, fc, labels)
     b.make_updatable(["fc"])
     from coremltools.models.neural_network import SgdParams
 
@@ -409,11 +408,7 @@ def test_sequences_take_the_plans_short_path_with_the_same_outputs(monkeypatch):
     torch.manual_seed(17)
     labels = ["walk", "run", "sit"]
     lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
-    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
-    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h"])
-    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True, "h", "logits")
-    b.add_softmax("softmax", "logits", "probs")
-    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    b = _classifier(lstm, fc, labels)
     planned, eager = mp.load(b.spec), mp.load(b.spec)
     eager.use_plan = False
     xs = np.stack([_seq(60 + i) for i in range(4)])
