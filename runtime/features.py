@@ -94,15 +94,23 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
     return arr
 
 
+def sequence_steps(shape: tuple, default: tuple) -> int:
+    """The length of a sequence value (``(Seq, 1, C)`` or ``(Seq, C)``) for a declared ``(C,)``,
+    else 0."""
+    if len(default) == 1 and len(shape) in (2, 3) and shape[-1:] == default and shape[1:-1] in ((), (1,)):
+        return int(shape[0])
+    return 0
+
+
 def encode_array(fd, value, index: int, sequence: bool = False) -> np.ndarray:
     """One multi-array value as float32 of an allowed shape (``sequence``: also ``(Seq, 1, C)``
     or ``(Seq, C)`` for a declared ``(C,)``, answered as ``(Seq, 1, C)``)."""
     name = fd.name
     arr = _to_numpy(value, name, index).astype(np.float32, copy=False)
     default = array_shape(fd)
-    if sequence and arr.ndim in (2, 3) and arr.shape[-1:] == default and arr.shape[1:-1] in ((), (1,)) \
-            and len(arr):
-        arr = arr.reshape(len(arr), 1, default[0])  # a sequence of vectors, (Seq, C) taken too
+    steps = sequence_steps(arr.shape, default) if sequence else 0
+    if steps:
+        arr = arr.reshape(steps, 1, default[0])  # a sequence of vectors, (Seq, C) taken too
     elif arr.shape != default and not _shape_allowed(arr.shape, fd):
         if default and arr.size == int(np.prod(default)) and allowed_array_shapes(fd) == ([], None):
             arr = arr.reshape(default)
@@ -143,9 +151,11 @@ def _encode_arrays(fd, values: list, device: torch.device, default: tuple, seque
     if fd.type.isOptional and any(v is None for v in values):
         values = [np.zeros(default, np.float32) if v is None else v for v in values]
     stacked = plain_arrays(values, default)
-    if stacked is None and sequence and type(values[0]) is np.ndarray and values[0].ndim == 3 \
-            and values[0].shape[1:] == (1, *default) and len(values[0]):
-        stacked = plain_arrays(values, values[0].shape)  # sequences of one length: at once
+    steps = sequence_steps(values[0].shape, default) if sequence and type(values[0]) is np.ndarray else 0
+    if stacked is None and steps:  # sequences of one length: at once, as (B, Seq, 1, C)
+        stacked = plain_arrays(values, values[0].shape)
+        if stacked is not None:
+            stacked = stacked.reshape(len(values), steps, 1, default[0])
     if stacked is not None:  # the common case: no per-example conversion
         arrs, fast = values, range(len(values))
     else:
@@ -177,9 +187,9 @@ def _encode_array_column(fd, col, device: torch.device, default: tuple, sequence
         if arr.dtype.kind not in _NUMERIC_KINDS:
             raise InvalidInputError(f"feature {fd.name!r} must be numeric (real), got dtype {arr.dtype}")
         arr = arr.astype(np.float32)
-    if sequence and arr.ndim in (3, 4) and arr.shape[-1:] == default and arr.shape[2:-1] in ((), (1,)) \
-            and arr.shape[1]:  # (B, Seq, 1, C) or (B, Seq, C): sequences of one length
-        arr = arr.reshape(len(arr), arr.shape[1], 1, default[0])
+    steps = sequence_steps(arr.shape[1:], default) if sequence else 0
+    if steps:  # (B, Seq, 1, C) or (B, Seq, C): sequences of one length
+        arr = arr.reshape(len(arr), steps, 1, default[0])
     elif arr.shape[1:] != default:
         return _encode_arrays(fd, list(arr), device, default, sequence)
     if not (arr.flags.c_contiguous and arr.flags.writeable):

@@ -13,19 +13,12 @@ from mlpersonal.errors import InvalidModelError
 
 from .batch import ArrayBatchProvider, DictionaryColumn
 from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, feature_kind,
-                       pixel_batch, plain_arrays, plain_pixels)
+                       pixel_batch, plain_arrays, plain_pixels, sequence_steps)
 from .model import CompiledModel, register_model_kind
 from .network import Network
 
 EXACT_ARRAY_MAPPING = 1
 RANK4_IMAGE_MAPPING = 1
-
-
-def _sequence_steps(f, shape: tuple) -> int:
-    """The length of a ``(Seq, 1, C)`` or ``(Seq, C)`` sequence value of feature ``f``, else 0."""
-    if f.sequence and len(shape) in (2, 3) and shape[-1:] == f.shape and shape[1:-1] in ((), (1,)):
-        return shape[0]
-    return 0
 
 
 @register_model_kind("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
@@ -272,7 +265,7 @@ class NeuralNetworkModel(CompiledModel):
                 if a.dtype != np.float32:
                     return None
                 if a.shape[1:] != shape:
-                    steps = _sequence_steps(f, a.shape[1:])
+                    steps = f.sequence and sequence_steps(a.shape[1:], shape)
                     if not steps:
                         return None
                 a = np.ascontiguousarray(a)
@@ -281,7 +274,7 @@ class NeuralNetworkModel(CompiledModel):
                 if type(first) is not np.ndarray:
                     return None
                 if first.shape != shape:
-                    steps = _sequence_steps(f, first.shape)
+                    steps = f.sequence and sequence_steps(first.shape, shape)
                 a = plain_arrays(a, first.shape) if steps else None
             if a is None or not np.isfinite(a).all():
                 return None

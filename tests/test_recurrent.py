@@ -111,6 +111,11 @@ def test_batches_of_equal_and_mixed_lengths_match_single_predictions():
                                atol=ATOL)
     flat = model.predict_batch(ArrayBatchProvider({"x": np.stack([ex["x"][:, 0] for ex in same])}))
     np.testing.assert_array_equal(flat.column("y"), cols.column("y"))  # (B, Seq, C) columns too
+    fresh = _lstm_model(torch.nn.LSTM(C, H), output_all=True)  # generic encoder (no plan yet)
+    two = [fresh.predict_batch([{"x": ex["x"][:, 0]} for ex in same]),
+           fresh.predict_batch([{"x": ex["x"]} for ex in same])]
+    for a, b_ in zip(*two):  # (Seq, C) values are (Seq, 1, C) ones
+        np.testing.assert_array_equal(a["y"], b_["y"])
 
 
 @pytest.mark.parametrize("output_all", [True, False])
