@@ -50,6 +50,13 @@ def main() -> None:
     cfg = ClassifierConfig(labels=LABELS)
     runtimes = {"image input": mp.load(convert(module, [image], classifier=cfg)),
                 "array input": mp.load(convert(module, [tensor], classifier=cfg))}
+    # the personalization model: frozen features and embedding, an updatable classifier
+    for part in (module.features, module.embedding):
+        part.requires_grad_(False)
+    runtimes["image input, updatable"] = mp.load(convert(module, [image], classifier=cfg,
+                                                         respect_trainable=True,
+                                                         update=mp.UpdateConfig()))
+    module.requires_grad_(True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +71,7 @@ def main() -> None:
     with torch.no_grad():
         ref = torch.softmax(module(torch.from_numpy(floats[:8])), 1).numpy()
     for kind, m in runtimes.items():
-        feeds = [{"image": p} for p in (pixels[:8] if kind == "image input" else floats[:8])]
+        feeds = [{"image": p} for p in (pixels[:8] if kind.startswith("image") else floats[:8])]
         got = np.array([[o["labelProbs"][k] for k in LABELS] for o in m.predict_batch(feeds)])
         assert np.abs(got - ref).max() < 1e-5, kind
     (onnx_logits,) = sess.run(None, {"image": floats[:8]})
@@ -81,7 +88,7 @@ def main() -> None:
 
         fns = {"torch": eager, "ort": lambda: sess.run(None, {"image": xn})}
         for kind, m in runtimes.items():
-            data = pixels[:batch] if kind == "image input" else floats[:batch]
+            data = pixels[:batch] if kind.startswith("image") else floats[:batch]
             feeds = [{"image": d} for d in data]
             fns[kind] = (lambda m=m, feeds=feeds: m.predict_batch(feeds))
             columns = mp.ArrayBatchProvider({"image": data})
@@ -99,7 +106,7 @@ def main() -> None:
 
     rows = []
     for kind, m in runtimes.items():
-        data = pixels if kind == "image input" else floats
+        data = pixels if kind.startswith("image") else floats
         feeds = [{"image": d} for d in data]
         t = medians_ms({"batch": lambda: m.predict_batch(feeds),
                         "loop": lambda: [m.predict(f) for f in feeds]}, repeat=7, warmup=1)
