@@ -110,6 +110,19 @@ def _fmt_shape(shapes, blob) -> str:
     return f"{blob}{list(s)}" if s is not None else blob
 
 
+def _sequence_inputs(spec) -> set:
+    """The (C,) inputs of a rank-5 network that a recurrent layer reads (they take sequences)."""
+    from .validate import NN_KINDS, RECURRENT_LAYER_KINDS
+
+    kind = spec.WhichOneof("Type")
+    if kind not in NN_KINDS or int(getattr(spec, kind).arrayInputShapeMapping) != 0:
+        return set()
+    read = {layer.input[0] for layer in getattr(spec, kind).layers
+            if layer.WhichOneof("layer") in RECURRENT_LAYER_KINDS and layer.input}
+    return {f.name for f in spec.description.input if f.name in read
+            and f.type.WhichOneof("Type") == "multiArrayType" and len(f.type.multiArrayType.shape) == 1}
+
+
 def inspect_lines(spec, indent: str = "") -> list[str]:
     """The human-readable description of ``spec`` that ``mlpersonal inspect`` prints."""
     from .update_params import read_parameters
@@ -126,9 +139,12 @@ def inspect_lines(spec, indent: str = "") -> list[str]:
     if meta:
         out.append(f"{indent}metadata:")
         out += [f"{indent}  {k}: {v}" for k, v in meta]
+    sequences = _sequence_inputs(spec)
     for title, feats in (("inputs", d.input), ("outputs", d.output)):
         out.append(f"{indent}{title}:")
-        out += [f"{indent}  {f.name}: {describe_feature(f)}" for f in feats]
+        out += [f"{indent}  {f.name}: {describe_feature(f)}"
+                + (f", or a sequence (Seq, 1, {f.type.multiArrayType.shape[0]})" if f.name in sequences else "")
+                for f in feats]
     if len(d.trainingInput):
         out.append(f"{indent}training inputs:")
         out += [f"{indent}  {f.name}: {describe_feature(f)}" for f in d.trainingInput]

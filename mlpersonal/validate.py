@@ -28,6 +28,8 @@ MAX_PIPELINE_DEPTH = 16
 NN_KINDS = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
 PIPELINE_KINDS = ("pipeline", "pipelineClassifier", "pipelineRegressor")
 UPDATABLE_LAYER_KINDS = ("convolution", "innerProduct", "uniDirectionalLSTM")
+#: layer kinds that read a sequence ([Seq, Batch, C, 1, 1]) as their first input
+RECURRENT_LAYER_KINDS = ("simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM")
 
 _ONE = (1, 1)
 #: layer kind -> (min inputs, max inputs or None); kinds not listed are left to their builder.
@@ -45,8 +47,7 @@ ARITY = {
                               "concatND", "dot")},
 }
 #: layer kinds that may produce several outputs
-MULTI_OUTPUT = frozenset({"split", "splitND", "uniDirectionalLSTM", "biDirectionalLSTM",
-                          "simpleRecurrent", "gru", "topK", "argSort", "custom", "loop",
+MULTI_OUTPUT = frozenset({"split", "splitND", *RECURRENT_LAYER_KINDS, "topK", "argSort", "custom", "loop",
                           "branch", "constantPad", "nonMaximumSuppression"})
 
 #: Layer geometry fields: each value must lie within [-MAX_DIM, MAX_DIM].

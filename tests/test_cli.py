@@ -107,6 +107,39 @@ def test_inspect_updatable_builder_model(tmp_path, capsys):
     assert "loss: loss (categoricalCrossEntropyLossLayer)" in out and "optimizer: adamOptimizer" in out
 
 
+def test_inspect_and_predict_a_sequence_model(tmp_path, capsys):
+    """An exported LSTM classifier: inspect says its input takes sequences; predict takes a
+    (Seq, C) .npy, and --batch a (B, Seq, C) one, matching the torch module."""
+
+    class Activity(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    net = Activity().eval()
+    path = tmp_path / "act.mlmodel"
+    mp.save(convert(net, [mp.TensorType("motion", (12, 4))], classifier=ClassifierConfig(["sit", "run"])), path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "motion: multiArray float32 (4,), or a sequence (Seq, 1, 4)" in out
+    assert "uniDirectionalLSTM" in out
+    xs = np.random.default_rng(0).standard_normal((3, 7, 4)).astype(np.float32)
+    np.save(tmp_path / "one.npy", xs[0])
+    np.save(tmp_path / "many.npy", xs)
+    with torch.no_grad():
+        want = ["sit", "run"][int(net(torch.from_numpy(xs[:1])).argmax())]
+        many = [["sit", "run"][int(i)] for i in net(torch.from_numpy(xs)).argmax(1)]
+    assert main(["predict", str(path), "-i", f"motion={tmp_path / 'one.npy'}"]) == 0
+    assert f"label: {want}" in capsys.readouterr().out
+    assert main(["predict", str(path), "-i", f"motion={tmp_path / 'many.npy'}", "--batch"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in lines] == many
+
+
 def test_inspect_pipeline_with_knn(tmp_path, capsys):
     from coremltools.models import datatypes
     from coremltools.models.nearest_neighbors import KNearestNeighborsClassifierBuilder

@@ -16,12 +16,13 @@ from typing import Callable, Optional
 import torch
 
 from mlpersonal.errors import InvalidInputError
+from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from . import or_default, register
 from .activation import activation_fn
 
 CLIP = 50.0
-KINDS = ("simpleRecurrent", "gru", "uniDirectionalLSTM", "biDirectionalLSTM")
+KINDS = RECURRENT_LAYER_KINDS
 _SPATIAL = ("PReLU", "parametricSoftplus")  # per-channel parameters on axis -3
 
 
