@@ -65,7 +65,8 @@ def _getitems(node) -> dict[int, object] | None:
     """{index: getitem node} of a tuple-valued node, None when it is used any other way."""
     out = {}
     for user in node.users:
-        if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
+        if (user.op != "call_function" or user.target is not operator.getitem
+                or not isinstance(user.args[1], int)):
             return None
         out[user.args[1]] = user
     return out
@@ -145,7 +146,8 @@ def _lstm_weights(m, k: int, suffix: str = ""):
     ri, rf, rz, ro = np.split(w_hh, 4)
     bias = None
     if m.bias:
-        bi, bf, bz, bo = np.split(_np(getattr(m, f"bias_ih_l{k}{suffix}")) + _np(getattr(m, f"bias_hh_l{k}{suffix}")), 4)
+        b = _np(getattr(m, f"bias_ih_l{k}{suffix}")) + _np(getattr(m, f"bias_hh_l{k}{suffix}"))
+        bi, bf, bz, bo = np.split(b, 4)
         bias = [bi, bf, bo, bz]
     return [ri, rf, ro, rz], [wi, wf, wo, wz], bias
 
@@ -161,9 +163,10 @@ def _emit(ctx, node, m, lstm: bool) -> str:
         cin = getattr(m, f"weight_ih_l{k}").shape[1]
         blobs = {(s, d): ctx.new_blob(f"{name}_{s}{'_back' if d else ''}") for s in "hc" for d in (0, 1)}
         if lstm and m.bidirectional:
-            ctx.builder.add_bidirlstm(name, *_lstm_weights(m, k), *_lstm_weights(m, k, "_reverse"), hidden,
-                                      cin, [x], [y, blobs["h", 0], blobs["c", 0], blobs["h", 1], blobs["c", 1]],
-                                      output_all=all_steps, cell_clip_threshold=1e9)
+            outs = [y, blobs["h", 0], blobs["c", 0], blobs["h", 1], blobs["c", 1]]
+            ctx.builder.add_bidirlstm(name, *_lstm_weights(m, k), *_lstm_weights(m, k, "_reverse"),
+                                      hidden, cin, [x], outs, output_all=all_steps,
+                                      cell_clip_threshold=1e9)
         elif lstm:
             ctx.builder.add_unilstm(name, *_lstm_weights(m, k), hidden, cin, [x],
                                     [y, blobs["h", 0], blobs["c", 0]], output_all=all_steps,
