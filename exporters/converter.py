@@ -78,6 +78,8 @@ class Context:
         self.node: Optional[fx.Node] = None
         #: blobs holding a sequence (rank-5 [Seq, ...]): only recurrent layers may read them
         self.sequences: set[str] = set()
+        #: model inputs that are a recurrent layer's initial state (optional in Core ML)
+        self.state_inputs: set[str] = set()
 
     #: blob marker of nodes that hold no blob of their own (a recurrent module's output tuple)
     SKIP = _CONST
@@ -281,6 +283,8 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
             continue
         if node in ctx.blobs:  # given its blob by the converter of a node it reads from
             continue
+        if recurrent.state_source(gm, node) is not None:
+            continue  # h0.unsqueeze(0) for a recurrent module: it reads h0's blob itself
         if node.op == "get_attr":
             ctx.blobs[node] = _CONST
             continue
@@ -545,6 +549,9 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
 
     spec = builder.spec
     spec.specificationVersion = max(int(spec.specificationVersion), minimum_spec_version, 4)
+    for fd in spec.description.input:
+        if fd.name in ctx.state_inputs:
+            fd.type.isOptional = True
     _set_flexible_inputs(spec, module, inputs)
     _set_metadata(spec, metadata)
     _apply_qat(spec, root, ctx)

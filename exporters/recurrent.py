@@ -12,8 +12,11 @@ another recurrent module's output, and its output is used as
   ordinary ``(N, H)`` tensors for the rest of the graph (``torch.cat([h_n[-2], h_n[-1]], 1)``).
 
 Supported: ``batch_first=True``, ``proj_size=0``, any ``num_layers``, bidirectional LSTMs (not
-their ``out[:, -1]``: its backward half has read only the last step), no initial state
-argument, nn.RNN with tanh. torch's two biases are summed into Core ML's one. nn.GRU is refused: torch
+their ``out[:, -1]``: its backward half has read only the last step), nn.RNN with tanh. An
+initial state ``lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)))`` (one layer, one direction) with
+``h0``, ``c0`` model inputs of shape ``(H,)`` becomes Core ML's streaming form: optional state
+inputs (zeros when left out); return ``h_n[-1]``, ``c_n[-1]`` to carry the state to the next
+chunk. torch's two biases are summed into Core ML's one. nn.GRU is refused: torch
 applies the reset gate after the recurrent product, Core ML before it, so no weights map exactly.
 """
 
@@ -83,6 +86,39 @@ def is_sequence_output(gm, node) -> bool:
             and isinstance(node.args[0], type(node)) and is_sequence_consumer(gm, node.args[0]))
 
 
+def state_source(gm, node):
+    """The ``(N, H)`` tensor node ``t`` when ``node`` is ``t.unsqueeze(0)`` (or ``t[None]``) given
+    to recurrent modules as an initial state (their second argument) and used nowhere else."""
+    if node.op == "call_method" and node.target == "unsqueeze" and node.args[1:] == (0,) and not node.kwargs:
+        src = node.args[0]
+    elif node.op == "call_function" and node.target is operator.getitem and node.args[1] is None:
+        src = node.args[0]
+    else:
+        return None
+    if not node.users or any(not is_sequence_consumer(gm, u) or len(u.args) < 2 or u.args[0] is node
+                             for u in node.users):
+        return None
+    return src
+
+
+def _initial_states(ctx, node, m, lstm: bool) -> list:
+    """The blobs of the initial-state argument (``(h0, c0)`` / ``h0``), ``[]`` without one."""
+    if len(node.args) < 2 and not node.kwargs:
+        return []
+    hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+    parts = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
+    sources = [state_source(ctx.gm, p) if hasattr(p, "op") else None for p in parts]
+    if (len(node.args) > 2 or set(node.kwargs) - {"hx"} or len(parts) != (2 if lstm else 1)
+            or None in sources or m.num_layers != 1 or m.bidirectional):
+        raise ctx.unsupported(node, "an initial state other than (h0.unsqueeze(0), c0.unsqueeze(0)) "
+                              "(h0.unsqueeze(0) for nn.RNN) of a one-layer, one-direction module, "
+                              "with h0 and c0 of shape (N, H)")
+    for src in sources:
+        if src.op == "placeholder":
+            ctx.state_inputs.add(ctx.blobs[src])  # Core ML: an optional input, zeros when left out
+    return [ctx.inp(src) for src in sources]
+
+
 def _check(ctx, node, m) -> None:
     why = []
     if not m.batch_first:
@@ -91,8 +127,6 @@ def _check(ctx, node, m) -> None:
         why.append("bidirectional=True")
     if getattr(m, "proj_size", 0):
         why.append(f"proj_size={m.proj_size}")
-    if len(node.args) > 1 or node.kwargs:
-        why.append("an initial state argument (Core ML starts from zeros)")
     if isinstance(m, nn.RNN) and m.nonlinearity != "tanh":
         why.append(f"nonlinearity={m.nonlinearity!r} (Core ML clips the pre-activation to "
                    "[-50, 50], which changes a ReLU's larger outputs; tanh is unaffected)")
@@ -156,6 +190,7 @@ def _emit(ctx, node, m, lstm: bool) -> str:
     _check(ctx, node, m)
     seq_users, states = _uses(ctx, node, m, lstm)
     x = ctx.sequence_blob(node.args[0], node)
+    initial = _initial_states(ctx, node, m, lstm)
     hidden = m.hidden_size
     for k in range(m.num_layers):
         all_steps = k < m.num_layers - 1 or seq_users
@@ -168,14 +203,15 @@ def _emit(ctx, node, m, lstm: bool) -> str:
                                       hidden, cin, [x], outs, output_all=all_steps,
                                       cell_clip_threshold=1e9)
         elif lstm:
-            ctx.builder.add_unilstm(name, *_lstm_weights(m, k), hidden, cin, [x],
+            ctx.builder.add_unilstm(name, *_lstm_weights(m, k), hidden, cin, [x, *initial],
                                     [y, blobs["h", 0], blobs["c", 0]], output_all=all_steps,
                                     cell_clip_threshold=1e9)
         else:
             w_ih, w_hh = _np(getattr(m, f"weight_ih_l{k}")), _np(getattr(m, f"weight_hh_l{k}"))
             b = (_np(getattr(m, f"bias_ih_l{k}")) + _np(getattr(m, f"bias_hh_l{k}"))) if m.bias else None
             ctx.builder.add_simple_rnn(name, w_hh, w_ih, b if b is not None else np.zeros(hidden, np.float32),
-                                       hidden, cin, "TANH", [x], [y, blobs["h", 0]], output_all=all_steps)
+                                       hidden, cin, "TANH", [x, *initial], [y, blobs["h", 0]],
+                                       output_all=all_steps)
             if b is None:
                 ctx.builder.nn_spec.layers[-1].simpleRecurrent.hasBiasVector = False
                 del ctx.builder.nn_spec.layers[-1].simpleRecurrent.biasVector.floatValue[:]

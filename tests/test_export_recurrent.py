@@ -246,3 +246,61 @@ def test_onnx_export_of_the_same_model_takes_any_length(tmp_path):
         np.testing.assert_allclose(sess.run(None, {"x": xs.numpy()})[0], ref, atol=2e-6)
         np.testing.assert_allclose(_probs(coreml, xs), torch.softmax(torch.from_numpy(ref), 1).numpy(),
                                    atol=2e-6)
+
+
+class Streaming(nn.Module):
+    """Core ML's streaming form: the state comes in as inputs and goes out as outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(C, H, batch_first=True), nn.Linear(H, len(LABELS))
+
+    def forward(self, x, h0, c0):
+        out, (h, c) = self.rnn(x, (h0.unsqueeze(0), c0.unsqueeze(0)))
+        return self.fc(out[:, -1]), h[-1], c[-1]
+
+
+class StreamingRNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.RNN(C, H, batch_first=True), nn.Linear(H, len(LABELS))
+
+    def forward(self, x, h0):
+        out, h = self.rnn(x, h0[None])
+        return self.fc(out[:, -1]), h[-1]
+
+
+@pytest.mark.parametrize("cls,outputs", [(Streaming, ["y", "h", "c"]), (StreamingRNN, ["y", "h"])])
+def test_initial_states_become_optional_inputs_for_streaming(cls, outputs):
+    torch.manual_seed(10)
+    net = cls().eval()
+    states = [mp.TensorType(n, (H,)) for n in ("h0", "c0")[:len(outputs) - 1]]
+    spec = convert(net, [mp.TensorType("x", (S, C)), *states], outputs=outputs)
+    assert [(f.name, f.type.isOptional) for f in spec.description.input] == \
+        [("x", False)] + [(t.name, True) for t in states]
+    model = mp.load(spec)
+    x = _seqs(1, 11, s=13)
+    with torch.no_grad():
+        whole = [t.numpy()[0] for t in net(x, *[torch.zeros(1, H)] * len(states))]
+    first = model.predict({"x": x[0, :6].numpy()})  # states left out: zeros
+    feed = {"x": x[0, 6:].numpy(), "h0": first["h"]}
+    if "c" in outputs:
+        feed["c0"] = first["c"]
+    second = model.predict(feed)  # the state carried over: as if the 13 steps came at once
+    for name, want in zip(outputs, whole):
+        np.testing.assert_allclose(second[name], want, atol=2e-6)
+
+
+def test_initial_state_of_a_stacked_module_is_refused():
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(C, H, num_layers=2, batch_first=True)
+
+        def forward(self, x, h0, c0):  # one state per layer
+            return self.lstm(x, (torch.stack([h0, h0]), torch.stack([c0, c0])))[0][:, -1]
+
+    # a stacked module's states need more than h0.unsqueeze(0): that op is what gets refused
+    with pytest.raises(mp.UnsupportedLayerError, match="torch.stack.*no Core ML conversion"):
+        convert(Stacked().eval(), [mp.TensorType("x", (S, C)), mp.TensorType("h0", (H,)),
+                                   mp.TensorType("c0", (H,))])
