@@ -379,3 +379,30 @@ def test_vector_inputs_take_the_short_path(rng, monkeypatch):
     monkeypatch.undo()
     assert_same(got, eager.predict_batch(feeds))
     np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in got]), ref(x), atol=1e-5)
+
+
+def test_simplify_rewrites_the_batch_size_only_at_axis_0():
+    """A Reshape to (1, B, C) computed from Shape(x)[0] keeps its computation (0 at position 1
+    would copy the input's axis 1); one to (B, C) becomes the constant (0, C)."""
+    import io
+
+    import onnx
+    import onnxruntime as ort
+
+    from runtime.plan import simplify
+
+    class Net(torch.nn.Module):
+        def forward(self, x):  # x: (B, C, 1, 1)
+            seq = x.reshape(1, x.shape[0], 5)  # as a recurrent layer does (C is known)
+            return seq.reshape(x.shape[0], -1) * 2.0
+
+    buf = io.BytesIO()
+    torch.onnx.export(Net(), (torch.zeros(2, 5, 1, 1),), buf, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
+    model = simplify(buf.getvalue())
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    for b in (1, 3, 5, 7):
+        x = np.arange(b * 5, dtype=np.float32).reshape(b, 5, 1, 1)
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], x.reshape(b, 5) * 2)
+    shapes = [n for n in onnx.load_from_string(model).graph.node if n.op_type == "Reshape"]
+    assert len(shapes) == 2
