@@ -345,8 +345,9 @@ class NeuralNetworkModel(CompiledModel):
                                       and f.name in (self._label_name, self._probs_name))]
                     if self.is_classifier and self._probs_blob not in wanted:
                         wanted.append(self._probs_blob)
-                    self._plan = InferencePlan(self._preprocessed_env, wanted,
-                                               list(self.net.params.values()))
+                    self._plan = InferencePlan(
+                        self._preprocessed_env, wanted, list(self.net.params.values()),
+                        sequences=frozenset(f.name for f in self._inputs if f.sequence))
         return self._plan
 
     def _preprocessed_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

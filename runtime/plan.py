@@ -10,7 +10,8 @@ runs convolutions in blocked (NCHWc) layouts and avoids per-op Python overhead.
 Rules:
 
 - built lazily, by the first prediction for each input-shape signature (~0.2-1 s once; flexible
-  shapes get one session per signature, at most :data:`MAX_SIGNATURES`); every prediction of a
+  shapes get one session per signature, at most :data:`MAX_SIGNATURES`; sequences of any length
+  share one when the traced graph is length-generic, checked at a second length); every prediction of a
   signature that verified, the first included, comes from the plan, so a model and its saved and
   reloaded copy predict bit-identically;
 - verified once per signature against the eager Network on the call's own batch and on a
@@ -87,10 +88,16 @@ class InferencePlan:
     ``params`` are the tensors whose in-place changes invalidate the plan.
     """
 
-    def __init__(self, run: Callable, outputs: list[str], params: list[torch.Tensor]):
+    def __init__(self, run: Callable, outputs: list[str], params: list[torch.Tensor],
+                 sequences: frozenset = frozenset()):
         self._run = run
         self.outputs = list(outputs)
         self._params = list(params)
+        #: inputs whose 5-D blobs ``(B, Seq, C, 1, 1)`` are sequences: one session serves every
+        #: length when the traced graph is length-generic (verified at another length), else
+        #: each length gets its own (``_by_length``)
+        self._sequences = frozenset(sequences)
+        self._by_length = False
         self._sessions: dict = {}
         self._lock = threading.Lock()
         self._version = self._param_version()
@@ -122,26 +129,20 @@ class InferencePlan:
                     self._sessions.clear()
                     self._version = version
                 return None
-        arrays, key = {}, []
-        for k, v in blobs.items():
-            if type(v) is np.ndarray:  # float32 numpy blobs (only with build=False)
-                arrays[k] = v
-                key.append((k, v.shape[1:], torch.float32))
-            else:
-                arrays[k] = a = _as_numpy(v)
-                key.append((k, a.shape[1:], v.dtype))
-        key = tuple(key)
+        arrays = {k: v if type(v) is np.ndarray else _as_numpy(v) for k, v in blobs.items()}
+        key = self._key(blobs, arrays)
         entry = self._sessions.get(key)
         if entry is None:
             if not build:
                 return None
             with self._lock:
+                key = self._key(blobs, arrays)
                 entry = self._sessions.get(key)
                 if entry is None:
                     if len(self._sessions) >= MAX_SIGNATURES:
                         return None
                     entry, result = self._build(blobs)
-                    self._sessions[key] = entry
+                    self._sessions[self._key(blobs, arrays)] = entry  # _by_length may have changed
                     _trim_heap()  # the build's temporaries are gone now
                     return result  # this call's outputs, computed while verifying
         if entry is _FAILED:
@@ -149,17 +150,36 @@ class InferencePlan:
         feed = arrays if len(entry.names) == len(arrays) else {k: arrays[k] for k in entry.names}
         return dict(zip(self.outputs, entry.run(self.outputs, feed, n)))
 
+    def _key(self, blobs, arrays) -> tuple:
+        """The signature of these inputs: per input its shape without the batch axis (a
+        sequence's length left out while one session serves every length) and dtype
+        (float32 numpy blobs come only with build=False)."""
+        key = []
+        for k, v in blobs.items():
+            shape = arrays[k].shape[1:]
+            if len(shape) == 4 and k in self._sequences and not self._by_length:
+                shape = ("any length",) + shape[1:]
+            key.append((k, shape, torch.float32 if type(v) is np.ndarray else v.dtype))
+        return tuple(key)
+
     # --- building -------------------------------------------------------------------------
     def _eager(self, blobs) -> dict[str, torch.Tensor]:
         env = self._run(blobs)
         return {o: env[o] for o in self.outputs}
+
+    def _seq_inputs(self, blobs) -> list[str]:
+        """The inputs of ``blobs`` holding sequences this signature serves at any length."""
+        if self._by_length:
+            return []
+        return [k for k in self._sequences if k in blobs and blobs[k].dim() == 5]
 
     def _build(self, blobs):
         """(session entry or _FAILED, this call's outputs: the plan's, or eager ones or None)."""
         eager = None
         try:
             eager = self._eager(blobs)
-            model = self._export(blobs)
+            seqs = self._seq_inputs(blobs)
+            model = self._export(blobs, seqs)
             threads = max(1, torch.get_num_threads())
             sess = ort_session(model, threads)
             names = [i.name for i in sess.get_inputs()]
@@ -167,6 +187,14 @@ class InferencePlan:
             other = _other_batch(blobs)
             other_eager = self._eager(other)
             self._verify(sess, names, other, other_eager)
+            if seqs:  # the same session must serve another length (an unrolled loop cannot)
+                longer = _other_length(blobs, seqs)
+                try:
+                    self._verify(sess, names, longer, self._eager(longer))
+                except Exception:  # noqa: BLE001 - not length-generic: one session per length
+                    self._by_length = True
+                    self._sessions.clear()
+                    return self._build(blobs)
             small = None
             if threads > 1 and len(model) <= SMALL_SESSION_MAX_BYTES:
                 small = ort_session(model, 1)
@@ -198,13 +226,16 @@ class InferencePlan:
                 raise ValueError(f"output {name!r} differs from eager by {diff:.3g}")
         return checked
 
-    def _export(self, blobs) -> bytes:
-        """The traced, tidied ONNX model of ``run`` for these input blobs."""
+    def _export(self, blobs, sequences=()) -> bytes:
+        """The traced, tidied ONNX model of ``run`` for these input blobs (``sequences``: inputs
+        whose axis 1, the sequence length, stays open too)."""
         inputs = list(blobs)
         example = tuple(_export_copy(blobs[k]) for k in inputs)
         module = _Traced(self._run, inputs, self.outputs)
         buf = io.BytesIO()
         axes = {k: {0: "batch"} for k in inputs + self.outputs}
+        for k in sequences:
+            axes[k] = {0: "batch", 1: "sequence"}
         # an updatable model's weights are Parameters that require grad, which tracing cannot
         # store as constants: off for the export (the plan is rebuilt when they change)
         trained = [p for p in self._params if p.requires_grad]
@@ -315,6 +346,11 @@ def _export_copy(t: torch.Tensor) -> torch.Tensor:
     if a.shape[0] < 2:
         a = np.concatenate([a, a])
     return torch.from_numpy(np.array(a))
+
+
+def _other_length(blobs, sequences):
+    """``blobs`` with two more steps on each sequence input (its last steps again)."""
+    return {k: torch.cat([v, v[:, -2:]], 1) if k in sequences else v for k, v in blobs.items()}
 
 
 def _other_batch(blobs):

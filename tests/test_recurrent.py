@@ -480,3 +480,28 @@ def test_recurrent_weights_quantize_like_coremltools():
     ref = np.stack([o["y"] for o in mp.load(spec).predict_batch(xs)])
     err = [np.abs(np.stack([o["y"] for o in mp.load(q).predict_batch(xs)]) - ref).max() for q in (ours, theirs)]
     assert max(err) < 2e-2 and err[0] <= err[1]  # ours, per channel, no worse than theirs
+
+
+@pytest.mark.parametrize("states", [False, True])
+def test_one_plan_session_serves_every_sequence_length_when_the_graph_allows(states):
+    """Without a cell state fed in, an LSTM traces to onnxruntime's LSTM op: one session takes
+    any length (checked at a second length when built). With state inputs the trace is an
+    unrolled loop: each length then gets its own session. Outputs equal the eager network's."""
+    torch.manual_seed(20)
+    lstm = torch.nn.LSTM(C, H)
+    if states:
+        spec = _lstm_model(lstm, output_all=True).spec
+    else:  # no state inputs at all
+        b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None)])
+        b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["y"], output_all=True)
+        spec = b.spec
+    model, eager = mp.load(spec), mp.load(spec)
+    eager.use_plan = False
+    extra = {"h_in": np.full(H, 0.1, np.float32), "c_in": np.full(H, -0.2, np.float32)} if states else {}
+    for s in (5, 9, 13, 5):
+        feeds = [{"x": _seq(80 + s + i, s=s), **extra} for i in range(3)]
+        for g, w in zip(model.predict_batch(feeds), eager.predict_batch(feeds)):
+            np.testing.assert_allclose(g["y"], w["y"], atol=ATOL)
+    plan = model.inference_plan()
+    assert plan.last_fallback_reason is None
+    assert len(plan._sessions) == (3 if states else 1)
