@@ -31,7 +31,6 @@ Rules:
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import threading
@@ -41,6 +40,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from .native import loaded_function
 
 log = logging.getLogger(__name__)
 
@@ -253,21 +254,10 @@ class InferencePlan:
         return simplify(buf.getvalue())
 
 
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (looked up once, in the C library already loaded)."""
-    try:
-        import ctypes
-
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
-
-
 def _trim_heap() -> None:
     """Give the build's freed temporaries (traced model, graph copies: several times the weights)
-    back to the OS where the C library can (a no-op without glibc)."""
-    trim = _malloc_trim()
+    back to the OS where the C library can (glibc's malloc_trim; a no-op without it)."""
+    trim = loaded_function("malloc_trim")
     if trim is not None:
         trim(0)
 

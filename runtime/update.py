@@ -51,8 +51,6 @@ allows it) makes each epoch one step on all the examples.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import itertools
 import math
 import os
@@ -78,6 +76,7 @@ from .batch import ArrayBatchProvider
 from .features import feature_kind
 from .model import CompiledModel, compile_spec, load
 from .layers.recurrent import KINDS as RECURRENT_KINDS
+from .native import loaded_function
 from .updating import Updater
 
 EVENTS = ("training_began", "mini_batch_end", "epoch_end")
@@ -342,22 +341,13 @@ class UpdateTask:
                           RuntimeWarning, stacklevel=2)
 
 
-@functools.lru_cache(maxsize=None)
-def _omp_set_num_threads():
-    """The loaded OpenMP runtime's ``omp_set_num_threads`` (per calling thread), or None."""
-    try:
-        return getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
-    except OSError:
-        return None
-
-
 def _one_openmp_thread() -> None:
     """Compute on one OpenMP thread in this (background) thread only; other threads keep
     torch's count. Recurrent training is many small ops: one thread runs them as fast as two
     (3.3-4.1 ms per epoch for the benchmarks/recurrent.py LSTM), while a second OpenMP team
     beside the caller's runs them at 31-35 ms."""
     torch.get_num_threads()  # torch sets this thread's OpenMP count on first use: do it first
-    fn = _omp_set_num_threads()
+    fn = loaded_function("omp_set_num_threads")  # torch's OpenMP runtime; per calling thread
     if fn is not None:
         fn(1)
 
