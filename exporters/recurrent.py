@@ -95,18 +95,29 @@ def state_source(gm, node):
         src = node.args[0]
     else:
         return None
-    if not node.users or any(not is_sequence_consumer(gm, u) or len(u.args) < 2 or u.args[0] is node
+    if not node.users or any(not is_sequence_consumer(gm, u) or not _in_state_arg(u, node)
                              for u in node.users):
         return None
     return src
+
+
+def _state_arg(call) -> list:
+    """The initial-state argument of a recurrent module call, as a list (``[]`` without one)."""
+    hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    if hx is None:
+        return []
+    return list(hx) if isinstance(hx, (tuple, list)) else [hx]
+
+
+def _in_state_arg(call, node) -> bool:
+    return any(part is node for part in _state_arg(call))
 
 
 def _initial_states(ctx, node, m, lstm: bool) -> list:
     """The blobs of the initial-state argument (``(h0, c0)`` / ``h0``), ``[]`` without one."""
     if len(node.args) < 2 and not node.kwargs:
         return []
-    hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
-    parts = list(hx) if lstm and isinstance(hx, (tuple, list)) else [hx]
+    parts = _state_arg(node)
     sources = [state_source(ctx.gm, p) if hasattr(p, "op") else None for p in parts]
     if (len(node.args) > 2 or set(node.kwargs) - {"hx"} or len(parts) != (2 if lstm else 1)
             or None in sources or m.num_layers != 1 or m.bidirectional):

@@ -255,8 +255,8 @@ class Streaming(nn.Module):
         super().__init__()
         self.rnn, self.fc = nn.LSTM(C, H, batch_first=True), nn.Linear(H, len(LABELS))
 
-    def forward(self, x, h0, c0):
-        out, (h, c) = self.rnn(x, (h0.unsqueeze(0), c0.unsqueeze(0)))
+    def forward(self, x, h0, c0):  # hx= as a keyword
+        out, (h, c) = self.rnn(x, hx=(h0.unsqueeze(0), c0.unsqueeze(0)))
         return self.fc(out[:, -1]), h[-1], c[-1]
 
 
