@@ -155,10 +155,10 @@ class InferencePlan:
         """The signature of these inputs: per input its shape without the batch axis (a
         sequence's length left out while one session serves every length) and dtype
         (float32 numpy blobs come only with build=False)."""
-        key = []
+        key, seqs = [], self._seq_inputs(arrays)
         for k, v in blobs.items():
             shape = arrays[k].shape[1:]
-            if len(shape) == 4 and k in self._sequences and not self._by_length:
+            if k in seqs:
                 shape = ("any length",) + shape[1:]
             key.append((k, shape, torch.float32 if type(v) is np.ndarray else v.dtype))
         return tuple(key)
@@ -169,10 +169,11 @@ class InferencePlan:
         return {o: env[o] for o in self.outputs}
 
     def _seq_inputs(self, blobs) -> list[str]:
-        """The inputs of ``blobs`` holding sequences this signature serves at any length."""
+        """The inputs of ``blobs`` (tensors or arrays) holding sequences, ``(B, Seq, C, 1, 1)``,
+        that one session serves at any length."""
         if self._by_length:
             return []
-        return [k for k in self._sequences if k in blobs and blobs[k].dim() == 5]
+        return [k for k in self._sequences if k in blobs and blobs[k].ndim == 5]
 
     def _build(self, blobs):
         """(session entry or _FAILED, this call's outputs: the plan's, or eager ones or None)."""

@@ -71,11 +71,11 @@ from mlpersonal.errors import (
     UpdateParameterError,
 )
 from mlpersonal.update_params import normalize_key, resolve
+from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider
 from .features import feature_kind
 from .model import CompiledModel, compile_spec, load
-from .layers.recurrent import KINDS as RECURRENT_KINDS
 from .native import loaded_function
 from .updating import Updater
 
@@ -182,8 +182,7 @@ class UpdateTask:
                     self._overrides.update(parameters)
                 self._state = "running"
                 self._background = True
-                self._thread = threading.Thread(target=self._run, args=(True,),
-                                                name="mlpersonal-update", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="mlpersonal-update", daemon=True)
                 self._thread.start()
                 return
             if self._state != "running":
@@ -208,7 +207,7 @@ class UpdateTask:
                 self._overrides.update(parameters)
             self._state = "running"
             self._thread = threading.current_thread()
-        self._run(False)
+        self._run()
         return self._context
 
     def cancel(self) -> None:
@@ -276,13 +275,13 @@ class UpdateTask:
                 raise TrainingError(f"the {event!r} progress handler raised {type(e).__name__}: {e}") from e
         self._apply_pending(values)
 
-    def _run(self, background: bool) -> None:
+    def _run(self) -> None:
         up: Optional[Updater] = None
         values: dict = {}
         metrics = _metrics(None, 0, 0)
         try:
             up = self._load().make_updater()
-            if background and up.serial:
+            if self._background and up.serial:
                 _one_openmp_thread()
             up.cancelled = self._cancel.is_set
             self._params = up.parameters()
@@ -442,7 +441,7 @@ PER_EXAMPLE_KINDS = frozenset({
     "l2normalize", "lrn", "mvn", "flatten", "concat", "reshape", "permute", "split", "slice", "crop",
     "padding", "upsample", "resizeBilinear", "reduce", "unary", "scale", "bias", "add", "multiply",
     "max", "min", "average", "dot", "sequenceRepeat", "reorganizeData", "custom", "copy",
-    "loadConstant", *RECURRENT_KINDS,  # each example's sequence (and states) on its own
+    "loadConstant", *RECURRENT_LAYER_KINDS,  # each example's sequence (and states) on its own
 })
 
 
@@ -479,7 +478,7 @@ class NeuralNetworkUpdater(Updater):
         self.model = work
         self.net = work.net
         self.params = list(self.net.named_updatable().values())
-        self.serial = any(step.kind in RECURRENT_KINDS for step in self.net.steps)
+        self.serial = any(step.kind in RECURRENT_LAYER_KINDS for step in self.net.steps)
         if not self.params:
             raise InvalidModelError(
                 "the model is marked updatable but none of its layers is (no layer with "

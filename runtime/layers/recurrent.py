@@ -16,13 +16,11 @@ from typing import Callable, Optional
 import torch
 
 from mlpersonal.errors import InvalidInputError
-from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from . import or_default, register
 from .activation import activation_fn
 
 CLIP = 50.0
-KINDS = RECURRENT_LAYER_KINDS
 _SPATIAL = ("PReLU", "parametricSoftplus")  # per-channel parameters on axis -3
 
 
@@ -92,8 +90,10 @@ class _Layout:
         return self.output(s.unsqueeze(0))
 
 
-def _gates(ctx, wp, names: tuple, shape: tuple, field: str, updatable: bool = False):
-    return [ctx.weights(getattr(wp, n), shape, f"{field}.{n}", updatable=updatable) for n in names]
+def _gates(ctx, wp, names, shape: tuple, field: str = "", updatable: bool = False):
+    """The WeightParams ``names`` of message ``wp`` (``field``: its path in the layer)."""
+    return [ctx.weights(getattr(wp, n), shape, f"{field}.{n}" if field else n, updatable=updatable)
+            for n in names]
 
 
 def _clip(t: torch.Tensor) -> torch.Tensor:
@@ -162,10 +162,9 @@ def gru(layer, ctx):
     p = layer.gru
     c, h = int(p.inputVectorSize), int(p.outputVectorSize)
     gates = ("updateGate", "resetGate", "outputGate")
-    ws = [ctx.weights(getattr(p, g + "WeightMatrix"), (h, c), g + "WeightMatrix") for g in gates]
-    rs = [ctx.weights(getattr(p, g + "RecursionMatrix"), (h, h), g + "RecursionMatrix") for g in gates]
-    bs = [ctx.weights(getattr(p, g + "BiasVector"), (h,), g + "BiasVector") for g in gates] \
-        if p.hasBiasVectors else None
+    w = torch.cat(_gates(ctx, p, [g + "WeightMatrix" for g in gates], (h, c)))
+    rs = _gates(ctx, p, [g + "RecursionMatrix" for g in gates], (h, h))
+    b = torch.cat(_gates(ctx, p, [g + "BiasVector" for g in gates], (h,))) if p.hasBiasVectors else None
     f, g = _acts(p.activations, ctx, (torch.sigmoid, torch.tanh))
     r_zr, r_o = torch.cat(rs[:2]).t(), rs[2].t()
 
@@ -177,7 +176,7 @@ def gru(layer, ctx):
         return (1 - z) * o + z * y
 
     def project(xs):
-        return torch.nn.functional.linear(xs, torch.cat(ws), torch.cat(bs) if bs else None)
+        return torch.nn.functional.linear(xs, w, b)
 
     return _one_state(layer, ctx, p, c, h, project, step)
 
