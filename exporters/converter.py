@@ -324,7 +324,7 @@ def _sequence_inputs(gm, inputs) -> set[str]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, i in zip(placeholders, inputs):
         readers = [u for u in node.users if recurrent.is_sequence_consumer(gm, u)]
-        sequence = isinstance(i, TensorType) and len(i.shape) == 2
+        sequence = isinstance(i, TensorType) and i.is_sequence
         if not readers and not sequence:
             continue
         if not sequence:

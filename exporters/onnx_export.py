@@ -39,7 +39,7 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     try:
         with torch.no_grad():
             out = module(*examples)
-        sequences = [i.name for i in inputs if isinstance(i, TensorType) and len(i.shape) == 2]
+        sequences = [i.name for i in inputs if isinstance(i, TensorType) and i.is_sequence]
         return _export(module, examples, names, out, path, opset, output_names, dynamic_batch,
                        sequences)
     finally:

@@ -104,7 +104,7 @@ class TensorType:
     def __post_init__(self):
         _check_name(self.name)
         object.__setattr__(self, "shape", _check_shape(self.name, self.shape, (1, 2, 3)))
-        if len(self.shape) == 2 and self.is_flexible:
+        if self.is_sequence and self.is_flexible:
             raise ConversionError(f"input {self.name!r}: a (Seq, C) sequence takes any length "
                                   "already; it has no enumerated_shapes or shape_range")
         if self.enumerated_shapes is not None and self.shape_range is not None:
@@ -113,6 +113,11 @@ class TensorType:
     @property
     def is_flexible(self) -> bool:
         return self.enumerated_shapes is not None or self.shape_range is not None
+
+    @property
+    def is_sequence(self) -> bool:
+        """Declared ``(Seq, C)``: a sequence of ``C``-vectors."""
+        return len(self.shape) == 2
 
 
 InputType = Union[ImageType, TensorType]
