@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mlpersonal as mp  # noqa: E402
 from _util import medians_ms, table  # noqa: E402
 from exporters.converter import ClassifierConfig, convert  # noqa: E402
+from examples.activity_classifier.demo import ActivityNet  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
 
 STEPS, CHANNELS, HIDDEN = 50, 6, 32
@@ -43,17 +44,12 @@ N, BATCH, EPOCHS = 64, 16, 4
 THREADS = 2
 
 
-class Activity(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm, self.fc = nn.LSTM(CHANNELS, HIDDEN, batch_first=True), nn.Linear(HIDDEN, len(LABELS))
-
-    def forward(self, x):
-        out, _ = self.lstm(x)
-        return self.fc(out[:, -1])
+def activity() -> ActivityNet:
+    """The activity example's network at this benchmark's sizes."""
+    return ActivityNet(HIDDEN, axes=CHANNELS, classes=len(LABELS))
 
 
-def export(net: Activity, lstm_updatable: bool):
+def export(net: ActivityNet, lstm_updatable: bool):
     net.lstm.requires_grad_(lstm_updatable)
     spec = convert(net.eval(), [mp.TensorType("x", (STEPS, CHANNELS))],
                    classifier=ClassifierConfig(LABELS), respect_trainable=True,
@@ -79,9 +75,9 @@ def ours_epochs(spec, data, background: bool) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def torch_epochs(net: Activity, X, y, lstm_updatable: bool) -> list[float]:
-    net = Activity()
-    params = list(net.fc.parameters()) + (list(net.lstm.parameters()) if lstm_updatable else [])
+def torch_epochs(X, y, lstm_updatable: bool) -> list[float]:
+    net = activity()
+    params = list(net.head.parameters()) + (list(net.lstm.parameters()) if lstm_updatable else [])
     net.lstm.requires_grad_(lstm_updatable)
     opt = torch.optim.SGD(params, lr=0.05)
     stamps = []
@@ -92,7 +88,7 @@ def torch_epochs(net: Activity, X, y, lstm_updatable: bool) -> list[float]:
             else:  # a frozen LSTM: no graph through it
                 with torch.no_grad():
                     h = net.lstm(X[s:s + BATCH])[0][:, -1]
-                logits = net.fc(h)
+                logits = net.head(h)
             loss = nn.functional.cross_entropy(logits, y[s:s + BATCH])
             opt.zero_grad()
             loss.backward()
@@ -109,7 +105,7 @@ def main() -> None:
     torch.manual_seed(0)
     import onnxruntime as ort
 
-    net = Activity().eval()
+    net = activity().eval()
     g = torch.Generator().manual_seed(1)
     X = torch.randn(N, STEPS, CHANNELS, generator=g)
     y = torch.arange(N) % len(LABELS)
@@ -158,7 +154,7 @@ def main() -> None:
         for _ in range(args.rounds):
             bg += ours_epochs(spec, data, True)
             fg += ours_epochs(spec, data, False)
-            theirs += torch_epochs(net, X, y, lstm_updatable)
+            theirs += torch_epochs(X, y, lstm_updatable)
         b, f, t = (statistics.median(v) * 1e3 for v in (bg, fg, theirs))
         rows.append([name, b, f, t, f"{b / t:.2f}", f"{f / t:.2f}"])
     print(f"\nupdate, ms per epoch ({N} examples, mini-batch {BATCH}, SGD; median over "

@@ -58,10 +58,12 @@ def windows(style: dict, per_class: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 class ActivityNet(nn.Module):
-    def __init__(self, hidden: int = 32):
+    """``nn.LSTM(axes -> hidden)`` over a window, its last step -> ``nn.Linear`` to the classes."""
+
+    def __init__(self, hidden: int = 32, axes: int = AXES, classes: int = len(ACTIVITIES)):
         super().__init__()
-        self.lstm = nn.LSTM(AXES, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, len(ACTIVITIES))
+        self.lstm = nn.LSTM(axes, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
 
     def forward(self, x):
         return self.head(self.lstm(x)[0][:, -1])
