@@ -111,16 +111,10 @@ def test_inspect_and_predict_a_sequence_model(tmp_path, capsys):
     """An exported LSTM classifier: inspect says its input takes sequences; predict takes a
     (Seq, C) .npy, and --batch a (B, Seq, C) one, matching the torch module."""
 
-    class Activity(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
-
-        def forward(self, x):
-            return self.fc(self.lstm(x)[0][:, -1])
+    from examples.activity_classifier.demo import ActivityNet
 
     torch.manual_seed(0)
-    net = Activity().eval()
+    net = ActivityNet(8, axes=4, classes=2).eval()
     path = tmp_path / "act.mlmodel"
     mp.save(convert(net, [mp.TensorType("motion", (12, 4))], classifier=ClassifierConfig(["sit", "run"])), path)
     assert main(["inspect", str(path)]) == 0
