@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 
 from mlpersonal.codecs import encode_float
@@ -87,5 +88,9 @@ class Network(torch.nn.Module):
 
     def write_back(self) -> None:
         """Store the current values of updatable parameters into their spec WeightParams."""
-        for key, (wp, shape) in self._bindings.items():
-            encode_float(wp, self._params_by_name[key].detach().cpu().numpy().reshape(-1))
+        flat: dict[str, np.ndarray] = {}
+        for wp, shape, key, start in self._bindings.values():
+            if key not in flat:
+                flat[key] = self._params_by_name[key].detach().cpu().numpy().reshape(-1)
+            count = int(np.prod(shape)) if shape else 1
+            encode_float(wp, flat[key][start:start + count])

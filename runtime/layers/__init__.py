@@ -44,7 +44,8 @@ class BuildContext:
         self.custom_layers = custom_layers or {}
         #: updatable parameters: key -> nn.Parameter
         self.parameters: dict[str, torch.nn.Parameter] = {}
-        #: key -> (WeightParams message, shape) to write trained values back into the spec
+        #: field key -> (WeightParams message, shape, parameter key, offset in that parameter's
+        #: flat values) to write trained values back into the spec
         self.bindings: dict[str, tuple] = {}
         #: names of the layers that own updatable parameters
         self.updatable_layers: set[str] = set()
@@ -69,12 +70,31 @@ class BuildContext:
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)
         if updatable:
             key = f"{self.layer.name}.{field}"
-            p = torch.nn.Parameter(t)
-            self.parameters[key] = p
-            self.updatable_layers.add(self.layer.name)
-            self.bindings[key] = (wp, shape)
-            return p
+            self.bindings[key] = (wp, shape, key, 0)
+            return self._parameter(key, t)
         return t
+
+    def stacked_weights(self, wps: list, shape, fields: list[str], *,
+                        updatable: bool = False) -> torch.Tensor:
+        """The WeightParams ``wps`` (each of ``shape``) decoded and stacked on axis 0 into one
+        tensor; when ``updatable``, one Parameter whose slices write back to each message (one
+        autograd leaf instead of a concatenation per call; SGD and Adam act per element, so
+        training it equals training the pieces)."""
+        parts = [self.weights(wp, shape, f) for wp, f in zip(wps, fields)]
+        t = torch.cat(parts)
+        if not updatable:
+            return t
+        key = f"{self.layer.name}.{fields[0]}+{len(fields) - 1}"
+        step = int(np.prod(shape)) if shape else 1
+        for i, (wp, f) in enumerate(zip(wps, fields)):
+            self.bindings[f"{self.layer.name}.{f}"] = (wp, tuple(int(s) for s in shape), key, i * step)
+        return self._parameter(key, t)
+
+    def _parameter(self, key: str, t: torch.Tensor) -> torch.nn.Parameter:
+        p = torch.nn.Parameter(t)
+        self.parameters[key] = p
+        self.updatable_layers.add(self.layer.name)
+        return p
 
     def optional_weights(self, wp, shape, field: str, **kw) -> Optional[torch.Tensor]:
         """Like :meth:`weights` but ``None`` when ``wp`` holds nothing."""

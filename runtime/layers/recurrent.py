@@ -96,6 +96,13 @@ def _gates(ctx, wp, names, shape: tuple, field: str = "", updatable: bool = Fals
             for n in names]
 
 
+def _stacked(ctx, wp, names, shape: tuple, field: str = "", updatable: bool = False):
+    """The WeightParams ``names`` of message ``wp`` stacked on axis 0 (one tensor, one
+    Parameter when updatable)."""
+    return ctx.stacked_weights([getattr(wp, n) for n in names], shape,
+                               [f"{field}.{n}" if field else n for n in names], updatable=updatable)
+
+
 def _clip(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(-CLIP, CLIP)
 
@@ -162,11 +169,11 @@ def gru(layer, ctx):
     p = layer.gru
     c, h = int(p.inputVectorSize), int(p.outputVectorSize)
     gates = ("updateGate", "resetGate", "outputGate")
-    w = torch.cat(_gates(ctx, p, [g + "WeightMatrix" for g in gates], (h, c)))
-    rs = _gates(ctx, p, [g + "RecursionMatrix" for g in gates], (h, h))
-    b = torch.cat(_gates(ctx, p, [g + "BiasVector" for g in gates], (h,))) if p.hasBiasVectors else None
+    w = _stacked(ctx, p, [g + "WeightMatrix" for g in gates], (h, c))
+    r = _stacked(ctx, p, [g + "RecursionMatrix" for g in gates], (h, h))
+    b = _stacked(ctx, p, [g + "BiasVector" for g in gates], (h,)) if p.hasBiasVectors else None
     f, g = _acts(p.activations, ctx, (torch.sigmoid, torch.tanh))
-    r_zr, r_o = torch.cat(rs[:2]).t(), rs[2].t()
+    r_zr, r_o = r[:2 * h].t(), r[2 * h:].t()
 
     def step(p_t, y):
         pz, pr, po = p_t.split(h, -1)
@@ -192,9 +199,9 @@ _LSTM_P = ("inputGatePeepholeVector", "forgetGatePeepholeVector", "outputGatePee
 
 def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable: bool):
     """``run(xs (S, N, C), h0, c0) -> (ys (S, N, H), h_last, c_last)`` of one LSTM direction."""
-    ws = _gates(ctx, wp, _LSTM_W, (h, c), field, updatable)
-    rs = _gates(ctx, wp, _LSTM_R, (h, h), field, updatable)
-    bs = _gates(ctx, wp, _LSTM_B, (h,), field, updatable) if params.hasBiasVectors else None
+    w = _stacked(ctx, wp, _LSTM_W, (h, c), field, updatable)  # gates i, f, z, o: torch's order
+    r = _stacked(ctx, wp, _LSTM_R, (h, h), field, updatable)
+    b = _stacked(ctx, wp, _LSTM_B, (h,), field, updatable) if params.hasBiasVectors else None
     peep = _gates(ctx, wp, _LSTM_P, (h,), field, updatable) if params.hasPeepholeVectors else None
     f, g, act_h = _acts(acts, ctx, (torch.sigmoid, torch.tanh, torch.tanh))
     forget_bias, coupled = params.forgetBias, params.coupledInputAndForgetGate
@@ -209,13 +216,16 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
     standard = (f is torch.sigmoid and g is torch.tanh and act_h is torch.tanh and peep is None
                 and not coupled)
 
-    def bias(like):
-        b = torch.cat(bs) if bs is not None else None
-        if forget_bias:  # a vector of ones added to the forget gate's bias
-            one = like.new_zeros(4 * h)
-            one[h:2 * h] = 1.0
-            b = one if b is None else b + one
-        return b
+    ones = None
+    if forget_bias:  # a vector of ones added to the forget gate's bias
+        ones = torch.zeros(4 * h, device=ctx.device, dtype=ctx.dtype)
+        ones[h:2 * h] = 1.0
+    no_bias = torch.zeros(4 * h, device=ctx.device, dtype=ctx.dtype)  # torch's second bias
+
+    def bias():
+        if ones is None:
+            return b
+        return ones if b is None else b + ones
 
     def fusable(xs, c0, c0_is_zero: bool) -> bool:
         if not standard:
@@ -226,13 +236,13 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
 
     def run(xs, h0, c0, c0_is_zero: bool = False):
         if fusable(xs, c0, c0_is_zero):
-            b = bias(xs)
-            weights = [torch.cat(ws), torch.cat(rs)] + ([b, torch.zeros_like(b)] if b is not None else [])
-            ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, b is not None, 1, 0.0,
+            bb = bias()
+            weights = [w, r] + ([bb, no_bias] if bb is not None else [])
+            ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, bb is not None, 1, 0.0,
                                      torch.is_grad_enabled(), False, False)
             return ys, y[0], cell[0]
-        proj = torch.nn.functional.linear(xs, torch.cat(ws), bias(xs))
-        rec = torch.cat(rs).t()
+        proj = torch.nn.functional.linear(xs, w, bias())
+        rec = r.t()
         y, cell, ys = h0, c0, []
         for t in range(xs.shape[0]):
             pi, pf, pz, po = (proj[t] + y @ rec).split(h, -1)
