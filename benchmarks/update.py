@@ -385,6 +385,55 @@ def child(args):
 
 
 
+def threads_child(args) -> None:
+    """All-updatable SGD per epoch on 2 torch threads, after this (caller's) thread has run torch
+    ops, as every app predicting before it personalizes has: ``run()`` (caller's thread),
+    ``resume()`` (a background thread), ``resume()`` with the caller's idle OpenMP team kept (the
+    release stubbed out: what resume() did before), and the torch loop; JSON of medians (ms)."""
+    import mlpersonal as mp
+    import runtime.update as ru
+
+    torch.set_num_threads(2)
+    m = StickerCNN()
+    X, y, data = make_data(args.examples)
+    spec = build_spec(m, VARIANTS["all-updatable"], "sgd", args.epochs)
+    release = ru._release_openmp_pool
+
+    def ours(mode: str) -> list:
+        stamps: list = []
+        model = mp.load(spec, compute_units="cpu_only")
+        model.predict(data[0])  # the caller's thread computes with torch (its OpenMP team)
+        task = mp.UpdateTask(model, data, progress_handlers={"epoch_end": lambda c: stamps.append(time.perf_counter())})
+        ru._release_openmp_pool = release if mode != "kept" else (lambda: None)
+        try:
+            ctx = task.run() if mode == "run" else (task.resume(), task.wait())[1]
+        finally:
+            ru._release_openmp_pool = release
+        if ctx.error is not None:
+            raise ctx.error
+        return [b - a for a, b in zip(stamps, stamps[1:])]
+
+    times: dict = {"run": [], "resume": [], "kept": [], "torch": []}
+    for _ in range(args.rounds):
+        for mode in ("run", "resume", "kept"):
+            times[mode] += ours(mode)
+        times["torch"] += run_torch_epochs(m, VARIANTS["all-updatable"], "sgd", X, y, args.epochs)[0]
+    print(json.dumps({k: statistics.median(v) * 1e3 for k, v in times.items()}))
+
+
+def threads_table(args) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "threads", "--rounds", str(args.rounds),
+           "--epochs", str(max(args.epochs, 3)), "--examples", str(args.examples)]
+    r = json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.splitlines()[-1])
+    print("all-updatable SGD, 2 torch threads, the caller's thread has an OpenMP team (it predicted "
+          "first): ms per epoch after the first, in a child process")
+    _table(("run() ms/epoch", "resume() ms/epoch", "resume() keeping the caller's team ms/epoch",
+            "torch loop ms/epoch", "resume/run ratio", "kept/run ratio", "run/torch ratio"),
+           [(r["run"], r["resume"], r["kept"], r["torch"], r["resume"] / r["run"], r["kept"] / r["run"],
+             r["run"] / r["torch"])])
+
+
 def peak_rss(args, who: str, variant: str, optimizer: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", who, "--variant", variant,
            "--optimizer", optimizer, "--threads", str(args.threads), "--epochs", "2",
@@ -401,14 +450,16 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--examples", type=int, default=384)
     ap.add_argument("--head-epochs", type=int, default=5, help="epochs of the personalization table")
-    ap.add_argument("--only", choices=["personalization", "steps"], help="print one table only")
-    ap.add_argument("--child", choices=["ours", "torch", "ort"])
+    ap.add_argument("--only", choices=["personalization", "steps", "threads"], help="print one table only")
+    ap.add_argument("--child", choices=["ours", "torch", "ort", "threads"])
     ap.add_argument("--onnx")
     ap.add_argument("--variant", choices=list(VARIANTS), default="head-only")
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     args = ap.parse_args()
     if args.child == "ort":
         return ort_child(args)
+    if args.child == "threads":
+        return threads_child(args)
     if args.child:
         return child(args)
 
@@ -427,6 +478,11 @@ def main():
     if os.environ.get("MLPERSONAL_ORT_PYTHON"):
         onnx_path = os.path.join(tempfile.mkdtemp(), "sticker.onnx")
         export_onnx(copy.deepcopy(m), onnx_path)
+    if args.only in (None, "threads"):
+        threads_table(args)
+        if args.only == "threads":
+            return
+        print()
     if args.only != "steps":
         personalization_table(args, m, X, y, data, onnx_path)
         if args.only == "personalization":

@@ -182,6 +182,7 @@ class UpdateTask:
                     self._overrides.update(parameters)
                 self._state = "running"
                 self._background = True
+                _release_openmp_pool()
                 self._thread = threading.Thread(target=self._run, name="mlpersonal-update", daemon=True)
                 self._thread.start()
                 return
@@ -195,11 +196,7 @@ class UpdateTask:
     def run(self, parameters: Optional[dict] = None) -> UpdateContext:
         """Train in the calling thread and return the final context (``ctx.error`` set on
         failure): :meth:`resume` + :meth:`wait` without a thread. Handlers run in this thread;
-        :meth:`cancel` works from them or from another thread. Faster than a background thread
-        when this thread has run torch ops before: a second OpenMP thread team beside this
-        thread's runs each op several times slower on this machine (measured: a small CNN 20.7
-        vs 8.6 ms per epoch, an LSTM 31-35 vs 3.4), most likely because libgomp stops its
-        workers spin-waiting once its threads outnumber the cores."""
+        :meth:`cancel` works from them or from another thread."""
         with self._lock:
             if self._state != "ready":
                 raise MLPersonalError(f"cannot run a task that is {self._state}")
@@ -340,11 +337,21 @@ class UpdateTask:
                           RuntimeWarning, stacklevel=2)
 
 
+def _release_openmp_pool() -> None:
+    """Let the calling thread's idle OpenMP workers exit (``omp_pause_resource_all(soft)``; its
+    next parallel op starts them again). libgomp stops its workers spin-waiting, process-wide,
+    once its threads outnumber the cores, so with the caller's idle team beside the training
+    thread's, each op of the training paid a wake-up: a CNN trained in the background at 1.7x
+    its time in the caller's thread, at 1.0x once the caller's team is released."""
+    fn = loaded_function("omp_pause_resource_all")
+    if fn is not None:
+        fn(1)  # omp_pause_soft; -1 (nothing done) inside a parallel region
+
+
 def _one_openmp_thread() -> None:
     """Compute on one OpenMP thread in this (background) thread only; other threads keep
     torch's count. Recurrent training is many small ops: one thread runs them as fast as two
-    (3.3-4.1 ms per epoch for the benchmarks/recurrent.py LSTM), while a second OpenMP team
-    beside the caller's runs them at 31-35 ms."""
+    (benchmarks/recurrent.py's LSTM), and a core stays free for the caller."""
     torch.get_num_threads()  # torch sets this thread's OpenMP count on first use: do it first
     fn = loaded_function("omp_set_num_threads")  # torch's OpenMP runtime; per calling thread
     if fn is not None:

@@ -406,3 +406,42 @@ def test_run_cancelled_from_a_handler_and_wait_from_a_handler_refused(cnn):
     ctx = task.run()
     assert task.state == "cancelled" and ctx.event == "cancelled"
     assert errors and "would never return" in errors[0]
+
+
+def _os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs /proc (Linux)")
+def test_resume_releases_the_callers_idle_openmp_workers(cnn):
+    """resume() lets the caller's idle OpenMP workers exit (libgomp stops spin-waiting once its
+    threads outnumber the cores, which made background training ~1.8x slower); the caller's next
+    parallel op starts them again and the task trains as usual."""
+    import time
+
+    from runtime.native import loaded_function
+    from runtime.update import _release_openmp_pool
+
+    if torch.get_num_threads() < 2 or loaded_function("omp_pause_resource_all") is None:
+        pytest.skip("needs torch's OpenMP runtime with 2+ threads")
+    big = torch.randn(1 << 22)
+
+    def spin_up():  # a parallel op in this thread: its OpenMP team (workers) exists afterwards
+        torch.relu(big)
+        time.sleep(0.05)
+        return _os_threads()
+
+    with_team = spin_up()
+    _release_openmp_pool()
+    deadline = time.monotonic() + 2
+    while _os_threads() >= with_team and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _os_threads() < with_team
+    assert spin_up() == with_team  # started again on demand
+
+    _, spec, data, _, _ = cnn
+    spin_up()
+    task, ctx = _run(mp.load(spec), data)
+    assert ctx.error is None and task.state == "completed"
