@@ -419,13 +419,23 @@ def test_resume_releases_the_callers_idle_openmp_workers(cnn):
     """resume() lets the caller's idle OpenMP workers exit (libgomp stops spin-waiting once its
     threads outnumber the cores, which made background training ~1.8x slower); the caller's next
     parallel op starts them again and the task trains as usual."""
+    from runtime.native import loaded_function
+
+    if loaded_function("omp_pause_resource_all") is None:
+        pytest.skip("needs torch's OpenMP runtime")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_release(cnn)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_release(cnn):
     import time
 
-    from runtime.native import loaded_function
     from runtime.update import _release_openmp_pool
 
-    if torch.get_num_threads() < 2 or loaded_function("omp_pause_resource_all") is None:
-        pytest.skip("needs torch's OpenMP runtime with 2+ threads")
     big = torch.randn(1 << 22)
 
     def spin_up():  # a parallel op in this thread: its OpenMP team (workers) exists afterwards
