@@ -13,7 +13,8 @@ another recurrent module's output, and its output is used as
 
 Supported: ``batch_first=True``, ``proj_size=0``, any ``num_layers``, bidirectional LSTMs (not
 their ``out[:, -1]``: its backward half has read only the last step), nn.RNN with tanh. An
-initial state ``lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)))`` (one layer, one direction) with
+initial state ``lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)))`` (one layer, one direction; a stacked
+LSTM streams as chained one-layer modules, each with its own state) with
 ``h0``, ``c0`` model inputs of shape ``(H,)`` becomes Core ML's streaming form: optional state
 inputs (zeros when left out); return ``h_n[-1]``, ``c_n[-1]`` to carry the state to the next
 chunk. torch's two biases are summed into Core ML's one. nn.GRU is refused: torch
@@ -113,6 +114,19 @@ def _in_state_arg(call, node) -> bool:
     return any(part is node for part in _state_arg(call))
 
 
+#: what an initial state must look like, and how to stream a stacked module
+STATE_FORM = ("(h0.unsqueeze(0), c0.unsqueeze(0)) (h0.unsqueeze(0) for nn.RNN) of a one-layer, "
+              "one-direction module, with h0 and c0 of shape (N, H); to stream a stacked LSTM, "
+              "chain one-layer modules, each given (and returning) its own state")
+
+
+def state_hint(gm, node) -> str:
+    """A sentence for errors about ``node`` when it builds a recurrent module's initial state."""
+    if any(is_sequence_consumer(gm, u) and _in_state_arg(u, node) for u in node.users):
+        return f". It builds a recurrent module's initial state, which must be {STATE_FORM}"
+    return ""
+
+
 def _initial_states(ctx, node, m, lstm: bool) -> list:
     """The blobs of the initial-state argument (``(h0, c0)`` / ``h0``), ``[]`` without one."""
     if len(node.args) < 2 and not node.kwargs:
@@ -121,9 +135,7 @@ def _initial_states(ctx, node, m, lstm: bool) -> list:
     sources = [state_source(ctx.gm, p) if hasattr(p, "op") else None for p in parts]
     if (len(node.args) > 2 or set(node.kwargs) - {"hx"} or len(parts) != (2 if lstm else 1)
             or None in sources or m.num_layers != 1 or m.bidirectional):
-        raise ctx.unsupported(node, "an initial state other than (h0.unsqueeze(0), c0.unsqueeze(0)) "
-                              "(h0.unsqueeze(0) for nn.RNN) of a one-layer, one-direction module, "
-                              "with h0 and c0 of shape (N, H)")
+        raise ctx.unsupported(node, f"an initial state other than {STATE_FORM}")
     for src in sources:
         if src.op == "placeholder":
             ctx.state_inputs.add(ctx.blobs[src])  # Core ML: an optional input, zeros when left out

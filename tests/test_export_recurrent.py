@@ -291,6 +291,43 @@ def test_initial_states_become_optional_inputs_for_streaming(cls, outputs):
         np.testing.assert_allclose(second[name], want, atol=2e-6)
 
 
+class StreamingStack(nn.Module):
+    """A stacked LSTM streamed as two chained one-layer modules, each with its own state (what
+    the refusal below points to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lower, self.upper = nn.LSTM(C, H, batch_first=True), nn.LSTM(H, H, batch_first=True)
+        self.fc = nn.Linear(H, len(LABELS))
+
+    def forward(self, x, h1, c1, h2, c2):
+        mid, (h1n, c1n) = self.lower(x, (h1.unsqueeze(0), c1.unsqueeze(0)))
+        out, (h2n, c2n) = self.upper(mid, (h2.unsqueeze(0), c2.unsqueeze(0)))
+        return self.fc(out[:, -1]), h1n[-1], c1n[-1], h2n[-1], c2n[-1]
+
+
+def test_chained_one_layer_lstms_stream_a_stacked_lstm():
+    torch.manual_seed(11)
+    net = StreamingStack().eval()
+    names = ["h1", "c1", "h2", "c2"]
+    outputs = ["y"] + [n + "_out" for n in names]
+    spec = convert(net, [mp.TensorType("x", (S, C))] + [mp.TensorType(n, (H,)) for n in names],
+                   outputs=outputs)
+    model = mp.load(spec)
+    x = _seqs(1, 12, s=13)
+    with torch.no_grad():  # the whole sequence at once, from zero states
+        whole = [t.numpy()[0] for t in net(x, *[torch.zeros(1, H)] * 4)]
+        stacked = nn.LSTM(C, H, num_layers=2, batch_first=True)
+        for k, m in enumerate((net.lower, net.upper)):  # the same weights as one stacked module
+            for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(stacked, f"{p}_l{k}").copy_(getattr(m, f"{p}_l0"))
+        np.testing.assert_allclose(net.fc(stacked(x)[0][:, -1]).numpy()[0], whole[0], atol=1e-6)
+    first = model.predict({"x": x[0, :5].numpy()})  # states left out: zeros
+    second = model.predict({"x": x[0, 5:].numpy(), **{n: first[n + "_out"] for n in names}})
+    for name, want in zip(outputs, whole):
+        np.testing.assert_allclose(second[name], want, atol=2e-6)
+
+
 def test_initial_state_of_a_stacked_module_is_refused():
     class Stacked(nn.Module):
         def __init__(self):
@@ -301,6 +338,7 @@ def test_initial_state_of_a_stacked_module_is_refused():
             return self.lstm(x, (torch.stack([h0, h0]), torch.stack([c0, c0])))[0][:, -1]
 
     # a stacked module's states need more than h0.unsqueeze(0): that op is what gets refused
-    with pytest.raises(mp.UnsupportedLayerError, match="torch.stack.*no Core ML conversion"):
+    with pytest.raises(mp.UnsupportedLayerError, match="torch.stack.*(batch axis|no Core ML conversion).*"
+                       "initial state.*chain one-layer modules"):
         convert(Stacked().eval(), [mp.TensorType("x", (S, C)), mp.TensorType("h0", (H,)),
                                    mp.TensorType("c0", (H,))])
