@@ -157,3 +157,55 @@ def test_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["personalize", "--help"])
     assert "mlpersonal personalize stickers.mlmodel --data" in capsys.readouterr().out
+
+
+# --- multi-array inputs: .npy folders (a sequence model) ----------------------------------------
+def test_personalize_sequence_model_from_npy_folders(tmp_path, capsys):
+    """An exported LSTM activity classifier personalizes on DIR/<activity>/*.npy windows; the CLI
+    runs the very update the API runs on the same arrays (order of the folders)."""
+    from examples.activity_classifier import demo
+
+    torch.manual_seed(0)
+    x, y = demo.windows(demo.POPULATION, 30, seed=0)
+    net = demo.ActivityNet(hidden=8)
+    demo.train(net, x, y, epochs=3)
+    spec = mp.convert(net, [mp.TensorType("motion", (demo.STEPS, demo.AXES))],
+                      classifier=mp.ClassifierConfig(labels=demo.ACTIVITIES), respect_trainable=True,
+                      update=mp.UpdateConfig(optimizer=mp.Adam(learning_rate=0.02, mini_batch_size=6),
+                                             epochs=5, shuffle=True, seed=1))
+    model = mp.save(spec, tmp_path / "activity.mlmodel")
+    ux, uy = demo.windows(demo.USER, 4, seed=1)
+    for i, (w, k) in enumerate(zip(ux, uy)):
+        folder = tmp_path / "data" / demo.ACTIVITIES[k]
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{i}.npy", w)
+    out = tmp_path / "mine.mlmodel"
+    assert main(["personalize", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "12 arrays of 3 labels" in text
+    order = sorted(range(len(uy)), key=lambda i: (demo.ACTIVITIES[uy[i]], f"{i}.npy"))
+    data = [{"motion": ux[i], "label": demo.ACTIVITIES[uy[i]]} for i in order]
+    ref = mp.load(model).update(data)
+    assert mp.load(out).spec == ref.spec
+    hits = [mp.load(out).predict({"motion": d["motion"]})["label"] == d["label"] for d in data]
+    assert f"-> {100 * np.mean(hits):.1f}%" in text
+
+
+def test_npy_folders_refuse_pickles_and_other_files(tmp_path, capsys):
+    from examples.activity_classifier import demo
+
+    spec = mp.convert(demo.ActivityNet(hidden=4).eval(), [mp.TensorType("motion", (demo.STEPS, demo.AXES))],
+                      classifier=mp.ClassifierConfig(labels=demo.ACTIVITIES), respect_trainable=True,
+                      update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.01, mini_batch_size=2)))
+    model = mp.save(spec, tmp_path / "a.mlmodel")
+    out = tmp_path / "o.mlmodel"
+    (tmp_path / "pngs" / "walk").mkdir(parents=True)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "pngs" / "walk" / "0.png")
+    assert main(["personalize", str(model), "--data", str(tmp_path / "pngs"), "--out", str(out)]) == 2
+    assert "holds no arrays (.npy)" in capsys.readouterr().err
+    (tmp_path / "pickled" / "walk").mkdir(parents=True)
+    np.save(tmp_path / "pickled" / "walk" / "0.npy", np.array([{"not": "numbers"}], dtype=object))
+    assert main(["personalize", str(model), "--data", str(tmp_path / "pickled"), "--out", str(out)]) == 2
+    assert "not a numeric .npy array" in capsys.readouterr().err
+    assert not out.exists()
