@@ -313,6 +313,19 @@ def _pixels_to_chw(arr: np.ndarray, space: int) -> np.ndarray:
     return arr[::-1].copy() if space == BGR else np.ascontiguousarray(arr)
 
 
+def example_feeds(feeds: dict[str, Any], i: int) -> dict[str, Any]:
+    """Example ``i`` of encoded ``feeds`` as a batch of one: tensors sliced, per-example lists
+    (inputs given in mixed shapes, strings) turned into one-element batches."""
+    one = {}
+    for k, v in feeds.items():
+        if isinstance(v, torch.Tensor):
+            one[k] = v[i:i + 1]
+        else:
+            item = v[i]
+            one[k] = item.unsqueeze(0) if isinstance(item, torch.Tensor) else [item]
+    return one
+
+
 def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.device) -> dict[str, Any]:
     """Encode a list of feature dicts into batched values, one entry per model input.
 

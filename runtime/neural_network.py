@@ -12,7 +12,7 @@ import torch
 from mlpersonal.errors import InvalidModelError
 
 from .batch import ArrayBatchProvider, DictionaryColumn
-from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, feature_kind,
+from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, example_feeds, feature_kind,
                        pixel_batch, plain_arrays, plain_pixels, sequence_steps)
 from .model import CompiledModel, register_model_kind
 from .network import Network
@@ -379,13 +379,7 @@ class NeuralNetworkModel(CompiledModel):
         """Run examples one at a time (mixed flexible shapes)."""
         parts = []
         for i in range(n):
-            one = {}
-            for k, v in feeds.items():
-                if isinstance(v, torch.Tensor):
-                    one[k] = v[i:i + 1]
-                else:
-                    item = v[i]
-                    one[k] = item.unsqueeze(0) if isinstance(item, torch.Tensor) else [item]
+            one = example_feeds(feeds, i)
             parts.append(self.from_blobs(self.run_blobs(self.to_blobs(one), 1), 1))
         merged: dict[str, Any] = {}
         for k in parts[0]:

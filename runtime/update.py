@@ -74,7 +74,7 @@ from mlpersonal.update_params import normalize_key, resolve
 from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider
-from .features import feature_kind
+from .features import example_feeds, feature_kind
 from .model import CompiledModel, compile_spec, load
 from .native import loaded_function
 from .updating import Updater
@@ -565,14 +565,10 @@ class NeuralNetworkUpdater(Updater):
         from .features import encode_inputs
 
         feeds = encode_inputs(self.model._described()[0], data, self.device)
-        for name, v in feeds.items():
-            if isinstance(v, list):
-                raise InvalidInputError(
-                    f"training examples give input {name!r} in different shapes; one update task "
-                    "needs one shape per input"
-                )
         self.n = len(data)
-        batchable = not self.model.nd  # ND layers run one example at its declared shape
+        # ND layers run one example at its declared shape; inputs given in mixed shapes (e.g.
+        # sequences of different lengths) run one example at a time too
+        batchable = not self.model.nd and not any(isinstance(v, list) for v in feeds.values())
         self.blobs = self._layout(self.model.to_blobs(feeds)) if batchable else None
         self.feeds = None if batchable else feeds  # per-example path only
         self.targets = self._encode_targets(data)
@@ -682,8 +678,7 @@ class NeuralNetworkUpdater(Updater):
         for i in range(self.n):
             if self.cancelled():
                 return None
-            one = {k: v[i:i + 1] for k, v in self.feeds.items()}
-            env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
+            env = self._forward(self._example_blobs(i))
             part = {b: env[b] for b in boundary}
             if any(not isinstance(t, torch.Tensor) for t in part.values()):
                 return None
@@ -778,9 +773,8 @@ class NeuralNetworkUpdater(Updater):
             if self.blobs is not None:
                 env = self._forward({k: v[:2] for k, v in self.blobs.items()})
             else:
-                env = self._forward({k: t[0] for k, t in self.model.to_blobs(
-                    {k: v[0:1] for k, v in self.feeds.items()}).items()})
-            per_example = self.blobs is None
+                env = self._forward(self._example_blobs(0))
+            per_example = self.blobs is None and self.model.nd  # no batch axis
             if isinstance(self.loss, CrossEntropyLoss):
                 c = self.loss.log_probs(env, per_example).shape[1]
                 if self.model.is_classifier and c != len(self.model.class_labels):
@@ -811,17 +805,22 @@ class NeuralNetworkUpdater(Updater):
         if self.blobs is not None:
             env = self._forward({k: take(v) for k, v in self.blobs.items()})
             return self.loss(env, target)
-        # ND models without a batch axis: one example at a time
+        # ND models (no batch axis) and inputs in mixed shapes: one example at a time
         ids = range(self.n)[idx] if isinstance(idx, slice) else idx.tolist()
         total = 0.0
         for j, i in enumerate(ids):
             if self.cached is not None:
                 env = self._forward({k: v[i] for k, v in self.cached.items()})
             else:
-                one = {k: v[i:i + 1] for k, v in self.feeds.items()}
-                env = self._forward({k: t[0] for k, t in self.model.to_blobs(one).items()})
-            total = total + self.loss(env, target[j:j + 1], per_example=True)
+                env = self._forward(self._example_blobs(i))
+            total = total + self.loss(env, target[j:j + 1], per_example=self.model.nd)
         return total / len(ids)
+
+    def _example_blobs(self, i: int) -> dict:
+        """Example ``i``'s input blobs: without a batch axis for ND models, as a batch of one
+        for rank-5 models given mixed shapes."""
+        blobs = self.model.to_blobs(example_feeds(self.feeds, i))
+        return {k: t[0] for k, t in blobs.items()} if self.model.nd else blobs
 
     def _sync_hyperparameters(self, values: dict) -> None:
         for g in self._opt.param_groups:

@@ -253,10 +253,12 @@ def test_sequence_of_the_wrong_vector_size_is_refused():
         model.predict({"x": _seq(0), "h_in": np.zeros(H + 2, np.float32)})
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_updatable_lstm_trains_like_torch(optimizer, tmp_path):
+@pytest.mark.parametrize("optimizer,mixed", [("sgd", False), ("adam", False), ("adam", True)])
+def test_updatable_lstm_trains_like_torch(optimizer, mixed, tmp_path):
     """Core ML allows uniDirectionalLSTM layers to be updatable: backprop through time into the
-    LSTM's 12 weight blobs, checked against nn.LSTM + Linear with torch.optim, then saved."""
+    LSTM's 12 weight blobs, checked against nn.LSTM + Linear with torch.optim, then saved.
+    ``mixed``: sequences of different lengths in one task (each mini-batch's loss the mean of
+    its examples' losses, as torch computes it example by example)."""
     from coremltools.models.neural_network import AdamParams, SgdParams
 
     torch.manual_seed(12)
@@ -273,7 +275,7 @@ def test_updatable_lstm_trains_like_torch(optimizer, tmp_path):
     b.set_sgd_optimizer(SgdParams(lr=0.5, batch=8)) if optimizer == "sgd" else \
         b.set_adam_optimizer(AdamParams(lr=0.05, batch=8))
     b.set_epochs(2)
-    xs = np.stack([_seq(30 + i) for i in range(16)])
+    xs = [_seq(30 + i, s=S - i % 4 if mixed else S) for i in range(16)]
     ys = np.arange(16) % 3
     data = [{"x": x, "label": labels[y]} for x, y in zip(xs, ys)]
     trained = mp.load(b.spec).update(data, parameters={"shuffle": False})
@@ -285,10 +287,10 @@ def test_updatable_lstm_trains_like_torch(optimizer, tmp_path):
     lstm.bias_hh_l0.requires_grad_(False)
     params = [p for p in lstm.parameters() if p.requires_grad] + list(fc.parameters())
     opt = torch.optim.SGD(params, lr=0.5) if optimizer == "sgd" else torch.optim.Adam(params, lr=0.05)
-    seq = torch.from_numpy(xs[:, :, 0, :]).transpose(0, 1)
+    seqs = [torch.from_numpy(x[:, 0, :]) for x in xs]  # (Seq, C) each
     for _ in range(2):
         for s in range(0, 16, 8):
-            logits = fc(lstm(seq[:, s:s + 8])[0][-1])
+            logits = torch.cat([fc(lstm(x[:, None])[0][-1]) for x in seqs[s:s + 8]])
             loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ys[s:s + 8]))
             opt.zero_grad()
             loss.backward()
@@ -505,3 +507,50 @@ def test_one_plan_session_serves_every_sequence_length_when_the_graph_allows(sta
     plan = model.inference_plan()
     assert plan.last_fallback_reason is None
     assert len(plan._sessions) == (3 if states else 1)
+
+
+def test_head_only_update_on_sequences_of_mixed_lengths_caches_the_frozen_lstm(monkeypatch):
+    """A frozen LSTM under an updatable head, sequences of different lengths: each example runs
+    alone, the LSTM's last outputs are computed once (the cache) and the head trains as without
+    the cache; a torch loop over the LSTM's features is the oracle."""
+    from coremltools.models.neural_network import SgdParams
+
+    torch.manual_seed(13)
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    labels = ["walk", "run", "sit"]
+    b = _classifier(lstm, fc, labels)
+    b.make_updatable(["fc"])
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_sgd_optimizer(SgdParams(lr=0.3, batch=4, momentum=0.5))
+    b.set_epochs(3)
+    xs = [_seq(60 + i, s=3 + i) for i in range(10)]
+    ys = np.arange(10) % 3
+    data = [{"x": x, "label": labels[y]} for x, y in zip(xs, ys)]
+    from runtime.update import UpdateTask
+
+    results = {}
+    for cache in (True, False):
+        monkeypatch.setenv("MLPERSONAL_UPDATE_CACHE_BYTES", "" if cache else "0")
+        task = UpdateTask(mp.load(b.spec), data, parameters={"shuffle": False})
+        ctx = task.run()
+        assert ctx.error is None
+        results[cache] = ctx.model.spec.neuralNetworkClassifier.layers[1].innerProduct
+    from mlpersonal.update_params import resolve
+
+    monkeypatch.delenv("MLPERSONAL_UPDATE_CACHE_BYTES")
+    up = mp.load(b.spec).make_updater()
+    up.prepare(data, resolve(up.parameters(), {"shuffle": False}))
+    assert up.cache_info is not None and up.cache_info["blobs"] == ["h"]  # the LSTM ran once
+    # (the LSTM runs torch's kernel with and without autograd: last-bit differences)
+    np.testing.assert_allclose(results[True].weights.floatValue, results[False].weights.floatValue, atol=1e-6)
+    with torch.no_grad():
+        feats = torch.cat([lstm(torch.from_numpy(x))[0][-1] for x in xs])  # (10, H)
+    opt = torch.optim.SGD(fc.parameters(), lr=0.3, momentum=0.5)
+    for _ in range(3):
+        for s in range(0, 10, 4):
+            loss = torch.nn.functional.cross_entropy(fc(feats[s:s + 4]), torch.from_numpy(ys[s:s + 4]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    np.testing.assert_allclose(np.asarray(results[True].weights.floatValue).reshape(3, H),
+                               fc.weight.detach().numpy(), atol=1e-5)
