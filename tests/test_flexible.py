@@ -291,3 +291,51 @@ def test_image_outputs_follow_scaled_by_their_default_size(base_spec):
     r = s.description.output[0].type.imageType.imageSizeRange
     assert (r.widthRange.lowerBound, r.widthRange.upperBound) == (64, -1)
     assert (r.heightRange.lowerBound, r.heightRange.upperBound) == (64, 320)
+
+
+# --- on-device update on images of several allowed sizes -------------------------------------
+def test_update_task_trains_on_images_of_mixed_sizes_like_torch(rng):
+    """A flexible-size classifier (conv -> relu -> global average pool -> fc -> softmax, conv
+    and fc updatable) trains on photos of two allowed sizes in one task: each example runs at its
+    own size and each mini-batch's loss is the mean of its examples' (torch, example by example)."""
+    from coremltools.models.neural_network import SgdParams
+
+    torch.manual_seed(5)
+    conv, fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+    labels = ["cat", "dog", "owl"]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3, 12, 16))], [("probs", None)], mode="classifier")
+    b.add_convolution("conv", 3, 4, 3, 3, 1, 1, "same", 1, _np(conv.weight).transpose(2, 3, 1, 0),
+                      _np(conv.bias), True, input_name="x", output_name="c")
+    b.add_activation("relu", "RELU", "c", "r")
+    b.add_pooling("gap", 0, 0, 1, 1, "AVERAGE", "VALID", "r", "g", is_global=True)
+    b.add_flatten("flat", 0, "g", "f")
+    b.add_inner_product("fc", _np(fc.weight), _np(fc.bias), 4, 3, True, "f", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    b.set_pre_processing_parameters(image_input_names=["x"], image_scale=1 / 255.0)
+    b.make_updatable(["conv", "fc"])
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_sgd_optimizer(SgdParams(lr=0.2, batch=3, momentum=0.9))
+    b.set_epochs(2)
+    spec = b.spec
+    set_enumerated_image_sizes(spec, "x", [(16, 12), (20, 24)])
+    imgs = [_img(rng, *((16, 12) if i % 2 else (20, 24))) for i in range(6)]
+    ys = [0, 1, 2, 2, 1, 0]
+    data = [{"x": im, "label": labels[y]} for im, y in zip(imgs, ys)]
+    trained = mp.load(spec).update(data, parameters={"shuffle": False})
+
+    xs = [torch.from_numpy(im.astype(np.float32) / 255.0).permute(2, 0, 1)[None] for im in imgs]
+    params = list(conv.parameters()) + list(fc.parameters())
+    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
+    for _ in range(2):
+        for s in range(0, 6, 3):
+            logits = torch.cat([fc(torch.relu(conv(x)).mean((2, 3))) for x in xs[s:s + 3]])
+            loss = nn.functional.cross_entropy(logits, torch.tensor(ys[s:s + 3]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    layers = {l.name: l for l in trained.spec.neuralNetworkClassifier.layers}
+    np.testing.assert_allclose(np.asarray(layers["fc"].innerProduct.weights.floatValue).reshape(3, 4),
+                               _np(fc.weight), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers["conv"].convolution.weights.floatValue).reshape(4, 3, 3, 3),
+                               _np(conv.weight), atol=1e-5)  # Core ML stores [Cout, Cin, kH, kW]
