@@ -3,11 +3,13 @@
 Run:  PYTHONPATH=$PWD python benchmarks/fuzz.py [--cases 2000] [--seed 0]
 
 Cases are byte mutations of serialized specs built with coremltools' builders (an NN classifier,
-an updatable NN, a kNN with samples, a pipeline NN -> kNN, recurrent layers): bit flips, truncation, duplicated
-chunks and fields, random bytes, huge varint lengths; and structural mutations of the parsed
+an updatable NN, a kNN with samples, a pipeline NN -> kNN, recurrent layers, an updatable LSTM):
+bit flips, truncation, duplicated chunks and fields, random bytes, huge varint lengths; and structural mutations of the parsed
 protobuf (a random field set to an extreme value, repeated fields dropped/duplicated/reordered,
 deep pipeline nesting). Each case: ``mlpersonal.load(bytes)``, then one ``predict`` on a valid
-input when it loads. The outcome must be success or an ``MLPersonalError`` subclass.
+input when it loads, then, for an updatable model, an UpdateTask on 4 valid training examples,
+cancelled at the end of its first epoch. The outcome must be success or an ``MLPersonalError``
+subclass.
 
 Cases run in a worker subprocess whose address space is capped (RLIMIT_AS = its size after
 imports + ``--mem-mib``), so an allocation the declared sizes could force shows up as an escape,
@@ -162,9 +164,27 @@ def base_specs() -> dict:
     for fd in s.spec.description.input[1:]:
         fd.type.isOptional = True
     recurrent = s.spec
+
+    # 9. updatable sequence classifier: LSTM (trained through time) -> fc -> softmax, CE, SGD
+    t = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("probs", datatypes.Array(2))],
+                             mode="classifier")
+    t.add_unilstm("lstm", g(4, 4), g(4, 3), g(4), 4, 3, ["x"], ["h"])
+    t.add_inner_product("fc", rng.normal(size=(2, 4)).astype(f32), np.zeros(2, f32), 4, 2, True,
+                        "h", "logits")
+    t.add_softmax("sm", "logits", "probs")
+    t.set_class_labels(["still", "moving"], predicted_feature_name="label")
+    t.make_updatable(["fc"])
+    lstm = t.spec.neuralNetworkClassifier.layers[0]
+    lstm.isUpdatable = True
+    for field in lstm.uniDirectionalLSTM.weightParams.DESCRIPTOR.fields:
+        getattr(lstm.uniDirectionalLSTM.weightParams, field.name).isUpdatable = True
+    t.set_categorical_cross_entropy_loss("loss", input="probs")
+    t.set_sgd_optimizer(SgdParams(lr=0.1, batch=2))
+    t.set_epochs(2)
     return {"nn_image_classifier": image_spec, "updatable_nn": updatable,
             "updatable_regressor": regressor, "knn": knn, "pipeline": pipe,
-            "custom_layer": custom, "quantized_nn": quantized, "recurrent": recurrent}
+            "custom_layer": custom, "quantized_nn": quantized, "recurrent": recurrent,
+            "updatable_lstm": t.spec}
 
 
 def valid_input(spec, rng) -> dict:
@@ -399,7 +419,7 @@ class CaseTimeout(BaseException):
 
 
 def run_case(data: bytes, rng) -> tuple[str, str]:
-    """('ok' | 'load_error' | 'predict_error' | 'other', detail)."""
+    """('ok' | 'load_error' | 'predict_error' | 'update_error' | 'other', detail)."""
     import mlpersonal as mp
 
     try:
@@ -424,7 +444,46 @@ def run_case(data: bytes, rng) -> tuple[str, str]:
         raise
     except BaseException as e:  # noqa: BLE001
         return "other", f"predict: {type(e).__name__}: {str(e)[:300]}"
-    return "ok", "predicted"
+    if not m.spec.isUpdatable:
+        return "ok", "predicted"
+    try:
+        data = [training_example(m, ex, rng) for _ in range(4)]
+    except BaseException as e:  # noqa: BLE001
+        return "other", f"harness training data: {type(e).__name__}: {e}"
+    try:  # one epoch whatever the file asks for: cancelled at its end
+        ctx = mp.UpdateTask(m, data, progress_handlers={"epoch_end": lambda c: c.task.cancel()}).run()
+        err = ctx.error
+    except CaseTimeout:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        err = e
+    if err is None:
+        return "ok", "updated"
+    if isinstance(err, mp.MLPersonalError):
+        return "update_error", type(err).__name__
+    return "other", f"update: {type(err).__name__}: {str(err)[:300]}"
+
+
+def training_example(model, ex: dict, rng) -> dict:
+    """``ex`` plus a valid value of each training target the spec declares (a class label the
+    model knows, or an array of the declared shape)."""
+    import numpy as np
+
+    out = dict(ex)
+    inputs = {f.name for f in model.spec.description.input}
+    labels = list(getattr(model, "class_labels", None) or [])
+    for fd in model.spec.description.trainingInput:
+        if fd.name in inputs:
+            continue
+        kind = fd.type.WhichOneof("Type")
+        if kind == "multiArrayType":
+            shape = [int(s) for s in fd.type.multiArrayType.shape] or [1]
+            out[fd.name] = rng.normal(size=shape if math.prod(shape) <= 2**20 else [1]).astype(np.float32)
+        elif kind == "int64Type":
+            out[fd.name] = labels[0] if labels and isinstance(labels[0], int) else 0
+        else:
+            out[fd.name] = labels[0] if labels and isinstance(labels[0], str) else "a"
+    return out
 
 
 def _vm_kib() -> int:
@@ -557,10 +616,11 @@ def run(cases: int, seed: int = 0, timeout: float = 5.0, mem_mib: int = 1024,
                     proc.kill()
                 proc.wait()
         restarts += 1
-    loaded = counts["ok"] + counts["predict_error"]
-    return {"cases": cases, "loaded": loaded, "predicted": counts["ok"],
+    loaded = counts["ok"] + counts["predict_error"] + counts["update_error"]
+    return {"cases": cases, "loaded": loaded, "predicted": counts["ok"] + counts["update_error"],
             "load_errors": counts["load_error"], "predict_errors": counts["predict_error"],
-            "clear_errors": counts["load_error"] + counts["predict_error"],
+            "update_errors": counts["update_error"],
+            "clear_errors": counts["load_error"] + counts["predict_error"] + counts["update_error"],
             "other": counts["other"], "hangs": counts["hang"], "crashes": counts["crash"],
             "workers": restarts, "max_rss_growth_mib": round(max_rss / 1024, 1),
             "slowest_case_s": slowest, "escapes": escapes, "by_mutation": by_mutation}
@@ -588,6 +648,7 @@ def main(argv=None) -> int:
             ("  of which predicted fine", res["predicted"]),
             ("clear errors (MLPersonalError)", res["clear_errors"]),
             ("  at load", res["load_errors"]), ("  at predict", res["predict_errors"]),
+            ("  at update", res["update_errors"]),
             ("other exceptions", res["other"]), ("hangs", res["hangs"]),
             ("crashes", res["crashes"]), ("worker processes", res["workers"]),
             ("max RSS growth (MiB)", res["max_rss_growth_mib"]),
@@ -596,7 +657,7 @@ def main(argv=None) -> int:
         print(f"  {k:<32} {v:>8}")
     print("  by mutation:")
     muts = sorted({m for m, _ in res["by_mutation"]})
-    outs = ("ok", "load_error", "predict_error", "other", "hang")
+    outs = ("ok", "load_error", "predict_error", "update_error", "other", "hang")
     print("    " + f"{'mutation':<18}" + "".join(f"{o:>15}" for o in outs))
     for m in muts:
         print("    " + f"{m:<18}" + "".join(f"{res['by_mutation'][(m, o)]:>15}" for o in outs))
