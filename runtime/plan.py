@@ -14,8 +14,8 @@ Rules:
   share one when the traced graph is length-generic, checked at a second length); every prediction of a
   signature that verified, the first included, comes from the plan, so a model and its saved and
   reloaded copy predict bit-identically;
-- verified once per signature against the eager Network on the call's own batch and on a
-  reordered batch of another size; any export failure or difference beyond ``1e-5`` (relative to
+- traced and verified once per signature against the eager Network on the first two examples of
+  the call's batch and on a reordered batch of another size made from them; any export failure or difference beyond ``1e-5`` (relative to
   the output's magnitude) turns the plan off for that signature, with a debug log, and the eager
   Network runs instead (e.g. a custom layer whose ``evaluate`` is numpy-only cannot be traced);
 - CPU only: cuda/mps models, low-precision autocast and every training path use the Network;
