@@ -29,7 +29,7 @@ from mlpersonal.errors import InvalidInputError, InvalidModelError, LinkedModelE
 from mlpersonal.proto import Model_pb2
 from mlpersonal.specio import load_spec
 
-from .features import decode_outputs, encode_inputs
+from .features import decode_outputs, describe, encode_inputs
 from .model import CompiledModel, compile_spec, register_model_kind
 from .updating import Updater
 
@@ -124,6 +124,9 @@ class LinkedModel(CompiledModel):
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
         return self.inner.forward({k: feeds[k] for k in self.inner.input_names}, n)
 
+    def _described(self) -> tuple:
+        return self.inner._described()
+
 
 def _body(spec):
     kind = spec.WhichOneof("Type")
@@ -165,6 +168,18 @@ class PipelineModel(CompiledModel):
             c.specificationVersion = self.spec.specificationVersion
             m = c
         return compile_spec(m, self.compute_units, path=self.path, device=self.device)
+
+    def _described(self) -> tuple:
+        """The pipeline's features; an input that a stage reads as a sequence (a rank-5
+        network's ``(C,)`` input) takes sequences here too."""
+        io = self.__dict__.get("_io")
+        if io is None:
+            io = (describe(self.spec.description.input), describe(self.spec.description.output))
+            seqs = {f.name for st in self.stages for f in st._described()[0] if f.sequence}
+            for f in io[0]:
+                f.sequence = f.name in seqs
+            self._io = io
+        return io
 
     def run_stages(self, feeds: dict[str, Any], n: int, stop: Optional[int] = None) -> dict[str, Any]:
         """All features (inputs and stage outputs) after running stages ``[:stop]``."""
@@ -211,7 +226,7 @@ class PipelineUpdater(Updater):
         m = self.model
         prefix = m.stages[:-1]
         needed = {fd.name for st in prefix for fd in st.spec.description.input}
-        inputs = [fd for fd in m.spec.description.input if fd.name in needed]
+        inputs = [f for f in m._described()[0] if f.name in needed]
         out_fds = [fd for st in prefix for fd in st.spec.description.output]
         examples = []
         for s in range(0, len(training_data), TRANSFORM_BATCH):

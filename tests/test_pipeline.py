@@ -332,3 +332,42 @@ def test_public_names_resolve_to_functions():
     import exporters.pipelines  # noqa: F401  (the submodule is also an attribute of `exporters`)
 
     assert mp.pipeline is pipeline and mp.knn_classifier.__name__ == "knn_classifier"
+
+
+# --- sequences through a pipeline: an LSTM embedding -> an updatable kNN -------------------------
+class _MotionEmbedding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(3, 12, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0][:, -1]
+
+
+def test_lstm_embedding_knn_pipeline_takes_sequences_of_any_length():
+    """Apple's drawing-sample layout for motion: a frozen LSTM embedding (exported) feeding an
+    empty updatable kNN. The pipeline's input takes sequences as its LSTM stage does, recordings
+    of different lengths included, for prediction and for the update; scikit-learn's 1-NN on
+    torch's embeddings is the oracle."""
+    torch.manual_seed(3)
+    net = _MotionEmbedding().eval()
+    emb = mp.convert(net, [mp.TensorType("motion", (20, 3))], outputs=["embedding"])
+    knn = mp.knn_classifier(12, number_of_neighbors=1, input_name="embedding", output_name="label",
+                            default_label="unknown")
+    model = mp.load(pipeline([emb, knn], names=["embedding", "knn"]))
+    rng = np.random.default_rng(4)
+    train = [rng.normal(size=(15 + i % 7, 3)).astype(np.float32) for i in range(12)]
+    labels = ["wave", "shake", "tap"] * 4
+    personal = model.update([{"motion": x, "label": y} for x, y in zip(train, labels)])
+    queries = [rng.normal(size=(10 + i, 3)).astype(np.float32) for i in range(8)]
+
+    @torch.no_grad()
+    def embed(xs):
+        return np.stack([net(torch.from_numpy(x)[None])[0].numpy() for x in xs])
+
+    oracle = KNeighborsClassifier(n_neighbors=1).fit(embed(train), labels)
+    got = [o["label"] for o in personal.predict_batch([{"motion": q} for q in queries])]
+    assert got == oracle.predict(embed(queries)).tolist()
+    same = [rng.normal(size=(20, 3)).astype(np.float32) for _ in range(3)]  # one length: batched
+    cols = personal.predict_batch(mp.ArrayBatchProvider({"motion": np.stack(same)})).column("label")
+    assert list(cols) == oracle.predict(embed(same)).tolist()
