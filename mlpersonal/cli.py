@@ -111,10 +111,15 @@ def _fmt_shape(shapes, blob) -> str:
 
 
 def _sequence_inputs(spec) -> set:
-    """The (C,) inputs of a rank-5 network that a recurrent layer reads (they take sequences)."""
+    """The (C,) inputs of a rank-5 network that a recurrent layer reads (they take sequences),
+    also through a pipeline's stages."""
     from .validate import NN_KINDS, RECURRENT_LAYER_KINDS
 
     kind = spec.WhichOneof("Type")
+    if kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):  # as its stages read them
+        body = spec.pipeline if kind == "pipeline" else getattr(spec, kind).pipeline
+        inputs = {f.name for f in spec.description.input}
+        return {name for stage in body.models for name in _sequence_inputs(stage)} & inputs
     if kind not in NN_KINDS or int(getattr(spec, kind).arrayInputShapeMapping) != 0:
         return set()
     read = {layer.input[0] for layer in getattr(spec, kind).layers

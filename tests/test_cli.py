@@ -134,6 +134,39 @@ def test_inspect_and_predict_a_sequence_model(tmp_path, capsys):
     assert [line.split()[1] for line in lines] == many
 
 
+def test_inspect_and_predict_a_sequence_pipeline(tmp_path, capsys):
+    """LSTM embedding -> kNN: the pipeline's input takes sequences as its first stage does."""
+    from examples.activity_classifier.demo import ActivityNet
+    from exporters.pipelines import pipeline
+
+    torch.manual_seed(1)
+    net = ActivityNet(8, axes=4, classes=2)
+    spec = convert(_LastStep(net.lstm).eval(), [mp.TensorType("motion", (12, 4))], outputs=["embedding"])
+    rng = np.random.default_rng(2)
+    samples = rng.standard_normal((4, 8)).astype(np.float32)
+    knn = mp.knn_classifier(8, number_of_neighbors=1, samples=samples, labels=["a", "b", "a", "b"],
+                            input_name="embedding", output_name="label")
+    path = mp.save(pipeline([spec, knn], names=["embedding", "knn"]), tmp_path / "p.mlmodel")
+    assert main(["inspect", str(path)]) == 0
+    assert "motion: multiArray float32 (4,), or a sequence (Seq, 1, 4)" in capsys.readouterr().out
+    x = rng.standard_normal((9, 4)).astype(np.float32)
+    np.save(tmp_path / "one.npy", x)
+    with torch.no_grad():
+        e = net.lstm(torch.from_numpy(x)[None])[0][0, -1].numpy()
+    want = ["a", "b", "a", "b"][int(np.argmin(((samples - e) ** 2).sum(1)))]
+    assert main(["predict", str(path), "-i", f"motion={tmp_path / 'one.npy'}"]) == 0
+    assert f"label: {want}" in capsys.readouterr().out
+
+
+class _LastStep(torch.nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0][:, -1]
+
+
 def test_inspect_pipeline_with_knn(tmp_path, capsys):
     from coremltools.models import datatypes
     from coremltools.models.nearest_neighbors import KNearestNeighborsClassifierBuilder
