@@ -21,9 +21,39 @@ def median_ms(fn: Callable[[], object], *, repeat: int = 20, warmup: int = 3,
     return statistics.median(times)
 
 
+def settle(fn: Callable[[], object]) -> None:
+    """Let the previous backend's thread pool stop spinning, then warm ``fn``'s own pool up.
+
+    torch (OpenMP) and each onnxruntime session keep their own worker threads, which spin for
+    a while after a call; on 2 cores the spinning workers of the backend timed just before
+    would slow down whichever backend is timed next.
+    """
+    time.sleep(0.05)
+    fn()
+
+
+def block_medians_ms(fns: dict[str, Callable[[], object]], rounds: int,
+                     reps: dict[str, int]) -> dict[str, list[float]]:
+    """Per function, ``rounds`` medians (ms) of ``reps[name]`` consecutive calls: functions take
+    turns block by block (load changes hit all alike), each block after :func:`settle`, so no
+    backend is timed beside another one's spinning threads. For comparing engines."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            settle(fn)
+            ts = []
+            for _ in range(reps[k]):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e3)
+            times[k].append(statistics.median(ts))
+    return times
+
+
 def medians_ms(fns: dict[str, Callable[[], object]], *, repeat: int = 20,
                warmup: int = 2) -> dict[str, float]:
-    """Median ms of each function, timed round-robin so load changes hit all of them alike."""
+    """Median ms of each function, timed round-robin so load changes hit all of them alike
+    (only for functions on one engine: see :func:`block_medians_ms`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _util import block_medians_ms  # noqa: E402
 from nets import NETS, to_spec  # noqa: E402
 
 THREADS = 2
@@ -127,26 +128,6 @@ def memory(name: str, backend: str, batch: int) -> str:
     return lines[-1] if r.returncode == 0 and lines else "n/a"
 
 
-def median_ms(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts) * 1e3)
-
-
-def settle(fn) -> None:
-    """Let the previous backend's thread pool stop spinning, then warm ``fn``'s own pool up.
-
-    torch (OpenMP) and each onnxruntime session keep their own worker threads, which spin for
-    a while after a call; on 2 cores the spinning workers of the backend timed just before
-    would slow down whichever backend is timed next.
-    """
-    time.sleep(0.05)
-    fn()
-
-
 def bench(name: str, rounds: int) -> list[dict]:
     import runtime.neural_network  # noqa: F401
     from runtime.batch import ArrayBatchProvider
@@ -193,11 +174,7 @@ def bench(name: str, rounds: int) -> list[dict]:
             {"ours": 10, "arrays": 10, "ort": 10, "ort_labels": 10, "torch": 3, "eager_net": 3}
         for fn in fns.values():
             fn()
-        times: dict[str, list] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                settle(fn)
-                times[k].append(median_ms(fn, reps[k]))
+        times = block_medians_ms(fns, rounds, reps)
         med = {k: float(np.median(v)) for k, v in times.items()}
         ratios = [a / b for a, b in zip(times["ours"], times["ort"])]
         aratios = [a / b for a, b in zip(times["arrays"], times["ort"])]

@@ -7,8 +7,10 @@ an activity classifier) -> last step -> ``nn.Linear(32 -> 3)``, exported with
 ``exporters.convert`` (LSTM and Linear updatable). Side by side, interleaved round by round
 (medians; compare ratios within one run only), torch and onnxruntime on 2 threads:
 
-- predict: ``predict_batch`` of per-example dicts and of one column, vs onnxruntime on
-  ``to_onnx`` of the same module (one pre-stacked array), vs the module in torch eager;
+- predict (batch 1, 64, 256): ``predict_batch`` of per-example dicts and of one column, vs
+  onnxruntime on ``to_onnx`` of the same module (one pre-stacked array), vs the module in torch
+  eager; each timed in blocks of consecutive calls after the previous engine's threads settled
+  (``_util.block_medians_ms``), after the plan's engine calibration (batches of 32+);
 - update, per epoch after the first (64 examples, mini-batches of 16, SGD): the UpdateTask with
   every layer updatable and with the LSTM frozen (the head alone), trained in its own thread
   (``resume``) and in this one (``run``), vs a hand-written torch loop over the same batches
@@ -33,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mlpersonal as mp  # noqa: E402
-from _util import medians_ms, table  # noqa: E402
+from _util import block_medians_ms, table  # noqa: E402
 from exporters.converter import ClassifierConfig, convert  # noqa: E402
 from examples.activity_classifier.demo import ActivityNet  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
@@ -118,25 +120,27 @@ def main() -> None:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     rows = []
-    for b in (1, 64):
-        xb = X[:b].numpy()
+    for b in (1, 64, 256):
+        xb = (X if b <= N else X.repeat(-(-b // N), 1, 1))[:b].numpy()
         dicts = [{"x": x[:, None, :]} for x in xb]
         column = mp.ArrayBatchProvider({"x": xb[:, :, None, :]})
+        for _ in range(16):  # past the plan's engine calibration (batches of 32+: plan vs eager)
+            model.predict_batch(column)
+            model.predict_batch(dicts)
         got = model.predict_batch(column).column("labelProbs").values
         with torch.no_grad():
-            ref = torch.softmax(net(X[:b]), 1).numpy()
+            ref = torch.softmax(net(torch.from_numpy(xb)), 1).numpy()
         diff = float(np.abs(got - ref).max())
+
+        xt = torch.from_numpy(xb)
 
         def eager():
             with torch.inference_mode():
-                net(X[:b])
+                net(xt)
 
         fns = {"dicts": lambda: model.predict_batch(dicts), "columns": lambda: model.predict_batch(column),
                "ort": lambda: sess.run(None, {"x": xb}), "torch": eager}
-        times = {k: [] for k in fns}
-        for _ in range(args.rounds):
-            for k, v in medians_ms(fns, repeat=30 if b == 1 else 10).items():
-                times[k].append(v)
+        times = block_medians_ms(fns, args.rounds, {k: 30 if b == 1 else 10 for k in fns})
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append([b, med["dicts"], med["columns"], med["ort"], med["torch"],
                      f"{med['dicts'] / med['ort']:.2f}", f"{med['columns'] / med['ort']:.2f}",

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mlpersonal.errors import InvalidModelError
+from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider, DictionaryColumn
 from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, example_feeds, feature_kind,
@@ -347,7 +348,8 @@ class NeuralNetworkModel(CompiledModel):
                         wanted.append(self._probs_blob)
                     self._plan = InferencePlan(
                         self._preprocessed_env, wanted, list(self.net.params.values()),
-                        sequences=frozenset(f.name for f in self._inputs if f.sequence))
+                        sequences=frozenset(f.name for f in self._inputs if f.sequence),
+                        recurrent=any(s.kind in RECURRENT_LAYER_KINDS for s in self.net.steps))
         return self._plan
 
     def _preprocessed_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,13 +11,17 @@ Rules:
 
 - built lazily, by the first prediction for each input-shape signature (~0.2-1 s once; flexible
   shapes get one session per signature, at most :data:`MAX_SIGNATURES`; sequences of any length
-  share one when the traced graph is length-generic, checked at a second length); every prediction of a
-  signature that verified, the first included, comes from the plan, so a model and its saved and
-  reloaded copy predict bit-identically;
+  share one when the traced graph is length-generic, checked at a second length); every
+  prediction of a signature that verified, the first included, comes from the plan (but see
+  recurrent networks below), so a model and its saved and reloaded copy predict bit-identically;
 - traced and verified once per signature against the eager Network on the first two examples of
-  the call's batch and on a reordered batch of another size made from them; any export failure or difference beyond ``1e-5`` (relative to
-  the output's magnitude) turns the plan off for that signature, with a debug log, and the eager
-  Network runs instead (e.g. a custom layer whose ``evaluate`` is numpy-only cannot be traced);
+  the call's batch and on a reordered batch of another size made from them; any export failure
+  or difference beyond ``1e-5`` (relative to the output's magnitude) turns the plan off for that
+  signature, with a debug log, and the eager Network runs instead (e.g. a custom layer whose
+  ``evaluate`` is numpy-only cannot be traced);
+- networks with recurrent layers time batches of :data:`ENGINE_BATCH_MIN` or more on the plan
+  and on the eager Network over their first calls (per power-of-two size bucket) and keep the
+  eager one where it is clearly faster (torch's fused LSTM scales better with the batch);
 - CPU only: cuda/mps models, low-precision autocast and every training path use the Network;
 - weights changed in place (an update in progress) make the plan stale: the eager Network runs
   until the weights are stable again for two calls, then the plan is rebuilt;
@@ -58,6 +62,11 @@ SMALL_MARGIN = 0.1
 #: a single-threaded session is kept beside the main one for models up to this size (it holds
 #: its own copy of the packed weights; larger models are compute-bound even at batch 1)
 SMALL_SESSION_MAX_BYTES = 4 << 20
+#: networks with recurrent layers: batches from this size on are timed on the plan and on the
+#: eager Network (torch's fused LSTM scales better with the batch than onnxruntime's LSTM op:
+#: batch 256 of an LSTM 6->32 x 50 steps, 2.2 vs 1.2 ms), the eager one kept when this much faster
+ENGINE_BATCH_MIN = 32
+ENGINE_MARGIN = 0.1
 #: examples of a first batch a new signature is traced and verified on
 PROBE_ROWS = 2
 #: allowed difference between plan and eager outputs, relative to max(1, |eager output|)
@@ -92,10 +101,15 @@ class InferencePlan:
     """
 
     def __init__(self, run: Callable, outputs: list[str], params: list[torch.Tensor],
-                 sequences: frozenset = frozenset()):
+                 sequences: frozenset = frozenset(), recurrent: bool = False):
         self._run = run
         self.outputs = list(outputs)
         self._params = list(params)
+        #: the eager Network may beat onnxruntime at large batches (recurrent layers: torch's
+        #: fused LSTM); per batch-size bucket (``n.bit_length()``) True when it runs them
+        self._recurrent = recurrent
+        self.eager_batches: dict[int, bool] = {}
+        self._engine_trials: dict[int, list] = {}
         #: inputs whose 5-D blobs ``(B, Seq, C, 1, 1)`` are sequences: one session serves every
         #: length when the traced graph is length-generic (verified at another length), else
         #: each length gets its own (``_by_length``)
@@ -151,7 +165,34 @@ class InferencePlan:
         if entry is _FAILED:
             return None
         feed = arrays if len(entry.names) == len(arrays) else {k: arrays[k] for k in entry.names}
+        if self._recurrent and n >= ENGINE_BATCH_MIN:
+            eager = self.eager_batches.get(n.bit_length())
+            if eager is None:
+                return self._calibrate(entry, feed, blobs, n) if build else None
+            if eager:
+                return None  # the caller runs the Network
         return dict(zip(self.outputs, entry.run(self.outputs, feed, n)))
+
+    def _calibrate(self, entry, feed, blobs, n: int) -> dict:
+        """Run this call on the session or on the eager Network, timing it: the first calls of
+        this batch-size bucket on the session, the next ones eagerly (in blocks: right after
+        the other engine its threads still spin and slow this one down; each block's first
+        calls are not counted); then keep the eager Network only if its best time is at least
+        :data:`ENGINE_MARGIN` faster."""
+        bucket = n.bit_length()
+        trials = self._engine_trials.setdefault(bucket, [[], []])  # times of [plan, eager]
+        eager = len(trials[0]) >= CALIBRATION_WARMUP + CALIBRATION_RUNS
+        t = time.perf_counter()
+        if eager:
+            out = {k: _as_numpy(v) for k, v in self._eager(blobs).items()}
+        else:
+            out = dict(zip(self.outputs, entry.run(self.outputs, feed, n)))
+        trials[eager].append(time.perf_counter() - t)
+        if min(len(trials[0]), len(trials[1])) >= CALIBRATION_WARMUP + CALIBRATION_RUNS:
+            plan, net = (min(ts[CALIBRATION_WARMUP:]) for ts in trials)
+            self.eager_batches[bucket] = net < (1.0 - ENGINE_MARGIN) * plan
+            self._engine_trials.pop(bucket, None)
+        return out
 
     def _key(self, blobs, arrays) -> tuple:
         """The signature of these inputs: per input its shape without the batch axis (a

@@ -102,6 +102,7 @@ def test_classifier_plan_matches_eager_and_torch(rng):
         assert [o["label"] for o in outs] == [LABELS[i] for i in probs.argmax(1)]
     plan = planned.inference_plan()
     assert plan.last_fallback_reason is None and len(plan._sessions) == 1  # one dynamic-batch session
+    assert not plan.eager_batches and not plan._engine_trials  # a CNN never times the eager Network
     assert planned.predict({"x": x[0]})["label"] == outs[0]["label"]
 
 

@@ -554,3 +554,26 @@ def test_head_only_update_on_sequences_of_mixed_lengths_caches_the_frozen_lstm(m
             opt.step()
     np.testing.assert_allclose(np.asarray(results[True].weights.floatValue).reshape(3, H),
                                fc.weight.detach().numpy(), atol=1e-5)
+
+
+def test_large_batches_of_a_recurrent_network_pick_the_faster_engine_and_stay_exact():
+    """Batches of 32+ of a network with recurrent layers are timed on the onnxruntime plan and on
+    the eager Network (torch's fused LSTM) over their first calls; whichever is kept, every call
+    matches nn.LSTM. Smaller batches always run the plan."""
+    from runtime.plan import CALIBRATION_RUNS, CALIBRATION_WARMUP, ENGINE_BATCH_MIN
+
+    torch.manual_seed(14)
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    labels = ["walk", "run", "sit"]
+    model = mp.load(_classifier(lstm, fc, labels).spec)
+    rng = np.random.default_rng(15)
+    for n in (ENGINE_BATCH_MIN, 5):
+        xs = rng.standard_normal((n, S, C)).astype(np.float32)
+        with torch.no_grad():
+            ref = torch.softmax(fc(lstm(torch.from_numpy(xs).transpose(0, 1))[0][-1]), -1).numpy()
+        for _ in range(2 * (CALIBRATION_WARMUP + CALIBRATION_RUNS) + 2):
+            got = model.predict_batch(mp.ArrayBatchProvider({"x": xs})).column("probs").values
+            np.testing.assert_allclose(got, ref, atol=ATOL)
+    plan = model._plan
+    assert set(plan.eager_batches) == {ENGINE_BATCH_MIN.bit_length()}  # decided, for 32-63 only
+    assert plan.last_fallback_reason is None
