@@ -14,6 +14,7 @@ multi-array input (the same network on float tensors).
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlpersonal as mp  # noqa: E402
-from _util import medians_ms, table  # noqa: E402
+from _util import block_medians_ms, medians_ms, table  # noqa: E402
 from exporters.converter import ClassifierConfig, convert  # noqa: E402
 from exporters.onnx_export import to_onnx  # noqa: E402
 from examples.sticker_classifier.model import StickerNet  # noqa: E402
@@ -93,7 +94,10 @@ def main() -> None:
             fns[kind] = (lambda m=m, feeds=feeds: m.predict_batch(feeds))
             columns = mp.ArrayBatchProvider({"image": data})
             fns[kind + ", columns"] = (lambda m=m, c=columns: m.predict_batch(c))
-        t = medians_ms(fns, repeat=40 if batch == 64 else 300)
+        for fn in fns.values():
+            fn()  # builds plans
+        blocks = block_medians_ms(fns, 5, {k: 8 if batch == 64 else 60 for k in fns})
+        t = {k: statistics.median(v) for k, v in blocks.items()}
         for kind in runtimes:
             for how in (kind, kind + ", columns"):
                 rows.append([how, batch, t[how], t["torch"], t["ort"], t[how] / t["torch"],
