@@ -42,7 +42,8 @@ Threads: the task trains a private copy, so predictions on the original model fr
 are unaffected; a snapshot (``ctx.model``) asked for from another thread waits for the step in
 flight. ``cancel()`` from any thread lets at most the mini-batch in flight finish.
 
-Optimizers are ``torch.optim.SGD(lr, momentum)`` and ``torch.optim.Adam(lr, betas, eps)``.
+Optimizers (:mod:`runtime.optimizers`) do the arithmetic of ``torch.optim.SGD(lr, momentum)``
+and ``torch.optim.Adam(lr, betas, eps)``.
 Shuffling draws ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))``;
 without a seed in the model (or the overrides) a random seed is drawn once per task. The last
 partial mini-batch of an epoch is kept; a mini-batch size larger than the training set (Core ML
@@ -76,6 +77,7 @@ from mlpersonal.validate import RECURRENT_LAYER_KINDS
 from .batch import ArrayBatchProvider
 from .features import example_feeds, feature_kind
 from .model import CompiledModel, compile_spec, load
+from . import optimizers
 from .native import loaded_function
 from .updating import Updater
 
@@ -507,7 +509,7 @@ class NeuralNetworkUpdater(Updater):
         self._dead = self._liveness(self.plan, keep=self.loss.blob)
         self.target_name, self.target_mode = self._target()
         self.device = work.device
-        self._opt: Optional[torch.optim.Optimizer] = None
+        self._opt: Optional[optimizers.SGD | optimizers.Adam] = None
         #: set by UpdateTask: a callable telling whether the task was cancelled
         self.cancelled: Callable[[], bool] = lambda: False
         #: the frozen-prefix cache in use: ``{"blobs": [...], "steps": n, "bytes": n}`` or None
@@ -583,12 +585,11 @@ class NeuralNetworkUpdater(Updater):
             raise InvalidInputError(f"the training examples do not fit the model: {e}") from None
         self._cache_frozen_prefix()
         if self.optimizer_kind == "sgdOptimizer":
-            self._opt = torch.optim.SGD(self.params, lr=values["learning_rate"],
-                                        momentum=values.get("momentum", 0.0))
+            self._opt = optimizers.SGD(self.params, values["learning_rate"], values.get("momentum", 0.0))
         else:
-            self._opt = torch.optim.Adam(self.params, lr=values["learning_rate"],
-                                         betas=(values.get("beta1", 0.9), values.get("beta2", 0.999)),
-                                         eps=values.get("eps", 1e-8))
+            self._opt = optimizers.Adam(self.params, values["learning_rate"],
+                                        (values.get("beta1", 0.9), values.get("beta2", 0.999)),
+                                        values.get("eps", 1e-8))
 
     # --- frozen-prefix cache -----------------------------------------------------------------
     def _split(self) -> tuple[list, set]:
@@ -823,13 +824,13 @@ class NeuralNetworkUpdater(Updater):
         return {k: t[0] for k, t in blobs.items()} if self.model.nd else blobs
 
     def _sync_hyperparameters(self, values: dict) -> None:
-        for g in self._opt.param_groups:
-            g["lr"] = values["learning_rate"]
-            if self.optimizer_kind == "sgdOptimizer":
-                g["momentum"] = values.get("momentum", 0.0)
-            else:
-                g["betas"] = (values.get("beta1", 0.9), values.get("beta2", 0.999))
-                g["eps"] = values.get("eps", 1e-8)
+        opt = self._opt
+        opt.lr = float(values["learning_rate"])
+        if self.optimizer_kind == "sgdOptimizer":
+            opt.momentum = float(values.get("momentum", 0.0))
+        else:
+            opt.betas = (float(values.get("beta1", 0.9)), float(values.get("beta2", 0.999)))
+            opt.eps = float(values.get("eps", 1e-8))
 
     def mini_batches(self, epoch: int, values: dict) -> Iterator[float]:
         n = self.n
@@ -853,7 +854,7 @@ class NeuralNetworkUpdater(Updater):
                     "of the epoch's order); lower the learning rate or check the training data. "
                     "Nothing was written."
                 )
-            self._opt.zero_grad(set_to_none=True)
+            self._opt.zero_grad()
             loss.backward()
             self._opt.step()
             yield value
