@@ -188,9 +188,9 @@ class InferencePlan:
         else:
             out = dict(zip(self.outputs, entry.run(self.outputs, feed, n)))
         trials[eager].append(time.perf_counter() - t)
-        if min(len(trials[0]), len(trials[1])) >= CALIBRATION_WARMUP + CALIBRATION_RUNS:
-            plan, net = (min(ts[CALIBRATION_WARMUP:]) for ts in trials)
-            self.eager_batches[bucket] = net < (1.0 - ENGINE_MARGIN) * plan
+        decided = _second_faster(trials, ENGINE_MARGIN)
+        if decided is not None:
+            self.eager_batches[bucket] = decided
             self._engine_trials.pop(bucket, None)
         return out
 
@@ -351,11 +351,21 @@ class _Signature:
         t = time.perf_counter()
         got = (self.small if which else self.sess).run(outputs, feed)
         trials[which].append(time.perf_counter() - t)
-        if min(len(trials[0]), len(trials[1])) >= CALIBRATION_WARMUP + CALIBRATION_RUNS:
-            main, one = (min(ts[CALIBRATION_WARMUP:]) for ts in trials)
-            self.use_small[n] = one < (1.0 - SMALL_MARGIN) * main
+        decided = _second_faster(trials, SMALL_MARGIN)
+        if decided is not None:
+            self.use_small[n] = decided
             self._trials.pop(n, None)
         return got
+
+
+def _second_faster(trials: list, margin: float) -> Optional[bool]:
+    """Once both candidates have :data:`CALIBRATION_WARMUP` + :data:`CALIBRATION_RUNS` timed
+    calls: whether the second one's best (after its warm-up calls) is at least ``margin``
+    faster than the first one's; None before."""
+    if min(len(trials[0]), len(trials[1])) < CALIBRATION_WARMUP + CALIBRATION_RUNS:
+        return None
+    first, second = (min(ts[CALIBRATION_WARMUP:]) for ts in trials)
+    return second < (1.0 - margin) * first
 
 
 class _Run:

@@ -380,19 +380,25 @@ def test_standard_lstm_cell_clip_with_and_without_the_fused_kernel(steps, plan):
     assert (np.abs(c).max() == 3.0) == (steps == 8)  # the clip engaged only in the long run
 
 
-def test_background_recurrent_training_keeps_the_callers_threads():
-    """resume()'s thread trains a recurrent network on one OpenMP thread of its own: the same
-    weights as run() in this thread (to float rounding), and torch's count here is untouched."""
-    torch.manual_seed(16)
+def _head_updatable(seed: int, *, lr: float, batch: int, epochs: int, momentum: float = 0.0):
+    """(lstm, fc, labels, builder): the LSTM classifier with its head updatable, CE + SGD."""
+    from coremltools.models.neural_network import SgdParams
+
+    torch.manual_seed(seed)
     lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
     labels = ["walk", "run", "sit"]
     b = _classifier(lstm, fc, labels)
     b.make_updatable(["fc"])
-    from coremltools.models.neural_network import SgdParams
-
     b.set_categorical_cross_entropy_loss("loss", "probs")
-    b.set_sgd_optimizer(SgdParams(lr=0.5, batch=4))
-    b.set_epochs(2)
+    b.set_sgd_optimizer(SgdParams(lr=lr, batch=batch, momentum=momentum))
+    b.set_epochs(epochs)
+    return lstm, fc, labels, b
+
+
+def test_background_recurrent_training_keeps_the_callers_threads():
+    """resume()'s thread trains a recurrent network on one OpenMP thread of its own: the same
+    weights as run() in this thread (to float rounding), and torch's count here is untouched."""
+    lstm, fc, labels, b = _head_updatable(16, lr=0.5, batch=4, epochs=2)
     data = [{"x": _seq(50 + i), "label": labels[i % 3]} for i in range(8)]
     before = torch.get_num_threads()
     task = mp.UpdateTask(mp.load(b.spec), data, parameters={"shuffle": False})
@@ -513,16 +519,7 @@ def test_head_only_update_on_sequences_of_mixed_lengths_caches_the_frozen_lstm(m
     """A frozen LSTM under an updatable head, sequences of different lengths: each example runs
     alone, the LSTM's last outputs are computed once (the cache) and the head trains as without
     the cache; a torch loop over the LSTM's features is the oracle."""
-    from coremltools.models.neural_network import SgdParams
-
-    torch.manual_seed(13)
-    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
-    labels = ["walk", "run", "sit"]
-    b = _classifier(lstm, fc, labels)
-    b.make_updatable(["fc"])
-    b.set_categorical_cross_entropy_loss("loss", "probs")
-    b.set_sgd_optimizer(SgdParams(lr=0.3, batch=4, momentum=0.5))
-    b.set_epochs(3)
+    lstm, fc, labels, b = _head_updatable(13, lr=0.3, batch=4, epochs=3, momentum=0.5)
     xs = [_seq(60 + i, s=3 + i) for i in range(10)]
     ys = np.arange(10) % 3
     data = [{"x": x, "label": labels[y]} for x, y in zip(xs, ys)]
