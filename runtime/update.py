@@ -642,6 +642,8 @@ class NeuralNetworkUpdater(Updater):
             return
         if self.blobs is not None:
             self.blobs = cache
+        elif not self.model.nd:  # inputs in mixed shapes, boundary blobs in one: batch them
+            self.blobs, self.feeds = {b: t.flatten(0, 1) for b, t in cache.items()}, None
         else:
             self.cached, self.feeds = cache, None
         self.plan = downstream

@@ -517,8 +517,9 @@ def test_one_plan_session_serves_every_sequence_length_when_the_graph_allows(sta
 
 def test_head_only_update_on_sequences_of_mixed_lengths_caches_the_frozen_lstm(monkeypatch):
     """A frozen LSTM under an updatable head, sequences of different lengths: each example runs
-    alone, the LSTM's last outputs are computed once (the cache) and the head trains as without
-    the cache; a torch loop over the LSTM's features is the oracle."""
+    alone once, the LSTM's last outputs are kept (the cache) and the head trains on them in
+    mini-batches as it would without the cache; a torch loop over the LSTM's features is the
+    oracle."""
     lstm, fc, labels, b = _head_updatable(13, lr=0.3, batch=4, epochs=3, momentum=0.5)
     xs = [_seq(60 + i, s=3 + i) for i in range(10)]
     ys = np.arange(10) % 3
@@ -538,6 +539,7 @@ def test_head_only_update_on_sequences_of_mixed_lengths_caches_the_frozen_lstm(m
     up = mp.load(b.spec).make_updater()
     up.prepare(data, resolve(up.parameters(), {"shuffle": False}))
     assert up.cache_info is not None and up.cache_info["blobs"] == ["h"]  # the LSTM ran once
+    assert up.blobs["h"].shape[0] == 10  # its outputs, one length: the head trains in batches
     # (the LSTM runs torch's kernel with and without autograd: last-bit differences)
     np.testing.assert_allclose(results[True].weights.floatValue, results[False].weights.floatValue, atol=1e-6)
     with torch.no_grad():
