@@ -74,10 +74,10 @@ from mlpersonal.errors import (
 from mlpersonal.update_params import normalize_key, resolve
 from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
+from . import optimizers
 from .batch import ArrayBatchProvider
 from .features import example_feeds, feature_kind
 from .model import CompiledModel, compile_spec, load
-from . import optimizers
 from .native import loaded_function
 from .updating import Updater
 
@@ -343,8 +343,9 @@ def _release_openmp_pool() -> None:
     """Let the calling thread's idle OpenMP workers exit (``omp_pause_resource_all(soft)``; its
     next parallel op starts them again). libgomp stops its workers spin-waiting, process-wide,
     once its threads outnumber the cores, so with the caller's idle team beside the training
-    thread's, each op of the training paid a wake-up: a CNN trained in the background at 1.7x
-    its time in the caller's thread, at 1.0x once the caller's team is released."""
+    thread's, each op of the training paid a wake-up: a CNN trained in the background at
+    1.9-2.3x its time in the caller's thread, at 0.95-1.07x once the caller's team is released
+    (benchmarks/update.py --only threads)."""
     fn = loaded_function("omp_pause_resource_all")
     if fn is not None:
         fn(1)  # omp_pause_soft; -1 (nothing done) inside a parallel region
