@@ -809,8 +809,10 @@ class NeuralNetworkUpdater(Updater):
         if self.blobs is not None:
             env = self._forward({k: take(v) for k, v in self.blobs.items()})
             return self.loss(env, target)
-        # ND models (no batch axis) and inputs in mixed shapes: one example at a time
         ids = range(self.n)[idx] if isinstance(idx, slice) else idx.tolist()
+        if not self.model.nd and self.cached is None:
+            return self._grouped_loss(list(ids), target)
+        # ND models (no batch axis): one example at a time
         total = 0.0
         for j, i in enumerate(ids):
             if self.cached is not None:
@@ -818,6 +820,22 @@ class NeuralNetworkUpdater(Updater):
             else:
                 env = self._forward(self._example_blobs(i))
             total = total + self.loss(env, target[j:j + 1], per_example=self.model.nd)
+        return total / len(ids)
+
+    def _grouped_loss(self, ids: list, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over examples given in mixed shapes (e.g. sequences of different lengths):
+        the examples of one shape run as one batch, the groups' means weighted by their sizes."""
+        groups: dict = {}
+        for j, i in enumerate(ids):
+            shape = tuple(tuple(getattr(v[i], "shape", ())) for v in self.feeds.values() if isinstance(v, list))
+            groups.setdefault(shape, []).append(j)
+        total = 0.0
+        for js in groups.values():
+            members = [ids[j] for j in js]
+            feeds = {k: torch.stack([v[i] for i in members]) if isinstance(v, list)
+                     else v[torch.tensor(members)] for k, v in self.feeds.items()}
+            env = self._forward(self.model.to_blobs(feeds))
+            total = total + self.loss(env, target[js]) * len(js)
         return total / len(ids)
 
     def _example_blobs(self, i: int) -> dict:
