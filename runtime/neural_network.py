@@ -13,7 +13,7 @@ from mlpersonal.errors import InvalidModelError
 from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider, DictionaryColumn
-from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, example_feeds, feature_kind,
+from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, feature_kind,
                        pixel_batch, plain_arrays, plain_pixels, sequence_steps)
 from .model import CompiledModel, register_model_kind
 from .network import Network
@@ -378,17 +378,33 @@ class NeuralNetworkModel(CompiledModel):
             return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
     def _forward_each(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
-        """Run examples one at a time (mixed flexible shapes)."""
-        parts = []
+        """Examples in mixed shapes (flexible sizes, sequences of different lengths): the
+        examples of each shape run as one batch (through the plan where it serves), outputs back
+        in the examples' order."""
+        groups: dict = {}
         for i in range(n):
-            one = example_feeds(feeds, i)
-            parts.append(self.from_blobs(self.run_blobs(self.to_blobs(one), 1), 1))
+            key = tuple(tuple(v[i].shape) for v in feeds.values()
+                        if type(v) is list and isinstance(v[i], torch.Tensor))
+            groups.setdefault(key, []).append(i)
+        parts: list = [None] * n
+        for members in groups.values():
+            index = torch.tensor(members)
+            sub = {k: (torch.stack([v[i] for i in members]) if isinstance(v[members[0]], torch.Tensor)
+                       else [v[i] for i in members]) if type(v) is list
+                   else v[index.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in members]
+                   for k, v in feeds.items()}
+            out = self.forward(sub, len(members))
+            for j, i in enumerate(members):
+                parts[i] = {k: v[j:j + 1] if isinstance(v, (torch.Tensor, np.ndarray)) else [v[j]]
+                            for k, v in out.items()}
         merged: dict[str, Any] = {}
         for k in parts[0]:
             vals = [p[k] for p in parts]
-            if isinstance(vals[0], torch.Tensor):
-                shapes = {tuple(v.shape) for v in vals}
-                merged[k] = torch.cat(vals) if len(shapes) == 1 else [v[0] for v in vals]
+            same = len({tuple(getattr(v, "shape", ())) for v in vals}) == 1
+            if isinstance(vals[0], torch.Tensor) and same:
+                merged[k] = torch.cat(vals)
+            elif isinstance(vals[0], np.ndarray) and same:
+                merged[k] = np.concatenate(vals)
             else:
                 merged[k] = [v[0] for v in vals]
         return merged
