@@ -10,7 +10,7 @@ an activity classifier) -> last step -> ``nn.Linear(32 -> 3)``, exported with
 - predict (batch 1, 64, 256): ``predict_batch`` of per-example dicts and of one column, vs
   onnxruntime on ``to_onnx`` of the same module (one pre-stacked array), vs the module in torch
   eager; each timed in blocks of consecutive calls after the previous engine's threads settled
-  (``_util.block_medians_ms``), after the plan's engine calibration (batches of 32+);
+  (``_util.block_medians_ms``), after the plan's engine calibration (batches of 64+);
 - update, per epoch after the first (64 examples, mini-batches of 16, SGD): the UpdateTask with
   every layer updatable and with the LSTM frozen (the head alone), trained in its own thread
   (``resume``) and in this one (``run``), vs a hand-written torch loop over the same batches
@@ -124,7 +124,7 @@ def main() -> None:
         xb = (X if b <= N else X.repeat(-(-b // N), 1, 1))[:b].numpy()
         dicts = [{"x": x[:, None, :]} for x in xb]
         column = mp.ArrayBatchProvider({"x": xb[:, :, None, :]})
-        for _ in range(16):  # past the plan's engine calibration (batches of 32+: plan vs eager)
+        for _ in range(16):  # past the plan's engine calibration (batches of 64+: plan vs eager)
             model.predict_batch(column)
             model.predict_batch(dicts)
         got = model.predict_batch(column).column("labelProbs").values

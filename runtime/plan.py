@@ -64,8 +64,9 @@ SMALL_MARGIN = 0.1
 SMALL_SESSION_MAX_BYTES = 4 << 20
 #: networks with recurrent layers: batches from this size on are timed on the plan and on the
 #: eager Network (torch's fused LSTM scales better with the batch than onnxruntime's LSTM op:
-#: batch 256 of an LSTM 6->32 x 50 steps, 2.2 vs 1.2 ms), the eager one kept when this much faster
-ENGINE_BATCH_MIN = 32
+#: an LSTM 6->32 x 50 steps at batch 16 0.21 vs 0.14 ms, 64 about even, 128 0.52 vs 0.65, 256
+#: 1.2 vs 2.2), the eager one kept when this much faster
+ENGINE_BATCH_MIN = 64
 ENGINE_MARGIN = 0.1
 #: examples of a first batch a new signature is traced and verified on
 PROBE_ROWS = 2

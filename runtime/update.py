@@ -833,7 +833,7 @@ class NeuralNetworkUpdater(Updater):
         for js in groups.values():
             members = [ids[j] for j in js]
             feeds = {k: torch.stack([v[i] for i in members]) if isinstance(v, list)
-                     else v[torch.tensor(members)] for k, v in self.feeds.items()}
+                     else v[torch.tensor(members, device=v.device)] for k, v in self.feeds.items()}
             env = self._forward(self.model.to_blobs(feeds))
             total = total + self.loss(env, target[js]) * len(js)
         return total / len(ids)

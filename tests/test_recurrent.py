@@ -556,7 +556,7 @@ def test_head_only_update_on_sequences_of_mixed_lengths_caches_the_frozen_lstm(m
 
 
 def test_large_batches_of_a_recurrent_network_pick_the_faster_engine_and_stay_exact():
-    """Batches of 32+ of a network with recurrent layers are timed on the onnxruntime plan and on
+    """Batches of 64+ of a network with recurrent layers are timed on the onnxruntime plan and on
     the eager Network (torch's fused LSTM) over their first calls; whichever is kept, every call
     matches nn.LSTM. Smaller batches always run the plan."""
     from runtime.plan import CALIBRATION_RUNS, CALIBRATION_WARMUP, ENGINE_BATCH_MIN
@@ -574,5 +574,5 @@ def test_large_batches_of_a_recurrent_network_pick_the_faster_engine_and_stay_ex
             got = model.predict_batch(mp.ArrayBatchProvider({"x": xs})).column("probs").values
             np.testing.assert_allclose(got, ref, atol=ATOL)
     plan = model._plan
-    assert set(plan.eager_batches) == {ENGINE_BATCH_MIN.bit_length()}  # decided, for 32-63 only
+    assert set(plan.eager_batches) == {ENGINE_BATCH_MIN.bit_length()}  # decided, for 64-127 only
     assert plan.last_fallback_reason is None
