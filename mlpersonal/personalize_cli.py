@@ -4,9 +4,9 @@
 ``.bmp``) for a model whose training input is an image, or NumPy ``.npy`` arrays for one whose
 training input is a multi-array (a feature vector, or a ``(Seq, C)`` sequence for a recurrent
 model; read with ``allow_pickle=False``: a data file never unpickles); the model's input and its
-training target are read from the spec's ``trainingInput``. The update runs through :class:`runtime.update.UpdateTask` with tqdm progress
-bars (:class:`TqdmProgress`), top-1 accuracy is printed before and after, and the updated model
-is written atomically.
+training target are read from the spec's ``trainingInput``. The update runs through
+:class:`runtime.update.UpdateTask` with tqdm progress bars (:class:`TqdmProgress`), top-1
+accuracy is printed before and after, and the updated model is written atomically.
 """
 
 from __future__ import annotations
