@@ -576,3 +576,17 @@ def test_large_batches_of_a_recurrent_network_pick_the_faster_engine_and_stay_ex
     plan = model._plan
     assert set(plan.eager_batches) == {ENGINE_BATCH_MIN.bit_length()}  # decided, for 64-127 only
     assert plan.last_fallback_reason is None
+    # each choice, forced, serves that bucket and agrees with torch (this machine made one)
+    xs = rng.standard_normal((ENGINE_BATCH_MIN + 7, S, C)).astype(np.float32)
+    with torch.no_grad():
+        ref = torch.softmax(fc(lstm(torch.from_numpy(xs).transpose(0, 1))[0][-1]), -1).numpy()
+    entry = next(iter(plan._sessions.values()))
+    session_run = entry.sess.run
+    for eager in (True, False):
+        plan.eager_batches[ENGINE_BATCH_MIN.bit_length()] = eager
+        runs = []
+        entry.sess.run = lambda *a: runs.append(1) or session_run(*a)
+        got = model.predict_batch(mp.ArrayBatchProvider({"x": xs})).column("probs").values
+        entry.sess.run = session_run
+        np.testing.assert_allclose(got, ref, atol=ATOL)
+        assert len(runs) == (0 if eager else 1)  # eager: the caller runs the Network instead
