@@ -313,17 +313,34 @@ def _pixels_to_chw(arr: np.ndarray, space: int) -> np.ndarray:
     return arr[::-1].copy() if space == BGR else np.ascontiguousarray(arr)
 
 
-def example_feeds(feeds: dict[str, Any], i: int) -> dict[str, Any]:
-    """Example ``i`` of encoded ``feeds`` as a batch of one: tensors sliced, per-example lists
-    (inputs given in mixed shapes, strings) turned into one-element batches."""
-    one = {}
+def shape_groups(feeds: dict[str, Any], ids: Sequence[int]) -> list[list[int]]:
+    """Positions in ``ids`` grouped by the shapes of their examples' per-example values (inputs
+    given in mixed shapes are lists of tensors), groups in first-seen order."""
+    lists = [v for v in feeds.values() if type(v) is list]
+    groups: dict = {}
+    for j, i in enumerate(ids):
+        key = tuple(tuple(getattr(v[i], "shape", ())) for v in lists)
+        groups.setdefault(key, []).append(j)
+    return list(groups.values())
+
+
+def gather_feeds(feeds: dict[str, Any], members: Sequence[int]) -> dict[str, Any]:
+    """The examples ``members`` of encoded ``feeds`` as one batch: batched tensors indexed,
+    per-example tensors (of one shape) stacked, other per-example values (strings) listed."""
+    if len(members) == 1:  # a view, not a copy
+        i = members[0]
+        return {k: v[i:i + 1] if isinstance(v, torch.Tensor)
+                else v[i].unsqueeze(0) if isinstance(v[i], torch.Tensor) else [v[i]]
+                for k, v in feeds.items()}
+    out = {}
     for k, v in feeds.items():
         if isinstance(v, torch.Tensor):
-            one[k] = v[i:i + 1]
+            out[k] = v[torch.tensor(list(members), device=v.device)]
+        elif isinstance(v[members[0]], torch.Tensor):
+            out[k] = torch.stack([v[i] for i in members])
         else:
-            item = v[i]
-            one[k] = item.unsqueeze(0) if isinstance(item, torch.Tensor) else [item]
-    return one
+            out[k] = [v[i] for i in members]
+    return out
 
 
 def encode_inputs(inputs: Sequence, examples: Sequence[dict], device: torch.device) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from mlpersonal.errors import InvalidModelError
 from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider, DictionaryColumn
-from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, feature_kind,
-                       pixel_batch, plain_arrays, plain_pixels, sequence_steps)
+from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, feature_kind, gather_feeds,
+                       pixel_batch, plain_arrays, plain_pixels, sequence_steps, shape_groups)
 from .model import CompiledModel, register_model_kind
 from .network import Network
 
@@ -381,19 +381,9 @@ class NeuralNetworkModel(CompiledModel):
         """Examples in mixed shapes (flexible sizes, sequences of different lengths): the
         examples of each shape run as one batch (through the plan where it serves), outputs back
         in the examples' order."""
-        groups: dict = {}
-        for i in range(n):
-            key = tuple(tuple(v[i].shape) for v in feeds.values()
-                        if type(v) is list and isinstance(v[i], torch.Tensor))
-            groups.setdefault(key, []).append(i)
         parts: list = [None] * n
-        for members in groups.values():
-            index = torch.tensor(members)
-            sub = {k: (torch.stack([v[i] for i in members]) if isinstance(v[members[0]], torch.Tensor)
-                       else [v[i] for i in members]) if type(v) is list
-                   else v[index.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in members]
-                   for k, v in feeds.items()}
-            out = self.forward(sub, len(members))
+        for members in shape_groups(feeds, range(n)):
+            out = self.forward(gather_feeds(feeds, members), len(members))
             for j, i in enumerate(members):
                 parts[i] = {k: v[j:j + 1] if isinstance(v, (torch.Tensor, np.ndarray)) else [v[j]]
                             for k, v in out.items()}

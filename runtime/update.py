@@ -76,7 +76,7 @@ from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from . import optimizers
 from .batch import ArrayBatchProvider
-from .features import example_feeds, feature_kind
+from .features import feature_kind, gather_feeds, shape_groups
 from .model import CompiledModel, compile_spec, load
 from .native import loaded_function
 from .updating import Updater
@@ -825,15 +825,9 @@ class NeuralNetworkUpdater(Updater):
     def _grouped_loss(self, ids: list, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over examples given in mixed shapes (e.g. sequences of different lengths):
         the examples of one shape run as one batch, the groups' means weighted by their sizes."""
-        groups: dict = {}
-        for j, i in enumerate(ids):
-            shape = tuple(tuple(getattr(v[i], "shape", ())) for v in self.feeds.values() if isinstance(v, list))
-            groups.setdefault(shape, []).append(j)
         total = 0.0
-        for js in groups.values():
-            members = [ids[j] for j in js]
-            feeds = {k: torch.stack([v[i] for i in members]) if isinstance(v, list)
-                     else v[torch.tensor(members, device=v.device)] for k, v in self.feeds.items()}
+        for js in shape_groups(self.feeds, ids):
+            feeds = gather_feeds(self.feeds, [ids[j] for j in js])
             env = self._forward(self.model.to_blobs(feeds))
             total = total + self.loss(env, target[js]) * len(js)
         return total / len(ids)
@@ -841,7 +835,7 @@ class NeuralNetworkUpdater(Updater):
     def _example_blobs(self, i: int) -> dict:
         """Example ``i``'s input blobs: without a batch axis for ND models, as a batch of one
         for rank-5 models given mixed shapes."""
-        blobs = self.model.to_blobs(example_feeds(self.feeds, i))
+        blobs = self.model.to_blobs(gather_feeds(self.feeds, [i]))
         return {k: t[0] for k, t in blobs.items()} if self.model.nd else blobs
 
     def _sync_hyperparameters(self, values: dict) -> None:
