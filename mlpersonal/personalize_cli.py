@@ -166,11 +166,7 @@ def top1(model, examples: list, labels: list, input_name: str, batch: int = 256)
 
     hits = 0
     for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        if len({np.shape(e) for e in chunk if isinstance(e, np.ndarray)}) > 1:
-            got = [o[name] for o in model.predict_batch([{input_name: e} for e in chunk])]
-        else:
-            got = model.predict_batch(ArrayBatchProvider({input_name: chunk})).column(name)
+        got = model.predict_batch(ArrayBatchProvider({input_name: examples[i:i + batch]})).column(name)
         hits += sum(p == y for p, y in zip(got, labels[i:i + batch]))
     return hits / max(len(examples), 1)
 
