@@ -293,11 +293,11 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
         if node.op != "call_module" and not ctx.is_tensor(node):
             continue  # python values (x.size(0), shapes): only feed reshape targets
-        hint = recurrent.state_hint(gm, node)
         if ctx.is_tensor(node):
             shape = ctx.shape(node)
             if shape[0] != _BATCH:
-                raise ctx.unsupported(node, f"an op that changes the batch axis (gives {shape}){hint}")
+                raise ctx.unsupported(node, f"an op that changes the batch axis (gives {shape})"
+                                      + recurrent.state_hint(gm, node))
             if not 2 <= len(shape) <= 4:
                 raise ctx.unsupported(node, f"a tensor of rank {len(shape)} (2 to 4 supported)")
         fn = custom.get(type(target)) if node.op == "call_module" else custom.get(target)
@@ -308,7 +308,7 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
         if conv is None:
             raise UnsupportedLayerError(
                 f"{describe(gm, node)} has no Core ML conversion; add one to exporters.ops or "
-                "pass custom_conversion_functions={type_or_op: fn}" + hint
+                "pass custom_conversion_functions={type_or_op: fn}" + recurrent.state_hint(gm, node)
             )
         try:
             ctx.blobs[node] = conv(ctx, node, target)
