@@ -162,7 +162,7 @@ class InferencePlan:
                     entry, result = self._build(blobs)
                     self._sessions[self._key(blobs, arrays)] = entry  # _by_length may have changed
                     _trim_heap()  # the build's temporaries are gone now
-                    return result  # this call's outputs, computed while verifying
+                    return result  # this call's outputs (None: the signature runs eagerly)
         if entry is _FAILED:
             return None
         feed = arrays if len(entry.names) == len(arrays) else {k: arrays[k] for k in entry.names}
