@@ -13,5 +13,5 @@ def loaded_function(name: str) -> Optional[Callable]:
     nothing is loaded to find it (``dlopen(NULL)``: the process's own symbol table)."""
     try:
         return getattr(ctypes.CDLL(None), name, None)
-    except OSError:
+    except (OSError, TypeError):  # no process symbol table this way (Windows)
         return None
