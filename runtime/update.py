@@ -511,6 +511,8 @@ class NeuralNetworkUpdater(Updater):
         self.target_name, self.target_mode = self._target()
         self.device = work.device
         self._opt: Optional[optimizers.SGD | optimizers.Adam] = None
+        #: ND models: per-example losses through torch.func.vmap (checked in prepare) or a loop
+        self._vmap = False
         #: set by UpdateTask: a callable telling whether the task was cancelled
         self.cancelled: Callable[[], bool] = lambda: False
         #: the frozen-prefix cache in use: ``{"blobs": [...], "steps": n, "bytes": n}`` or None
@@ -585,6 +587,7 @@ class NeuralNetworkUpdater(Updater):
         except (RuntimeError, IndexError, ValueError) as e:
             raise InvalidInputError(f"the training examples do not fit the model: {e}") from None
         self._cache_frozen_prefix()
+        self._vmap = self.model.nd and self.blobs is None and self._vmap_agrees()
         if self.optimizer_kind == "sgdOptimizer":
             self._opt = optimizers.SGD(self.params, values["learning_rate"], values.get("momentum", 0.0))
         else:
@@ -812,6 +815,8 @@ class NeuralNetworkUpdater(Updater):
         ids = range(self.n)[idx] if isinstance(idx, slice) else idx.tolist()
         if not self.model.nd and self.cached is None:
             return self._grouped_loss(list(ids), target)
+        if self._vmap:
+            return self._vmapped_loss(list(ids), target)
         # ND models (no batch axis): one example at a time
         total = 0.0
         for j, i in enumerate(ids):
@@ -821,6 +826,38 @@ class NeuralNetworkUpdater(Updater):
                 env = self._forward(self._example_blobs(i))
             total = total + self.loss(env, target[j:j + 1], per_example=self.model.nd)
         return total / len(ids)
+
+    def _vmapped_loss(self, ids: list, target: torch.Tensor) -> torch.Tensor:
+        """ND models: the per-example losses of ``ids`` in one pass (``torch.func.vmap`` over the
+        layers, which see one example without a batch axis, as in the loop), their mean."""
+        if self.cached is not None:
+            index = torch.tensor(ids, device=self.device)
+            blobs = {k: v[index] for k, v in self.cached.items()}
+        else:
+            blobs = self.model.to_blobs(gather_feeds(self.feeds, ids))
+
+        def one(example: dict, t: torch.Tensor) -> torch.Tensor:
+            return self.loss(self._forward(example), t[None], per_example=True)
+
+        return torch.func.vmap(one)(blobs, target).mean()
+
+    def _vmap_agrees(self) -> bool:
+        """Whether :meth:`_vmapped_loss` gives the example-by-example loss on the first examples
+        (a layer that cannot run under vmap, or inputs in mixed shapes: keep the loop)."""
+        if self.feeds is not None and any(type(v) is list for v in self.feeds.values()):
+            return False
+        idx = torch.arange(min(self.n, 3))
+        with torch.no_grad():
+            self._vmap = False
+            ref = self._batch_loss(idx)
+            try:
+                self._vmap = True
+                got = self._batch_loss(idx)
+            except Exception:  # noqa: BLE001 - anything vmap cannot run: the loop does
+                return False
+            finally:
+                self._vmap = False
+        return bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
 
     def _grouped_loss(self, ids: list, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over examples given in mixed shapes (e.g. sequences of different lengths):

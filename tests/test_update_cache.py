@@ -254,6 +254,7 @@ def test_nd_model_per_example_cache(monkeypatch):
     data = [{"x": X[i].numpy(), "cls": [10, 20, 30][int(y[i])]} for i in range(10)]
     up = prepared(b.spec, data)
     assert up.cache_info is not None and up.cache_info["blobs"] == ["h2"] and up.cached is not None
+    assert up._vmap  # the cached boundary blobs of a mini-batch run in one vmapped pass
     a, _ = trained(b.spec, data, monkeypatch, True, shuffle=False)
     c, _ = trained(b.spec, data, monkeypatch, False, shuffle=False)
     w = torch.nn.Parameter(W.clone())

@@ -11,6 +11,7 @@ from coremltools.models import datatypes
 from coremltools.models.neural_network import AdamParams, NeuralNetworkBuilder, SgdParams
 
 import mlpersonal as mp
+from mlpersonal.update_params import resolve
 from update_models import CNN, LABELS, dataset, layer_weights, torch_train, updatable_cnn_spec
 
 SGD_KW = dict(lr=0.05, batch=8, epochs=2, momentum=0.9)
@@ -326,9 +327,14 @@ def test_several_inputs_embedding_concat_match_torch(tmp_path):
     assert [float(r["price"][0]) for r in again.predict_batch(q)] == [float(r["price"][0]) for r in trained.predict_batch(q)]
 
 
-@pytest.mark.parametrize("leading_one", [True, False])
-def test_nd_model_matches_torch(leading_one):
-    """EXACT_ARRAY_MAPPING models: batched (leading 1) and example-by-example (no batch axis)."""
+@pytest.mark.parametrize("leading_one,vmap", [(True, True), (False, True), (False, False)])
+def test_nd_model_matches_torch(leading_one, vmap, monkeypatch):
+    """EXACT_ARRAY_MAPPING models: batched (leading 1) and example-by-example (no batch axis);
+    the examples of a mini-batch run in one vmapped pass, or one by one where vmap fails."""
+    if not vmap:
+        def refuse(*a, **k):
+            raise RuntimeError("vmap is not available here")
+        monkeypatch.setattr(torch.func, "vmap", refuse)
     g = torch.Generator().manual_seed(1)
     W, bias = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
     shape = (1, 4) if leading_one else (4,)
@@ -345,6 +351,9 @@ def test_nd_model_matches_torch(leading_one):
     y = torch.randint(0, 3, (10,), generator=g)
     data = [{"x": X[i].reshape(shape).numpy(), "cls": [10, 20, 30][int(y[i])]} for i in range(10)]
     trained = mp.load(b.spec).update(data, parameters={"shuffle": False})
+    up = mp.load(b.spec).make_updater()
+    up.prepare(data, resolve(up.parameters(), {}))
+    assert up._vmap == vmap  # the per-example losses of a mini-batch in one pass, or a loop
     w = torch.nn.Parameter(W.clone())
     bb = torch.nn.Parameter(bias.clone())
     opt = torch.optim.SGD([w, bb], lr=0.1, momentum=0.5)
