@@ -145,7 +145,9 @@ def _initial_states(ctx, node, m, lstm: bool) -> list:
 def _check(ctx, node, m) -> None:
     why = []
     if not m.batch_first:
-        why.append("batch_first=False (use batch_first=True: the model input's first axis is the batch)")
+        why.append(f"batch_first=False (the model input's first axis is the batch: set "
+                   f"`{node.target}.batch_first = True` before exporting, the trained weights "
+                   "stay valid, and have forward() pass it (N, Seq, C) tensors)")
     if m.bidirectional and not isinstance(m, nn.LSTM):
         why.append("bidirectional=True")
     if getattr(m, "proj_size", 0):

@@ -209,7 +209,7 @@ class _InputElsewhere(nn.Module):
 
 
 @pytest.mark.parametrize("net,needle", [
-    (_Direct(nn.LSTM(C, H)), "batch_first=False"),
+    (_Direct(nn.LSTM(C, H)), r"batch_first=False .*set `rnn\.batch_first = True`"),
     (_Direct(nn.LSTM(C, H, batch_first=True, bidirectional=True)), r"out\[:, -1\] of a bidirectional"),
     (_Direct(nn.RNN(C, H, batch_first=True, bidirectional=True)), "RNN with bidirectional=True"),
     (_Direct(nn.GRU(C, H, batch_first=True)), "reset gate"),
@@ -342,3 +342,17 @@ def test_initial_state_of_a_stacked_module_is_refused():
                        "initial state.*chain one-layer modules"):
         convert(Stacked().eval(), [mp.TensorType("x", (S, C)), mp.TensorType("h0", (H,)),
                                    mp.TensorType("c0", (H,))])
+
+
+def test_the_batch_first_advice_keeps_the_trained_weights():
+    """What the batch_first=False refusal says to do: flip the flag on the trained module and
+    feed it (N, Seq, C); the export then equals the original module on (Seq, N, C)."""
+    torch.manual_seed(21)
+    net = _Direct(nn.LSTM(C, H)).eval()
+    xs = _seqs(3, 22)
+    with torch.no_grad():
+        want = net.rnn(xs.transpose(0, 1))[0][-1].numpy()  # the original (Seq, N, C) module
+    net.rnn.batch_first = True
+    model = mp.load(convert(net, [mp.TensorType("x", (S, C))], outputs=["y"]))
+    got = np.stack([model.predict({"x": x.numpy()})["y"] for x in xs])
+    np.testing.assert_allclose(got, want, atol=2e-6)
