@@ -145,14 +145,13 @@ def inspect_lines(spec, indent: str = "") -> list[str]:
         out.append(f"{indent}metadata:")
         out += [f"{indent}  {k}: {v}" for k, v in meta]
     sequences = _sequence_inputs(spec)
-    for title, feats in (("inputs", d.input), ("outputs", d.output)):
+    for title, feats in (("inputs", d.input), ("outputs", d.output), ("training inputs", d.trainingInput)):
+        if not len(feats) and title == "training inputs":
+            continue
         out.append(f"{indent}{title}:")
         out += [f"{indent}  {f.name}: {describe_feature(f)}"
                 + (f", or a sequence (Seq, 1, {f.type.multiArrayType.shape[0]})" if f.name in sequences else "")
                 for f in feats]
-    if len(d.trainingInput):
-        out.append(f"{indent}training inputs:")
-        out += [f"{indent}  {f.name}: {describe_feature(f)}" for f in d.trainingInput]
     if kind in ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor"):
         out += _nn_lines(spec, getattr(spec, kind), indent)
     elif kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):

@@ -191,6 +191,9 @@ def test_personalize_sequence_model_from_npy_folders(tmp_path, capsys):
     assert mp.load(out).spec == ref.spec
     hits = [mp.load(out).predict({"motion": d["motion"]})["label"] == d["label"] for d in data]
     assert f"-> {100 * np.mean(hits):.1f}%" in text
+    assert main(["inspect", str(out)]) == 0  # the training input takes sequences too, and says so
+    training = capsys.readouterr().out.split("training inputs:")[1]
+    assert "motion: multiArray float32 (3,), or a sequence (Seq, 1, 3)" in training
 
 
 def test_npy_folders_refuse_pickles_and_other_files(tmp_path, capsys):
