@@ -27,8 +27,15 @@ class _Optimizer:
         for p in self.params:
             p.grad = None
 
-    def _stepping(self) -> list[int]:
-        return [i for i, p in enumerate(self.params) if p.grad is not None]
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of the parameters that have a gradient."""
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if idx:
+            self._update(idx, [self.params[i] for i in idx], [self.params[i].grad for i in idx])
+
+    def _update(self, idx: list[int], params: list, grads: list) -> None:
+        raise NotImplementedError
 
 
 class SGD(_Optimizer):
@@ -40,13 +47,7 @@ class SGD(_Optimizer):
         self.momentum = float(momentum)
         self._velocity: list[Optional[torch.Tensor]] = [None] * len(self.params)
 
-    @torch.no_grad()
-    def step(self) -> None:
-        idx = self._stepping()
-        if not idx:
-            return
-        params = [self.params[i] for i in idx]
-        grads = [self.params[i].grad for i in idx]
+    def _update(self, idx: list[int], params: list, grads: list) -> None:
         if self.momentum == 0.0:
             torch._foreach_add_(params, grads, alpha=-self.lr)
             return
@@ -73,19 +74,13 @@ class Adam(_Optimizer):
         self._m: list[Optional[torch.Tensor]] = [None] * len(self.params)
         self._v: list[Optional[torch.Tensor]] = [None] * len(self.params)
 
-    @torch.no_grad()
-    def step(self) -> None:
-        idx = self._stepping()
-        if not idx:
-            return
+    def _update(self, idx: list[int], params: list, grads: list) -> None:
         b1, b2 = self.betas
         for i in idx:
             if self._m[i] is None:
                 self._m[i] = torch.zeros_like(self.params[i])
                 self._v[i] = torch.zeros_like(self.params[i])
             self._steps[i] += 1
-        params = [self.params[i] for i in idx]
-        grads = [self.params[i].grad for i in idx]
         m = [self._m[i] for i in idx]
         v = [self._v[i] for i in idx]
         torch._foreach_lerp_(m, grads, 1.0 - b1)
