@@ -41,12 +41,7 @@ def block_medians_ms(fns: dict[str, Callable[[], object]], rounds: int,
     for _ in range(rounds):
         for k, fn in fns.items():
             settle(fn)
-            ts = []
-            for _ in range(reps[k]):
-                t = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t) * 1e3)
-            times[k].append(statistics.median(ts))
+            times[k].append(median_ms(fn, repeat=reps[k], warmup=0))
     return times
 
 
