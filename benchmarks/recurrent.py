@@ -14,7 +14,10 @@ an activity classifier) -> last step -> ``nn.Linear(32 -> 3)``, exported with
 - update, per epoch after the first (64 examples, mini-batches of 16, SGD): the UpdateTask with
   every layer updatable and with the LSTM frozen (the head alone), trained in its own thread
   (``resume``) and in this one (``run``), vs a hand-written torch loop over the same batches
-  (nn.LSTM + Linear, cross-entropy, torch.optim.SGD) in this thread.
+  (nn.LSTM + Linear, cross-entropy, torch.optim.SGD) in this thread; and every layer updatable
+  on windows of different lengths (20-49 steps), which the task pads to one length per
+  mini-batch, vs the torch loop doing the same (``pad_sequence``, each row's output at its
+  last step).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def ours_epochs(spec, data, background: bool) -> list[float]:
 
 
 def torch_epochs(X, y, lstm_updatable: bool) -> list[float]:
+    """``X``: one ``(N, Seq, C)`` tensor, or a list of ``(Seq_i, C)`` windows of mixed lengths
+    (each mini-batch padded with ``pad_sequence``, each row's LSTM output at its last step)."""
     net = activity()
     params = list(net.head.parameters()) + (list(net.lstm.parameters()) if lstm_updatable else [])
     net.lstm.requires_grad_(lstm_updatable)
@@ -85,7 +90,11 @@ def torch_epochs(X, y, lstm_updatable: bool) -> list[float]:
     stamps = []
     for _ in range(EPOCHS):
         for s in range(0, len(X), BATCH):
-            if lstm_updatable:
+            if isinstance(X, list):
+                rows = X[s:s + BATCH]
+                out = net.lstm(nn.utils.rnn.pad_sequence(rows, batch_first=True))[0]
+                logits = net.head(out[torch.arange(len(rows)), torch.tensor([len(r) for r in rows]) - 1])
+            elif lstm_updatable:
                 logits = net(X[s:s + BATCH])
             else:  # a frozen LSTM: no graph through it
                 with torch.no_grad():
@@ -151,14 +160,18 @@ def main() -> None:
                  "columns/torch", "max|diff|"], rows))
 
     data = [{"x": x[:, None, :].numpy(), "label": LABELS[int(t)]} for x, t in zip(X, y)]
+    mixed = [x[:n] for x, n in zip(X, torch.randint(20, STEPS, (N,), generator=g).tolist())]
+    mixed_data = [{"x": x[:, None, :].numpy(), "label": LABELS[int(t)]} for x, t in zip(mixed, y)]
     rows = []
-    for name, lstm_updatable in (("all layers", True), ("head only", False)):
+    for name, lstm_updatable, inputs, examples in (
+            ("all layers", True, X, data), ("head only", False, X, data),
+            ("all layers, lengths 20-49", True, mixed, mixed_data)):
         spec = export(net, lstm_updatable)
         bg, fg, theirs = [], [], []
         for _ in range(args.rounds):
-            bg += ours_epochs(spec, data, True)
-            fg += ours_epochs(spec, data, False)
-            theirs += torch_epochs(X, y, lstm_updatable)
+            bg += ours_epochs(spec, examples, True)
+            fg += ours_epochs(spec, examples, False)
+            theirs += torch_epochs(inputs, y, lstm_updatable)
         b, f, t = (statistics.median(v) * 1e3 for v in (bg, fg, theirs))
         rows.append([name, b, f, t, f"{b / t:.2f}", f"{f / t:.2f}"])
     print(f"\nupdate, ms per epoch ({N} examples, mini-batch {BATCH}, SGD; median over "

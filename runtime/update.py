@@ -77,6 +77,7 @@ from mlpersonal.validate import RECURRENT_LAYER_KINDS
 from . import optimizers
 from .batch import ArrayBatchProvider
 from .features import feature_kind, gather_feeds, shape_groups
+from .layers.recurrent import sequence_lengths
 from .model import CompiledModel, compile_spec, load
 from .native import loaded_function
 from .updating import Updater
@@ -455,6 +456,26 @@ PER_EXAMPLE_KINDS = frozenset({
 })
 
 
+#: layer kinds that work step by step on a rank-5 sequence blob ``(B, S, C, H, W)`` (or carry a
+#: recurrent state): sequences of different lengths, padded to one, share a mini-batch through
+#: them (``runtime.layers.recurrent.sequence_lengths``); see ``_stepwise``
+STEPWISE_KINDS = frozenset({
+    "activation", "softmax", "innerProduct", "embedding", "batchnorm", "l2normalize", "flatten",
+    "concat", "split", "unary", "scale", "bias", "add", "multiply", "max", "min", "average",
+    "dot", "copy", *RECURRENT_LAYER_KINDS,
+})
+
+
+def _stepwise(step, layer) -> bool:
+    """Does this layer compute each step of a sequence from that step alone (or, recurrent, from
+    the steps before it)? Not: a concat along the sequence, batchnorm with its own statistics."""
+    if step.kind == "concat" and layer.concat.sequenceConcat:
+        return False
+    if step.kind == "batchnorm" and layer.batchnorm.computeMeanVar:
+        return False
+    return step.kind in STEPWISE_KINDS
+
+
 def cache_budget() -> int:
     """The frozen-prefix cache budget in bytes (0: off)."""
     v = os.environ.get("MLPERSONAL_UPDATE_CACHE_BYTES")
@@ -508,6 +529,9 @@ class NeuralNetworkUpdater(Updater):
             raise InvalidModelError("the model's updateParams name no optimizer (sgdOptimizer or adamOptimizer)")
         self.plan = self._plan({self.loss.blob})
         self._dead = self._liveness(self.plan, keep=self.loss.blob)
+        #: blobs the training plan computes and never reads (e.g. an LSTM's last cell state)
+        self._unread = frozenset(b for s in self.plan for b in s.outputs) - {
+            b for s in self.plan for b in s.inputs} - {self.loss.blob}
         self.target_name, self.target_mode = self._target()
         self.device = work.device
         self._opt: Optional[optimizers.SGD | optimizers.Adam] = None
@@ -518,6 +542,9 @@ class NeuralNetworkUpdater(Updater):
         #: the frozen-prefix cache in use: ``{"blobs": [...], "steps": n, "bytes": n}`` or None
         self.cache_info: Optional[dict] = None
         self.cached: Optional[dict] = None  # ND models: per-example boundary blobs, stacked
+        #: rank-5 sequences of different lengths: each example's length when they train padded
+        #: to one length per mini-batch (checked in prepare), else None (grouped by length)
+        self.lengths: Optional[list[int]] = None
 
     # --- set-up ----------------------------------------------------------------------------
     def _plan(self, blobs, stop=frozenset()) -> list:
@@ -588,6 +615,7 @@ class NeuralNetworkUpdater(Updater):
             raise InvalidInputError(f"the training examples do not fit the model: {e}") from None
         self._cache_frozen_prefix()
         self._vmap = self.model.nd and self.blobs is None and self._vmap_agrees()
+        self.lengths = self._padding_agrees()
         if self.optimizer_kind == "sgdOptimizer":
             self._opt = optimizers.SGD(self.params, values["learning_rate"], values.get("momentum", 0.0))
         else:
@@ -814,6 +842,8 @@ class NeuralNetworkUpdater(Updater):
             return self.loss(env, target)
         ids = range(self.n)[idx] if isinstance(idx, slice) else idx.tolist()
         if not self.model.nd and self.cached is None:
+            if self.lengths is not None:
+                return self._padded_loss(list(ids), target, self.lengths)
             return self._grouped_loss(list(ids), target)
         if self._vmap:
             return self._vmapped_loss(list(ids), target)
@@ -858,6 +888,60 @@ class NeuralNetworkUpdater(Updater):
             finally:
                 self._vmap = False
         return bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
+
+    def _sequence_lengths(self) -> Optional[list[int]]:
+        """Each example's length when every input given in mixed shapes is a sequence input
+        whose examples differ in length only, one length per example across them; else None."""
+        sequences = {f.name for f in self.model._described()[0] if f.sequence}
+        lists = {k: v for k, v in self.feeds.items() if type(v) is list}
+        if not lists or not set(lists) <= sequences:
+            return None
+        lengths = None
+        for v in lists.values():
+            mine = [t.shape[0] if t.dim() == 3 else 1 for t in v]  # (Seq, 1, C) or a (C,) vector
+            if lengths is not None and mine != lengths:
+                return None
+            lengths = mine
+        return lengths
+
+    def _padding_agrees(self) -> Optional[list[int]]:
+        """The examples' lengths when sequences of different lengths can train padded to one
+        length per mini-batch: every layer the loss needs works step by step (``_stepwise``) and
+        the padded loss equals the grouped one on examples of distinct lengths; else None."""
+        if self.model.nd or self.feeds is None:
+            return None
+        layers = {l.name: l for l in self.model.nn_spec.layers}
+        if not all(_stepwise(s, layers[s.name]) for s in self.plan):
+            return None
+        lengths = self._sequence_lengths()
+        if lengths is None or len(set(lengths)) < 2:
+            return None
+        first = {}
+        for i, n in enumerate(lengths):
+            first.setdefault(n, i)
+        ids = sorted(first.values())[:4]
+        target = self.targets[ids]
+        with torch.no_grad():
+            ref = self._grouped_loss(ids, target)
+            try:
+                got = self._padded_loss(ids, target, lengths)
+            except Exception:  # noqa: BLE001 - a layer that cannot run padded: keep the groups
+                return None
+        return lengths if bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6)) else None
+
+    def _padded_loss(self, ids: list, target: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Mean loss over sequences of different lengths run as one batch, padded at the end
+        with zeros to the longest (recurrent layers stop each row at its own length)."""
+        feeds = {}
+        for k, v in self.feeds.items():
+            if type(v) is list:
+                rows = [v[i].reshape(lengths[i], 1, -1) for i in ids]
+                feeds[k] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            else:
+                feeds[k] = v[torch.tensor(ids, device=v.device)]
+        with sequence_lengths(torch.tensor([lengths[i] for i in ids]), self._unread):
+            env = self._forward(self.model.to_blobs(feeds))
+        return self.loss(env, target)
 
     def _grouped_loss(self, ids: list, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over examples given in mixed shapes (e.g. sequences of different lengths):

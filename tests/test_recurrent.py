@@ -257,8 +257,9 @@ def test_sequence_of_the_wrong_vector_size_is_refused():
 def test_updatable_lstm_trains_like_torch(optimizer, mixed, tmp_path):
     """Core ML allows uniDirectionalLSTM layers to be updatable: backprop through time into the
     LSTM's 12 weight blobs, checked against nn.LSTM + Linear with torch.optim, then saved.
-    ``mixed``: sequences of different lengths in one task (each mini-batch's loss the mean of
-    its examples' losses, as torch computes it example by example)."""
+    ``mixed``: sequences of 16 different lengths in one task, padded to one length per
+    mini-batch (each mini-batch's loss the mean of its examples' losses, as torch computes it
+    example by example)."""
     from coremltools.models.neural_network import AdamParams, SgdParams
 
     torch.manual_seed(12)
@@ -275,10 +276,12 @@ def test_updatable_lstm_trains_like_torch(optimizer, mixed, tmp_path):
     b.set_sgd_optimizer(SgdParams(lr=0.5, batch=8)) if optimizer == "sgd" else \
         b.set_adam_optimizer(AdamParams(lr=0.05, batch=8))
     b.set_epochs(2)
-    xs = [_seq(30 + i, s=S - i % 4 if mixed else S) for i in range(16)]
+    xs = [_seq(30 + i, s=3 + (5 * i) % 16 if mixed else S) for i in range(16)]
     ys = np.arange(16) % 3
     data = [{"x": x, "label": labels[y]} for x, y in zip(xs, ys)]
     trained = mp.load(b.spec).update(data, parameters={"shuffle": False})
+    if mixed:  # one padded batch per mini-batch, not one batch per length
+        assert _updater(b.spec, data).lengths == [len(x) for x in xs]
     # torch oracle: the same two epochs of two mini-batches; the spec holds one bias per gate,
     # so torch trains b_ih = b_ih + b_hh alone (two biases would each get the full gradient)
     with torch.no_grad():
@@ -378,6 +381,149 @@ def test_standard_lstm_cell_clip_with_and_without_the_fused_kernel(steps, plan):
     np.testing.assert_allclose(out["c_out"], c, atol=1e-5)
     np.testing.assert_allclose(out["h_out"], y, atol=1e-5)
     assert (np.abs(c).max() == 3.0) == (steps == 8)  # the clip engaged only in the long run
+
+
+def _updater(spec, data: list, parameters: dict | None = None):
+    """The model's updater, prepared on ``data`` as an UpdateTask would (no training)."""
+    from mlpersonal.update_params import resolve
+
+    up = mp.load(spec).make_updater()
+    up.prepare(data, resolve(up.parameters(), parameters or {"shuffle": False}))
+    return up
+
+
+def _make_lstms_updatable(b: NeuralNetworkBuilder, heads: list) -> None:
+    """Every uniDirectionalLSTM of the builder's network updatable, and the ``heads``."""
+    b.make_updatable(heads)
+    for layer in b.spec.neuralNetworkClassifier.layers:
+        if layer.WhichOneof("layer") == "uniDirectionalLSTM":
+            layer.isUpdatable = True
+            wp = layer.uniDirectionalLSTM.weightParams
+            for field in wp.DESCRIPTOR.fields:
+                getattr(wp, field.name).isUpdatable = True
+
+
+def _trained_layers(spec, data: list, monkeypatch, padded: bool) -> list:
+    """The layers of ``spec`` after an update on ``data``, padded or one batch per length."""
+    from runtime.update import NeuralNetworkUpdater
+
+    with monkeypatch.context() as m:
+        if not padded:
+            m.setattr(NeuralNetworkUpdater, "_padding_agrees", lambda self: None)
+        trained = mp.load(spec).update(data, parameters={"shuffle": False})
+    return list(trained.spec.neuralNetworkClassifier.layers)
+
+
+def _floats(layer) -> np.ndarray:
+    """Every float weight of a layer, concatenated."""
+    out = [np.zeros(0)]
+
+    def walk(msg):
+        for field, value in msg.ListFields():
+            if field.name == "floatValue":
+                out.append(np.asarray(value))
+            elif field.type == field.TYPE_MESSAGE:
+                for v in (value if hasattr(value, "add") else [value]):  # repeated or one
+                    walk(v)
+
+    walk(layer)
+    return np.concatenate(out)
+
+
+def test_updatable_reversed_lstm_trains_on_distinct_lengths_like_torch():
+    """reverseInput on padded rows: each row is read from its own last step back (torch: each
+    sequence flipped), one mini-batch of 6 different lengths."""
+    from coremltools.models.neural_network import SgdParams
+
+    torch.manual_seed(21)
+    lstm, fc = torch.nn.LSTM(C, H), torch.nn.Linear(H, 3)
+    labels = ["walk", "run", "sit"]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    b.add_unilstm("lstm", *_torch_lstm_gates(lstm), H, C, ["x"], ["h", "h_out", "c_out"],
+                  reverse_input=True)
+    b.add_inner_product("fc", fc.weight.detach().numpy(), fc.bias.detach().numpy(), H, 3, True,
+                        "h", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    _make_lstms_updatable(b, ["fc"])
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_sgd_optimizer(SgdParams(lr=0.5, batch=6))
+    b.set_epochs(3)
+    xs = [_seq(70 + i, s=2 + 3 * i) for i in range(6)]
+    ys = np.array([0, 1, 2, 2, 1, 0])
+    data = [{"x": x, "label": labels[y]} for x, y in zip(xs, ys)]
+    assert _updater(b.spec, data).lengths == [len(x) for x in xs]
+    trained = mp.load(b.spec).update(data, parameters={"shuffle": False})
+    with torch.no_grad():
+        lstm.bias_ih_l0 += lstm.bias_hh_l0
+        lstm.bias_hh_l0.zero_()
+    lstm.bias_hh_l0.requires_grad_(False)
+    params = [p for p in lstm.parameters() if p.requires_grad] + list(fc.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    for _ in range(3):
+        logits = torch.cat([fc(lstm(torch.from_numpy(x[::-1].copy()))[0][-1]) for x in xs])
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ys))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layers = {l.name: l for l in trained.spec.neuralNetworkClassifier.layers}
+    want_r, want_w, want_b = _torch_lstm_gates(lstm)
+    wp = layers["lstm"].uniDirectionalLSTM.weightParams
+    for got, want in [(wp.inputGateWeightMatrix, want_w[0]), (wp.forgetGateRecursionMatrix, want_r[1]),
+                      (wp.outputGateBiasVector, want_b[2]), (wp.blockInputWeightMatrix, want_w[3])]:
+        np.testing.assert_allclose(np.asarray(got.floatValue).reshape(want.shape), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers["fc"].innerProduct.weights.floatValue).reshape(3, H),
+                               fc.weight.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["peephole_lstm_cell_read", "bidirectional", "gru_rnn"])
+def test_padded_sequences_train_like_one_batch_per_length(variant, monkeypatch):
+    """Layers on the padded path: an LSTM the fused kernel cannot run (peepholes) whose cell
+    state a later layer reads (the step-by-step loop, rows frozen past their ends); a frozen
+    bidirectional LSTM (the backward direction starts at each row's end) behind an updatable
+    per-step innerProduct; GRU and simple RNN layers (their loops, masked) in front of an
+    updatable LSTM. Oracle: the same update run with one batch per length (no padding)."""
+    from coremltools.models.neural_network import AdamParams
+
+    rng = np.random.default_rng(22)
+    w = lambda *shape: (rng.standard_normal(shape) * 0.4).astype(np.float32)  # noqa: E731
+    gates = lambda c: ([w(H, H) for _ in range(4)], [w(H, c) for _ in range(4)], [w(H) for _ in range(4)])  # noqa: E731
+    labels = ["walk", "run", "sit"]
+    b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("probs", None)], mode="classifier")
+    heads = ["fc"]
+    if variant == "peephole_lstm_cell_read":
+        b.add_unilstm("lstm", *gates(C), H, C, ["x"], ["h", "h_out", "c_out"],
+                      peep=[w(H) for _ in range(3)])
+        b.add_elementwise("mix", ["h", "c_out"], "feat", mode="ADD")
+        size = H
+    elif variant == "bidirectional":
+        b.add_inner_product("pre", w(C, C), w(C), C, C, True, "x", "x2")
+        b.add_bidirlstm("bi", *gates(C), *gates(C), H, C, ["x2"], ["feat", "hf", "cf", "hb", "cb"])
+        heads.append("pre")
+        size = 2 * H
+    else:
+        b.add_gru("gru", [w(H, H) for _ in range(3)], [w(H, C) for _ in range(3)],
+                  [w(H) for _ in range(3)], H, C, ["x"], ["g"], output_all=True)
+        b.add_simple_rnn("rnn", w(H, H), w(H, H), w(H), H, H, "TANH", ["g"], ["r"], output_all=True)
+        b.add_unilstm("lstm", *gates(H), H, H, ["r"], ["feat"])
+        size = H
+    b.add_inner_product("fc", w(3, size), w(3), size, 3, True, "feat", "logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(labels, predicted_feature_name="label", prediction_blob="probs")
+    _make_lstms_updatable(b, heads)
+    b.set_categorical_cross_entropy_loss("loss", "probs")
+    b.set_adam_optimizer(AdamParams(lr=0.05, batch=4))
+    b.set_epochs(3)
+    xs = [_seq(80 + i, s=1 + (3 * i) % 10) for i in range(10)]  # lengths 1, 4, 7, 10, 3, ...
+    data = [{"x": x, "label": labels[i % 3]} for i, x in enumerate(xs)]
+    assert _updater(b.spec, data).lengths == [len(x) for x in xs]
+    padded = _trained_layers(b.spec, data, monkeypatch, padded=True)
+    grouped = _trained_layers(b.spec, data, monkeypatch, padded=False)
+    before = list(b.spec.neuralNetworkClassifier.layers)
+    for p, g, o in zip(padded, grouped, before):
+        np.testing.assert_allclose(_floats(p), _floats(g), atol=2e-5, err_msg=p.name)
+        if p.isUpdatable:
+            assert np.abs(_floats(p) - _floats(o)).max() > 1e-3, p.name
 
 
 def _head_updatable(seed: int, *, lr: float, batch: int, epochs: int, momentum: float = 0.0):

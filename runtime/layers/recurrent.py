@@ -7,11 +7,19 @@ a state input that is not connected starts at zero. Every pre-activation is clip
 ``[-50, 50]`` and an LSTM cell state to ``cellClipThreshold`` (50 when unset), as the spec says;
 activation parameters left at 0 take their usual values (:data:`_PARAM_DEFAULTS`).
 Gate weights are ``[H, C]`` (input) and ``[H, H]`` (recursion) row-major, one matrix per gate.
+
+Padded batches: inside ``with sequence_lengths(lengths)`` a batch of sequences padded at the end
+to one length runs as if each row had its own length: a row's state stops changing after its
+last step (its final state is the one after its own last step), a reversed direction starts at
+each row's own last step, and sequence outputs past a row's length are padding (zeros or stale
+values). Update tasks use it to train sequences of different lengths in one mini-batch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -86,8 +94,8 @@ class _Layout:
                 f"([1, Batch, {h}, 1, 1]), got shape {tuple(blob.shape)}")
         return blob.reshape(n, h)
 
-    def state_out(self, s: torch.Tensor) -> torch.Tensor:
-        return self.output(s.unsqueeze(0))
+    def state_out(self, s: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if s is None else self.output(s.unsqueeze(0))
 
 
 def _gates(ctx, wp, names, shape: tuple, field: str = "", updatable: bool = False):
@@ -101,6 +109,58 @@ def _stacked(ctx, wp, names, shape: tuple, field: str = "", updatable: bool = Fa
     Parameter when updatable)."""
     return ctx.stacked_weights([getattr(wp, n) for n in names], shape,
                                [f"{field}.{n}" if field else n for n in names], updatable=updatable)
+
+
+_LENGTHS: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+    "sequence_lengths", default=None)
+
+
+@contextlib.contextmanager
+def sequence_lengths(lengths: torch.Tensor, unread: frozenset = frozenset()) -> Iterator[None]:
+    """Recurrent layers run inside this block treat a batch's sequences as padded at the end:
+    row ``n`` is ``lengths[n]`` steps long (an int64 tensor, one entry per row). ``unread``:
+    blobs no one reads (an LSTM whose cell-state output is unread runs torch's fused kernel)."""
+    token = _LENGTHS.set((lengths, unread))
+    try:
+        yield
+    finally:
+        _LENGTHS.reset(token)
+
+
+def _cell_read(layer, index: int) -> bool:
+    """Whether the layer's cell-state output ``index`` exists and may be read."""
+    if len(layer.output) <= index:
+        return False
+    padded = _LENGTHS.get()
+    return padded is None or layer.output[index] not in padded[1]
+
+
+def _row_lengths(seq: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows' lengths of ``seq`` ``(S, N, C)`` when it is a padded batch of sequences of
+    different lengths, else None (every row runs all ``S`` steps)."""
+    padded = _LENGTHS.get()
+    lengths = padded and padded[0]
+    if lengths is None or seq.shape[0] < 2 or lengths.shape != (seq.shape[1],):
+        return None
+    lengths = lengths.to(seq.device)
+    return None if bool((lengths == seq.shape[0]).all()) else lengths
+
+
+def _reversed_rows(seq: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """``seq`` with each row's first ``lengths[n]`` steps in reverse order (padding stays put);
+    its own inverse."""
+    if lengths is None:
+        return seq.flip(0)
+    t = torch.arange(seq.shape[0], device=seq.device)[:, None]
+    index = torch.where(t < lengths, lengths - 1 - t, t)  # (S, N)
+    return seq.gather(0, index[..., None].expand_as(seq))
+
+
+def _masks(lengths: Optional[torch.Tensor], steps: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``(S, N, 1)`` booleans: whether step ``t`` of row ``n`` is inside its sequence."""
+    if lengths is None:
+        return None
+    return (torch.arange(steps, device=like.device)[:, None] < lengths)[..., None]
 
 
 def _clip(t: torch.Tensor) -> torch.Tensor:
@@ -134,11 +194,13 @@ def _one_state(layer, ctx, p, c: int, h: int, project: Callable, step: Callable)
     def run(*xs):
         x, h0 = _inputs(xs, 2)
         seq = lay.sequence(x)
-        seq = seq.flip(0) if reverse else seq
+        lengths = _row_lengths(seq)
+        seq = _reversed_rows(seq, lengths) if reverse else seq
         proj = project(seq)
+        masks = _masks(lengths, seq.shape[0], seq)
         y, ys = lay.state(h0, seq.shape[1], h, seq), []
         for t in range(seq.shape[0]):
-            y = step(proj[t], y)
+            y = step(proj[t], y) if masks is None else torch.where(masks[t], step(proj[t], y), y)
             ys.append(y)
         out = torch.stack(ys) if seq_out else y.unsqueeze(0)
         return _outputs(layer, (lay.output(out), lay.state_out(y)))
@@ -234,15 +296,24 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
             return xs.shape[0] <= cell_clip
         return not torch.jit.is_tracing() and xs.shape[0] + float(c0.abs().max()) <= cell_clip
 
-    def run(xs, h0, c0, c0_is_zero: bool = False):
-        if fusable(xs, c0, c0_is_zero):
+    def run(xs, h0, c0, c0_is_zero: bool = False, lengths: Optional[torch.Tensor] = None,
+            cell_out: bool = True):
+        """``lengths``: the rows are padded sequences of these lengths (see the module doc);
+        ``cell_out=False``: the caller does not read the last cell state (None then)."""
+        if fusable(xs, c0, c0_is_zero) and (lengths is None or not cell_out):
             bb = bias()
             weights = [w, r] + ([bb, no_bias] if bb is not None else [])
             ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, bb is not None, 1, 0.0,
                                      torch.is_grad_enabled(), False, False)
-            return ys, y[0], cell[0]
+            if lengths is None:
+                return ys, y[0], cell[0]
+            # padded rows: the fused kernel runs on past a row's end (torch's packed-sequence
+            # LSTM is ~8x slower on cpu); a row's output is its step ``length - 1``, what comes
+            # after it no output depends on
+            return ys, ys[lengths - 1, torch.arange(xs.shape[1], device=xs.device)], None
         proj = torch.nn.functional.linear(xs, w, bias())
         rec = r.t()
+        masks = _masks(lengths, xs.shape[0], xs)
         y, cell, ys = h0, c0, []
         for t in range(xs.shape[0]):
             pi, pf, pz, po = (proj[t] + y @ rec).split(h, -1)
@@ -250,10 +321,14 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
                 pi, pf = pi + peep[0] * cell, pf + peep[1] * cell
             i = f(_clip(pi))
             fg = 1 - i if coupled else f(_clip(pf))
-            cell = (cell * fg + i * g(_clip(pz))).clamp(-cell_clip, cell_clip)
+            new_cell = (cell * fg + i * g(_clip(pz))).clamp(-cell_clip, cell_clip)
             if peep is not None:
-                po = po + peep[2] * cell
-            y = act_h(cell) * f(_clip(po))
+                po = po + peep[2] * new_cell
+            new_y = act_h(new_cell) * f(_clip(po))
+            if masks is None:
+                y, cell = new_y, new_cell
+            else:
+                y, cell = torch.where(masks[t], new_y, y), torch.where(masks[t], new_cell, cell)
             ys.append(y)
         return torch.stack(ys), y, cell
 
@@ -273,9 +348,10 @@ def uni_lstm(layer, ctx):
     def run(*xs):
         x, h0, c0 = _inputs(xs, 3)
         seq = lay.sequence(x)
-        n = seq.shape[1]
-        ys, y, cell = step(seq.flip(0) if reverse else seq, lay.state(h0, n, h, seq),
-                           lay.state(c0, n, h, seq), c0 is None)
+        n, lengths = seq.shape[1], _row_lengths(seq)
+        ys, y, cell = step(_reversed_rows(seq, lengths) if reverse else seq,
+                           lay.state(h0, n, h, seq), lay.state(c0, n, h, seq), c0 is None, lengths,
+                           cell_out=_cell_read(layer, 2))
         return _outputs(layer, (lay.output(ys if seq_out else y.unsqueeze(0)), lay.state_out(y),
                                 lay.state_out(cell)))
 
@@ -302,10 +378,13 @@ def bi_lstm(layer, ctx):
     def run(*xs):
         x, hf, cf, hb, cb = _inputs(xs, 5)
         seq = lay.sequence(x)
-        n = seq.shape[1]
-        yf, hf, cf = fwd(seq, lay.state(hf, n, h, seq), lay.state(cf, n, h, seq), cf is None)
-        yb, hb, cb = bwd(seq.flip(0), lay.state(hb, n, h, seq), lay.state(cb, n, h, seq), cb is None)
-        y = torch.cat([yf, yb.flip(0)], -1) if seq_out else torch.cat([hf, hb], -1).unsqueeze(0)
+        n, lengths = seq.shape[1], _row_lengths(seq)
+        yf, hf, cf = fwd(seq, lay.state(hf, n, h, seq), lay.state(cf, n, h, seq), cf is None, lengths,
+                         cell_out=_cell_read(layer, 2))
+        yb, hb, cb = bwd(_reversed_rows(seq, lengths), lay.state(hb, n, h, seq),
+                         lay.state(cb, n, h, seq), cb is None, lengths, cell_out=_cell_read(layer, 4))
+        y = (torch.cat([yf, _reversed_rows(yb, lengths)], -1) if seq_out
+             else torch.cat([hf, hb], -1).unsqueeze(0))
         return _outputs(layer, (lay.output(y), lay.state_out(hf), lay.state_out(cf),
                                 lay.state_out(hb), lay.state_out(cb)))
 
