@@ -35,6 +35,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
@@ -227,6 +228,7 @@ class InferencePlan:
         and a large first batch would otherwise cost its eager activations and a trace at its
         size (resident growth of a first batch-64 call: small ResNet 99 -> 54 MiB, sticker CNN
         60 -> 51)."""
+        eager, whole = None, all(v.shape[0] <= PROBE_ROWS for v in blobs.values())
         try:
             probe = {k: v[:PROBE_ROWS] for k, v in blobs.items()}
             eager = self._eager(probe)
@@ -237,7 +239,9 @@ class InferencePlan:
             names = [i.name for i in sess.get_inputs()]
             self._verify(sess, names, probe, eager)
             other = _other_batch(probe)
-            other_eager = self._eager(other)
+            # its rows are the probe's rows: their eager outputs, reordered the same way (a
+            # network whose rows are not independent fails this check and runs eagerly)
+            other_eager = _other_batch(eager)
             self._verify(sess, names, other, other_eager)
             if seqs:  # the same session must serve another length (an unrolled loop cannot)
                 longer = _other_length(probe, seqs)
@@ -257,6 +261,8 @@ class InferencePlan:
             self.last_fallback_reason = f"{type(e).__name__}: {e}"
             log.debug("inference plan disabled for input shapes %s, running eagerly: %s",
                       {k: tuple(v.shape[1:]) for k, v in blobs.items()}, self.last_fallback_reason)
+            if eager is not None and whole:  # the probe was this call: its eager outputs answer
+                return _FAILED, {k: _as_numpy(v) for k, v in eager.items()}
             return _FAILED, None
         self.last_fallback_reason = None
         return _Signature(sess, small, names), dict(zip(self.outputs, got))
@@ -286,24 +292,60 @@ class InferencePlan:
         example = tuple(_export_copy(blobs[k]) for k in inputs)
         module = _Traced(self._run, inputs, self.outputs)
         buf = io.BytesIO()
-        axes = {k: {0: "batch"} for k in inputs + self.outputs}
-        for k in sequences:
-            axes[k] = {0: "batch", 1: "sequence"}
+        # the graph's inputs and outputs are traced under names of our own and renamed to the
+        # blob names afterwards: blob names such as "0" (models converted through onnx-coreml)
+        # clash with the tracer's value names
+        names = {f"input_{i}": k for i, k in enumerate(inputs)}
+        names.update({f"output_{i}": k for i, k in enumerate(self.outputs)})
+        axes = {k: {0: "batch"} for k in names}
+        for i, k in enumerate(inputs):
+            if k in sequences:
+                axes[f"input_{i}"] = {0: "batch", 1: "sequence"}
         # an updatable model's weights are Parameters that require grad, which tracing cannot
         # store as constants: off for the export (the plan is rebuilt when they change)
         trained = [p for p in self._params if p.requires_grad]
         try:
             for p in trained:
                 p.requires_grad_(False)
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
+                    _quiet_exporter():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, example, buf, dynamo=False, input_names=inputs,
-                                  output_names=self.outputs, dynamic_axes=axes, opset_version=OPSET,
-                                  do_constant_folding=True)
+                torch.onnx.export(module, example, buf, dynamo=False,
+                                  input_names=[k for k in names if k.startswith("input_")],
+                                  output_names=[k for k in names if k.startswith("output_")],
+                                  dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
         finally:
             for p in trained:
                 p.requires_grad_(True)
-        return simplify(buf.getvalue())
+        return simplify(buf.getvalue(), rename=names, batch=example[0].shape[0])
+
+
+_SYMBOLICS_ADDED = False
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx.export as the plan needs it:
+
+    - ``aten::_unsafe_view`` (what ``reshape`` of a non-contiguous tensor becomes under
+      ``torch.func.vmap``, e.g. an ND model's transpose -> reshapeStatic, the Keras flatten of
+      TensorFlow-converted models) exports as an ONNX Reshape, like ``view``;
+    - a failing export does not print its TorchScript graph (~90 lines) to stdout: torch's
+      ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling
+      it, so the exporter's log is always on; the graph goes to this module's debug log.
+    """
+    global _SYMBOLICS_ADDED
+    if not _SYMBOLICS_ADDED:
+        from torch.onnx import register_custom_op_symbolic, symbolic_opset9
+
+        register_custom_op_symbolic("aten::_unsafe_view", symbolic_opset9.view, 9)
+        _SYMBOLICS_ADDED = True
+    original = torch._C._jit_onnx_log
+    torch._C._jit_onnx_log = lambda *parts: log.debug("torch.onnx: %s", " ".join(map(str, parts)))
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = original
 
 
 def _trim_heap() -> None:
@@ -322,7 +364,7 @@ def ort_session(model: bytes, threads: int, spinning: bool = True):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures raise (a plan that fails verification runs eagerly)
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
@@ -406,17 +448,45 @@ def _other_length(blobs, sequences):
 
 
 def _other_batch(blobs):
-    """The batch reversed plus its first example again: another size, other data per row."""
+    """The batch reversed plus its first example again: another size, other data per row (of
+    input blobs, or of the outputs they give)."""
     return {k: torch.cat([v.flip(0), v[:1]]) for k, v in blobs.items()}
 
 
 # --- graph tidying --------------------------------------------------------------------------
-def simplify(model_bytes: bytes) -> bytes:
-    """Remove what tracing leaves that blocks onnxruntime's fusions; semantics unchanged.
+def _rename(g, names: dict[str, str]) -> None:
+    """Rename graph values ``old -> new`` everywhere in ``g``; a value already called ``new``
+    inside the graph is renamed out of the way first."""
+    used = {v for n in g.node for v in (*n.input, *n.output)}
+    used |= {v.name for v in (*g.input, *g.output, *g.initializer, *g.value_info)}
+    moves = {}
+    for new in names.values():
+        if new in used and new not in names:
+            k = 0
+            while f"{new}__{k}" in used:
+                k += 1
+            moves[new] = f"{new}__{k}"
+    moves.update(names)
+    for n in g.node:
+        n.input[:] = [moves.get(v, v) for v in n.input]
+        n.output[:] = [moves.get(v, v) for v in n.output]
+    for v in (*g.input, *g.output, *g.initializer, *g.value_info):
+        v.name = moves.get(v.name, v.name)
+
+
+def simplify(model_bytes: bytes, rename: Optional[dict[str, str]] = None,
+             batch: Optional[int] = None) -> bytes:
+    """Remove what tracing leaves that blocks onnxruntime's fusions or its dynamic batch axis;
+    semantics unchanged (``rename``: graph value names to replace first, e.g. traced input
+    names by blob names; ``batch``: the batch size the graph was traced at).
 
     - ``Reshape`` shapes computed as ``[Shape(t)[0], consts...]``, where ``t`` shares axis 0 with
       the reshaped tensor, become constants ``[0, consts...]`` (0 copies that axis; the batch
       size anywhere else in the shape keeps the computation);
+    - constant ``Reshape`` shapes ``[batch, ...]`` of a tensor whose axis 0 is an input's batch
+      axis become ``[0, ...]`` (a reshape under ``torch.func.vmap``, as ND models run, traces
+      the batch size as a constant; a reshape that keeps the size of axis 0 keeps each row's
+      values in that row, so this is the same reshape at the traced size);
     - ``Reshape -> Relu`` becomes ``Relu -> Reshape`` (elementwise ops commute with reshapes),
       so a ``Gemm`` / ``Conv`` is followed by its ReLU directly and gets fused with it; likewise
       a softmax over the channels of ``(B, K, 1, 1)`` runs on the ``(B, K)`` it was made from
@@ -430,7 +500,10 @@ def simplify(model_bytes: bytes) -> bytes:
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
+    model = onnx.load_from_string(model_bytes)
+    if rename:
+        _rename(model.graph, rename)
+    model = onnx.shape_inference.infer_shapes(model)
     g = model.graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
              list(g.value_info) + list(g.input) + list(g.output) if v.type.tensor_type.HasField("shape")}
@@ -474,6 +547,7 @@ def simplify(model_bytes: bytes) -> bytes:
         v = consts.get(shape_name)
         return v is not None and v.size > 0 and int(v.reshape(-1)[0]) == 0 and 0 not in v.reshape(-1)[1:]
 
+    graph_inputs = {i.name for i in g.input}
     for node in nodes:
         if node.op_type == "Reshape" and node.input[1] not in consts:
             v = shape_value(node.input[1], node.input[0])
@@ -483,7 +557,27 @@ def simplify(model_bytes: bytes) -> bytes:
                 g.initializer.append(numpy_helper.from_array(v.astype(np.int64), name))
                 consts[name] = v
                 node.input[1] = name
+        elif (node.op_type == "Reshape" and batch and same0(node.input[0]) in graph_inputs
+              and not any(a.name == "allowzero" and a.i for a in node.attribute)):
+            v = np.asarray(consts[node.input[1]], dtype=np.int64).reshape(-1)
+            if v.size and int(v[0]) == batch and 0 not in v[1:]:
+                v = np.concatenate([[0], v[1:]])
+                name = node.input[1] + "__batch"
+                g.initializer.append(numpy_helper.from_array(v, name))
+                consts[name] = v
+                node.input[1] = name
+        data = [i for i in node.input if i not in consts]
+        if node.op_type in ("Add", "Sub", "Mul", "Div", "MatMul") and len(data) == 1 and node.input:
+            # one tensor and constants: the tensor's rows stay rows when no constant has an
+            # axis 0 of its own to broadcast against (lower rank, or size 1 there)
+            others = [consts[i] for i in node.input if i in consts]
+            rank = ranks.get(data[0], 0)
+            if all(c.ndim < rank or (c.ndim and c.shape[0] == 1) for c in others) and (
+                    node.op_type != "MatMul" or (node.input[0] == data[0] and rank >= 2)):
+                rep[node.output[0]] = same0(data[0])
         keeps0 = (node.op_type in _KEEP_AXIS0
+                  or (node.op_type == "Transpose"
+                      and next((list(a.ints)[:1] for a in node.attribute if a.name == "perm"), [0]) == [0])
                   or (node.op_type == "Reshape" and keeps_batch(node.input[1]))
                   or (node.op_type == "Gemm"
                       and not any(a.name == "transA" and a.i for a in node.attribute)))

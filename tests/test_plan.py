@@ -166,6 +166,9 @@ def test_untraceable_custom_layer_falls_back(rng, caplog):
     for outs in (first, planned.predict_batch(feeds), planned.predict_batch(feeds[:1])):
         got = np.stack([o["y"].reshape(-1) for o in outs])
         assert np.abs(got - expect[:len(outs)]).max() <= 1e-5
+    fresh = models(b.spec)[0]  # a first call as small as the probe: answered by the probe's eager run
+    assert np.abs(fresh.predict({"x": x[1]})["y"].reshape(-1) - expect[1]).max() <= 1e-5
+    assert fresh.inference_plan().last_fallback_reason is not None
 
 
 def test_weights_changed_in_place_use_eager_then_rebuild(rng):
@@ -407,3 +410,100 @@ def test_simplify_rewrites_the_batch_size_only_at_axis_0():
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], x.reshape(b, 5) * 2)
     shapes = [n for n in onnx.load_from_string(model).graph.node if n.op_type == "Reshape"]
     assert len(shapes) == 2
+
+
+def test_keras_style_channel_last_flatten_and_reshape_run_in_the_plan(rng):
+    """Keras-converted CNNs flatten channel-last (flatten mode 1) and may reshape channel-last:
+    traced with non-negative axes they run in the plan (a negative Transpose perm, which
+    onnxruntime refuses, sent every such model to the eager Network); torch is the oracle."""
+    wc, bc, wf, bf = _w(rng, 4, 2, 3, 3), _w(rng, 4), _w(rng, 3, 64), _w(rng, 3)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(2, 4, 4))], [("y", None), ("z", None)])
+    b.add_convolution("conv", 2, 4, 3, 3, 1, 1, "same", 1, wc.transpose(2, 3, 1, 0), bc, True,
+                      input_name="x", output_name="c")
+    b.add_flatten("flat", 1, "c", "f")  # CHANNEL_LAST: (H, W, C) order
+    b.add_inner_product("fc", wf, bf, 64, 3, True, "f", "y")
+    b.add_reshape("reshape", "c", "z", (8, 2, 4), 1)  # CHANNEL_LAST reshape of (4, 4, 4)
+    planned, eager = models(b.spec)
+    x = rng.standard_normal((5, 2, 4, 4)).astype(np.float32)
+    feeds = [{"x": a} for a in x]
+    outs = planned.predict_batch(feeds)
+    assert planned.inference_plan().last_fallback_reason is None
+    assert_same(outs, eager.predict_batch(feeds))
+    c = F.conv2d(torch.from_numpy(x), torch.from_numpy(wc), torch.from_numpy(bc), padding=1)
+    hwc = c.permute(0, 2, 3, 1)
+    y = F.linear(hwc.flatten(1), torch.from_numpy(wf), torch.from_numpy(bf))
+    z = hwc.reshape(5, 2, 4, 8).permute(0, 3, 1, 2)  # Core ML: target (C, H, W) = (8, 2, 4), in H, W, C order
+    np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in outs]), y.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([o["z"] for o in outs]), z.numpy(), atol=1e-5)
+
+
+def test_nd_transpose_and_static_reshape_run_in_the_plan_at_any_batch_size(rng):
+    """TensorFlow-converted models flatten with transpose -> reshapeStatic (ND layers, run
+    under torch.func.vmap): the trace holds the batch size as a constant and reshape of a
+    transposed tensor becomes aten::_unsafe_view; the plan exports it and frees the batch axis."""
+    w, bias = _w(rng, 3, 24), _w(rng, 3)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(2, 3, 4))], [("y", None)],
+                             disable_rank5_shape_mapping=True)
+    b.add_transpose("t", [0, 2, 1], "x", "xt")
+    b.add_reshape_static("r", "xt", "flat", [1, 24])
+    b.add_inner_product("fc", w, bias, 24, 3, True, "flat", "y")
+    planned, eager = models(b.spec)
+    for n in (1, 3, 8):
+        x = rng.standard_normal((n, 2, 3, 4)).astype(np.float32)
+        feeds = [{"x": a} for a in x]
+        outs = planned.predict_batch(feeds)
+        assert planned.inference_plan().last_fallback_reason is None
+        assert_same(outs, eager.predict_batch(feeds))
+        ref = x.transpose(0, 1, 3, 2).reshape(n, 24) @ w.T + bias
+        np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in outs]), ref, atol=1e-5)
+    assert len(planned.inference_plan()._sessions) == 1  # one dynamic-batch session
+
+
+def test_blob_names_the_tracer_uses_itself_still_plan(rng):
+    """Models converted through onnx-coreml name blobs "0", "1", ...: the plan traces under
+    names of its own and renames the graph's inputs/outputs back, moving a clashing value."""
+    w, bias = _w(rng, 4, 6), _w(rng, 4)
+    b = NeuralNetworkBuilder([("0", datatypes.Array(6))], [("1", None)])
+    b.add_inner_product("fc", w, bias, 6, 4, True, "0", "h")
+    b.add_activation("relu", "RELU", "h", "1")
+    planned, eager = models(b.spec)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    feeds = [{"0": a} for a in x]
+    outs = planned.predict_batch(feeds)
+    assert planned.inference_plan().last_fallback_reason is None
+    assert_same(outs, eager.predict_batch(feeds))
+    np.testing.assert_allclose(np.stack([o["1"].reshape(-1) for o in outs]),
+                               np.maximum(x @ w.T + bias, 0), atol=1e-5)
+
+
+def test_rename_moves_a_clashing_value_out_of_the_way():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.plan import _rename
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["input_0"], ["0"]), helper.make_node("Neg", ["0"], ["output_0"])],
+        "g", [helper.make_tensor_value_info("input_0", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, [2])])
+    _rename(g, {"input_0": "0", "output_0": "y"})
+    assert [list(n.input) for n in g.node] == [["0"], ["0__0"]]
+    assert [list(n.output) for n in g.node] == [["0__0"], ["y"]]
+    onnx.checker.check_graph(g)
+
+
+def test_a_failing_export_prints_nothing(capfd):
+    """torch.onnx always logs the TorchScript graph of a failing export to stdout (its
+    setup_onnx_logging tests a function object for truth); the plan's export keeps it quiet."""
+    import io
+
+    from runtime.plan import _quiet_exporter
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x).real  # no ONNX symbolic in the TorchScript exporter
+
+    with pytest.raises(Exception), _quiet_exporter():
+        torch.onnx.export(Net(), (torch.zeros(2, 4),), io.BytesIO(), dynamo=False, opset_version=17)
+    out, _ = capfd.readouterr()
+    assert "graph" not in out

@@ -22,13 +22,20 @@ def _drop_unit_seq(y):
     return y.squeeze(1) if y.dim() == 5 and y.shape[1] == 1 else y
 
 
+def _channels_last(x):
+    """``(..., C, H, W)`` -> ``(..., H, W, C)``. Non-negative axes: torch.onnx writes
+    ``movedim(-3, -1)`` as a Transpose with a negative perm entry, which onnxruntime refuses (every
+    Keras-converted CNN, whose flatten is channel-last, lost the plan)."""
+    return x.movedim(x.dim() - 3, x.dim() - 1)
+
+
 @register("flatten")
 def flatten(layer, ctx):
     channel_last = int(layer.flatten.mode) == 1
 
     def f(x):
         if channel_last:
-            x = x.movedim(-3, -1)
+            x = _channels_last(x)
         return x.reshape(*x.shape[:-3], -1, 1, 1)
 
     return f
@@ -62,10 +69,10 @@ def reshape(layer, ctx):
             else:  # [B, S, C, H, W]
                 lead = [lead[0], seq]
         if channel_last:
-            x = x.movedim(-3, -1)
+            x = _channels_last(x)
         y = x.reshape(*lead, *order)
         if channel_last:
-            y = y.movedim(-1, -3)
+            y = y.movedim(y.dim() - 1, y.dim() - 3)
         return y if ctx.nd else _drop_unit_seq(y)
 
     return f
