@@ -111,8 +111,8 @@ def _fmt_shape(shapes, blob) -> str:
 
 
 def _sequence_inputs(spec) -> set:
-    """The (C,) inputs of a rank-5 network that a recurrent layer reads (they take sequences),
-    also through a pipeline's stages."""
+    """The (C,) inputs of a rank-5 network that a recurrent or embedding layer reads (they take
+    sequences: of vectors, of word indices), also through a pipeline's stages."""
     from .validate import NN_KINDS, RECURRENT_LAYER_KINDS
 
     kind = spec.WhichOneof("Type")
@@ -123,7 +123,7 @@ def _sequence_inputs(spec) -> set:
     if kind not in NN_KINDS or int(getattr(spec, kind).arrayInputShapeMapping) != 0:
         return set()
     read = {layer.input[0] for layer in getattr(spec, kind).layers
-            if layer.WhichOneof("layer") in RECURRENT_LAYER_KINDS and layer.input}
+            if layer.WhichOneof("layer") in (*RECURRENT_LAYER_KINDS, "embedding") and layer.input}
     return {f.name for f in spec.description.input if f.name in read
             and f.type.WhichOneof("Type") == "multiArrayType" and len(f.type.multiArrayType.shape) == 1}
 

@@ -110,7 +110,7 @@ class CompiledModel:
         except _RUN_ERRORS as e:
             raise InvalidModelError(
                 f"the model failed while predicting ({type(e).__name__}: {e}); its layers do not "
-                "fit its declared inputs, so the model is corrupt or inconsistent"
+                f"fit its declared inputs, so the model is corrupt or inconsistent{_sequence_hint(io[0], feeds)}"
             ) from e
 
     def _described(self) -> tuple:
@@ -183,6 +183,18 @@ def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
             f"{path or 'model'}: cannot be compiled ({type(e).__name__}: {e}); the model is "
             "corrupt or inconsistent"
         ) from e
+
+
+def _sequence_hint(inputs, feeds: dict) -> str:
+    """For a failed prediction: the vector inputs given as one vector that would also take a
+    sequence (a rank-5 network's (C,) input), e.g. word indices for an embedding layer."""
+    single = [f for f in inputs if getattr(f, "sequence", False)
+              and isinstance(feeds.get(f.name), torch.Tensor) and feeds[f.name].dim() == 2]
+    if not single:
+        return ""
+    names = ", ".join(f"{f.name!r} as (Seq, 1, {f.shape[0]})" for f in single)
+    return (f"; unless the model reads a sequence where it declares one vector (e.g. word "
+            f"indices for an embedding layer): then pass {names}")
 
 
 def load(source: SpecLike | CompiledModel, compute_units: str = "all", *,

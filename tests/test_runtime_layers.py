@@ -855,3 +855,26 @@ def test_unsupported_layer_kind_names_the_layer():
     b.add_random_normal_like("noise_layer", "x", "out")
     with pytest.raises(mlpersonal.UnsupportedLayerError, match="noise_layer.*randomNormalLike"):
         mlpersonal.load(b.spec)
+
+
+def test_keras_word_embedding_model_takes_a_sequence_of_indices_and_says_so():
+    """The Keras converter's text models declare one (1,) input but read a sequence of word
+    indices (embedding -> permute -> channel-last flatten -> dense): a sequence (Seq, 1, 1)
+    predicts like numpy; a single index fails with a message that names the sequence form, and
+    ``mlpersonal inspect`` shows it."""
+    from mlpersonal.cli import inspect_lines
+
+    rng = np.random.default_rng(5)
+    emb, w, bias = rng.standard_normal((3, 6)), rng.standard_normal((2, 12)), rng.standard_normal(2)
+    b = NeuralNetworkBuilder([("words", datatypes.Array(1))], [("score", None)])
+    b.add_embedding("embed", emb.astype(np.float32), None, 6, 3, False, "words", "e")
+    b.add_permute("permute", (2, 1, 0, 3), "e", "p")
+    b.add_flatten("flat", 1, "p", "f")
+    b.add_inner_product("dense", w.astype(np.float32), bias.astype(np.float32), 12, 2, True, "f", "score")
+    model = mlpersonal.load(b.spec)
+    idx = np.array([4, 0, 5, 2])
+    got = model.predict({"words": idx.astype(np.float32).reshape(4, 1, 1)})["score"]
+    np.testing.assert_allclose(got.reshape(-1), w @ emb.T[idx].reshape(-1) + bias, rtol=1e-5, atol=1e-5)
+    with pytest.raises(mlpersonal.InvalidModelError, match=r"pass 'words' as \(Seq, 1, 1\)"):
+        model.predict({"words": np.array([4.0], np.float32)})
+    assert "  words: multiArray float64 (1,), or a sequence (Seq, 1, 1)" in inspect_lines(b.spec)
