@@ -8,6 +8,7 @@ line of ``run``'s docstring is the short help, the rest (with an example) the ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -110,6 +111,13 @@ def _fmt_shape(shapes, blob) -> str:
     return f"{blob}{list(s)}" if s is not None else blob
 
 
+def _clipped(text: str, limit: int = 160) -> str:
+    """A metadata value on one line, cut to ``limit`` characters (some converters store whole
+    JSON documents there)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else f"{flat[:limit]}... ({len(text)} characters)"
+
+
 def _sequence_inputs(spec) -> set:
     """The (C,) inputs of a rank-5 network that a recurrent or embedding layer reads (they take
     sequences: of vectors, of word indices), also through a pipeline's stages."""
@@ -143,7 +151,7 @@ def inspect_lines(spec, indent: str = "") -> list[str]:
     meta += sorted(md.userDefined.items())
     if meta:
         out.append(f"{indent}metadata:")
-        out += [f"{indent}  {k}: {v}" for k, v in meta]
+        out += [f"{indent}  {k}: {_clipped(v)}" for k, v in meta]
     sequences = _sequence_inputs(spec)
     for title, feats in (("inputs", d.input), ("outputs", d.output), ("training inputs", d.trainingInput)):
         if not len(feats) and title == "training inputs":
@@ -397,6 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MLPersonalError as e:
         print(f"mlpersonal {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (``mlpersonal inspect m | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ with one exact message per rule and never imports, evaluates or unpickles anythi
 from __future__ import annotations
 
 import math
+import os
 from .codecs import count_of, storage_of
 from .errors import InvalidModelError
 
-#: Largest number of values one declared multi-array feature (or layer shape field) may hold.
+#: Largest number of values one declared multi-array feature (or layer shape field) may hold
+#: (``MLPERSONAL_MAX_ELEMENTS`` raises it for a trusted model that needs more).
 MAX_ELEMENTS = 2**26
 #: Largest image side (pixels) a feature may declare.
 MAX_IMAGE_SIDE = 2**14
@@ -117,14 +119,26 @@ def _check_classifier_names(desc, pre: str) -> None:
             raise fail(f"{pre}{field} {name!r} is not one of the model's outputs {outputs}")
 
 
+def max_elements() -> int:
+    """:data:`MAX_ELEMENTS`, or ``MLPERSONAL_MAX_ELEMENTS`` when set to a larger number."""
+    value = os.environ.get("MLPERSONAL_MAX_ELEMENTS", "")
+    return max(MAX_ELEMENTS, int(value)) if value.isdigit() else MAX_ELEMENTS
+
+
+def _over_limit(n: int) -> str:
+    """The end of a size refusal: the limit, why it exists and how to lift it."""
+    return (f"more than the {max_elements()} limit (mlpersonal's guard against files that "
+            f"declare huge tensors; for a model you trust, set MLPERSONAL_MAX_ELEMENTS to at "
+            f"least {n})")
+
+
 def _check_shape(shape, what: str) -> None:
     shape = [int(s) for s in shape]
     if any(s < 0 for s in shape):
         raise fail(f"{what}: multi-array shape {shape} has a negative dimension")
     n = math.prod(shape)
-    if n > MAX_ELEMENTS:
-        raise fail(f"{what}: multi-array shape {shape} holds {n} values, more than the "
-                   f"{MAX_ELEMENTS} limit")
+    if n > max_elements():
+        raise fail(f"{what}: multi-array shape {shape} holds {n} values, {_over_limit(n)}")
 
 
 def _check_feature_type(fd, what: str) -> None:
@@ -239,8 +253,9 @@ def _check_sizes(msg, where: str, positive: bool = True) -> None:
             raise fail(f"{where}: {name} {values} exceeds the limit of {MAX_DIM} per dimension")
         if positive and name in POSITIVE_FIELDS and any(v < 1 for v in values):
             raise fail(f"{where}: {name} {values} must be at least 1")
-        if math.prod(abs(v) for v in values) > MAX_ELEMENTS:
-            raise fail(f"{where}: {name} {values} declares more than {MAX_ELEMENTS} values")
+        n = math.prod(abs(v) for v in values)
+        if n > max_elements():
+            raise fail(f"{where}: {name} {values} declares {n} values, {_over_limit(n)}")
 
 
 def _is_repeated(field) -> bool:
@@ -479,8 +494,8 @@ def _check_knn(spec, pre: str) -> None:
     d = int(idx.numberOfDimensions)
     if d < 1:
         raise fail(f"{pre}kNN: numberOfDimensions must be at least 1, got {d}")
-    if d > MAX_ELEMENTS:
-        raise fail(f"{pre}kNN: numberOfDimensions {d} exceeds the {MAX_ELEMENTS} limit")
+    if d > max_elements():
+        raise fail(f"{pre}kNN: numberOfDimensions {d} is {_over_limit(d)}")
     samples = len(idx.floatSamples)
     which = knn.WhichOneof("ClassLabels")
     labels = len(getattr(knn, which).vector) if which else 0

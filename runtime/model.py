@@ -159,6 +159,29 @@ class CompiledModel:
                             allow_low_precision_accumulation_on_gpu=low)
 
 
+_PREPROCESSING = ("it is a feature-preparation step: do it in your own code and feed the next "
+                  "stage (e.g. the neural network of the pipeline) directly")
+_CLASSIC = ("a classic (non-neural) model: retrain it as a small neural network (exporters."
+            "convert) or run it with the library it came from (scikit-learn, XGBoost, ...)")
+#: what to do about a model kind this runtime does not run
+_OUT_OF_SCOPE = {
+    **dict.fromkeys(("featureVectorizer", "oneHotEncoder", "imputer", "scaler", "normalizer",
+                     "dictVectorizer", "categoricalMapping", "arrayFeatureExtractor",
+                     "identity", "nonMaximumSuppression", "classConfidenceThresholding"),
+                    _PREPROCESSING),
+    **dict.fromkeys(("treeEnsembleClassifier", "treeEnsembleRegressor", "glmClassifier",
+                     "glmRegressor", "supportVectorClassifier", "supportVectorRegressor",
+                     "bayesianProbitRegressor"), _CLASSIC),
+    **dict.fromkeys(("visionFeaturePrint", "audioFeaturePrint", "textClassifier", "wordTagger",
+                     "wordEmbedding", "gazetteer", "soundAnalysisPreprocessing",
+                     "itemSimilarityRecommender", "serializedModel"),
+                    "it runs Apple's own system models or code, which exist only on Apple OSes"),
+    "mlProgram": ("ML Programs (Core ML 5+) are not read: convert the source model with "
+                  "coremltools.convert(..., convert_to='neuralnetwork') or exporters.convert"),
+}
+_OTHER_KINDS = "convert the source model to a neural network (exporters.convert)"
+
+
 def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
                  path: Optional[str] = None, device: Optional[torch.device] = None,
                  allow_low_precision_accumulation_on_gpu: bool = False) -> CompiledModel:
@@ -170,7 +193,7 @@ def compile_spec(spec: Model_pb2.Model, compute_units: str = "all", *,
     if cls is None:
         raise UnsupportedLayerError(
             f"model kind {kind!r} is not supported by the mlpersonal runtime (supported: "
-            f"{', '.join(sorted(MODEL_KINDS))})"
+            f"{', '.join(sorted(MODEL_KINDS))}); {_OUT_OF_SCOPE.get(kind, _OTHER_KINDS)}"
         )
     dev = device if device is not None else select_device(compute_units)
     try:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from mlpersonal.errors import InvalidInputError, InvalidModelError, LinkedModelError
+from mlpersonal.errors import InvalidInputError, InvalidModelError, LinkedModelError, UnsupportedLayerError
 from mlpersonal.proto import Model_pb2
 from mlpersonal.specio import load_spec
 
@@ -146,7 +146,8 @@ class PipelineModel(CompiledModel):
         if len(self.names) != len(body.models):
             raise InvalidModelError(f"pipeline has {len(body.models)} models but {len(self.names)} names")
         if stages is None:
-            stages = [self._compile_stage(m) for m in body.models]
+            stages = [self._compile_stage(m, i, name) for i, (m, name)
+                      in enumerate(zip(body.models, self.names))]
         self.stages = stages
         available = set(self.input_names)
         for name, st in zip(self.names, self.stages):
@@ -161,13 +162,17 @@ class PipelineModel(CompiledModel):
         if missing:
             raise InvalidModelError(f"pipeline outputs {missing} are produced by no stage")
 
-    def _compile_stage(self, m):
+    def _compile_stage(self, m, index: int, name: str):
         if m.specificationVersion == 0:  # hand-assembled pipelines may leave it unset
             c = Model_pb2.Model()
             c.CopyFrom(m)
             c.specificationVersion = self.spec.specificationVersion
             m = c
-        return compile_spec(m, self.compute_units, path=self.path, device=self.device)
+        try:
+            return compile_spec(m, self.compute_units, path=self.path, device=self.device)
+        except UnsupportedLayerError as e:
+            kind = self.spec.WhichOneof("Type")
+            raise UnsupportedLayerError(f"{kind} stage {index} ({name!r}): {e}") from None
 
     def _described(self) -> tuple:
         """The pipeline's features; an input that a stage reads as a sequence (a rank-5

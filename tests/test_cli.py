@@ -237,3 +237,19 @@ def test_predict_batch_regressor(tmp_path, capsys):
     for line, r in zip(lines, ref):
         got = np.array([float(v) for v in line.split("[", 2)[2].split("]")[0].split(",")])
         assert np.abs(got - r).max() < 1e-4
+
+
+def test_inspect_keeps_long_metadata_on_one_short_line():
+    """Some converters store whole JSON documents in the metadata: inspect shows their start."""
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    from mlpersonal.cli import inspect_lines
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(2))], [("y", None)])
+    b.add_activation("relu", "RELU", "x", "y")
+    doc = '{"table": [\n' + ", ".join(str(i) for i in range(5000)) + "]}"
+    b.spec.description.metadata.userDefined["json"] = doc
+    line = next(l for l in inspect_lines(b.spec) if l.startswith("  json: "))
+    assert line.startswith('  json: {"table": [ 0, 1, 2,') and line.endswith(f"... ({len(doc)} characters)")
+    assert len(line) < 220

@@ -152,6 +152,31 @@ def test_pipeline_regressor_kind():
     assert mp.load(spec).predict({"x": np.array([1.0, 2.0, 3.0])})["y"].tolist() == [6.0]
 
 
+def test_a_stage_of_an_unsupported_kind_is_named_with_what_to_do():
+    """Create ML's tabular regressors put a featureVectorizer before the model: the refusal
+    names the stage and says how to get on (prepare the features in code, feed the network)."""
+    from coremltools.models.pipeline import PipelineRegressor
+
+    b = NeuralNetworkBuilder([("features", datatypes.Array(2))], [("y", datatypes.Array(1))],
+                             mode="regressor")
+    b.add_inner_product("fc", np.ones((1, 2), np.float32), None, 2, 1, False, "features", "y")
+    pipe = PipelineRegressor([("a", datatypes.Double()), ("b", datatypes.Double())], "y")
+    vec = Model_pb2.Model()
+    vec.specificationVersion = 1
+    for name in ("a", "b"):
+        vec.description.input.add().CopyFrom(pipe.spec.description.input[0])
+        vec.description.input[-1].name = name
+        vec.featureVectorizer.inputList.add(inputColumn=name, inputDimensions=1)
+    vec.description.output.add().CopyFrom(b.spec.description.input[0])
+    pipe.add_model(vec)
+    pipe.add_model(b.spec)
+    with pytest.raises(mp.UnsupportedLayerError,
+                       match=r"^pipelineRegressor stage 0 \('stage0'\): model kind 'featureVectorizer' "
+                             r"is not supported .*do it in your own code and feed the next stage"):
+        mp.load(pipe.spec)
+    assert mp.load(b.spec).predict({"features": np.array([1.0, 2.0])})["y"].tolist() == [3.0]
+
+
 def test_stage_wiring_errors(weights):
     spec = apple_style_pipeline(embedding_spec(weights), knn_spec())
     spec.pipelineClassifier.pipeline.models[1].description.input[0].name = "nope"

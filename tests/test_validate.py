@@ -133,7 +133,8 @@ RULES = [
     ("shape_bounded", "updatable_regressor",
      lambda s: s.description.input[0].type.multiArrayType.shape.__setitem__(0, 2**40),
      f"input 'x': multi-array shape [{2**40}, 4, 4] holds {2**44} values, more than the "
-     f"{MAX_ELEMENTS} limit"),
+     f"{MAX_ELEMENTS} limit (mlpersonal's guard against files that declare huge tensors; for a "
+     f"model you trust, set MLPERSONAL_MAX_ELEMENTS to at least {2**44})"),
     ("image_size", "nn_image_classifier",
      lambda s: _set(s.description.input[0].type.imageType, width=0),
      "input 'image': image size 0x8 is outside 1..16384 pixels per side"),
@@ -201,14 +202,18 @@ RULES = [
      "layer 'fc' (weights): weights are stored in more than one format (floatValue, float16Value)"),
     ("huge_channels", "nn_image_classifier",
      lambda s: _set(img(s).layers[5].innerProduct, outputChannels=2**40),
-     f"layer 'fc': outputChannels [{2**40}] declares more than {MAX_ELEMENTS} values"),
+     f"layer 'fc': outputChannels [{2**40}] declares {2**40} values, more than the {MAX_ELEMENTS} "
+     f"limit (mlpersonal's guard against files that declare huge tensors; for a model you trust, "
+     f"set MLPERSONAL_MAX_ELEMENTS to at least {2**40})"),
     ("huge_product", "nn_image_classifier",
      lambda s: _set(img(s).layers[5].innerProduct, outputChannels=2**20, inputChannels=2**20),
      f"layer 'fc' (weights): holds 192 values but its declared shape [{2**20}, {2**20}] needs "
      f"{2**40}; the model is corrupt or its weights are missing"),
     ("uint64_negative", "nn_image_classifier",
      lambda s: _set(img(s).layers[0].convolution, outputChannels=2**64 - 1),
-     f"layer 'conv': outputChannels [{2**64 - 1}] declares more than {MAX_ELEMENTS} values"),
+     f"layer 'conv': outputChannels [{2**64 - 1}] declares {2**64 - 1} values, more than the "
+     f"{MAX_ELEMENTS} limit (mlpersonal's guard against files that declare huge tensors; for a "
+     f"model you trust, set MLPERSONAL_MAX_ELEMENTS to at least {2**64 - 1})"),
     ("positive_channels", "nn_image_classifier",
      lambda s: _set(img(s).layers[5].innerProduct, outputChannels=0),
      "layer 'fc': outputChannels must be at least 1, got 0"),
@@ -377,3 +382,18 @@ def test_huge_declared_size_refused_before_allocating(bases):
         tracemalloc.stop()
     assert peak < 1_000_000, peak
 
+
+
+def test_a_trusted_model_may_lift_the_size_limit(monkeypatch):
+    """A real model (a 1000x1000 super-resolution network) reshapes to 2**28 values: refused by
+    default with the way out in the message, loaded and run once the limit is raised."""
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(4, 2, 2))], [("y", None)])
+    b.add_reshape("big", "x", "y", (1, 1, 16), 0)
+    b.spec.neuralNetwork.layers[0].reshape.targetShape[:] = [1, 2**14, 2**14]
+    with pytest.raises(mp.InvalidModelError, match="set MLPERSONAL_MAX_ELEMENTS to at least 268435456"):
+        mp.load(b.spec)
+    monkeypatch.setenv("MLPERSONAL_MAX_ELEMENTS", str(2**28))
+    mp.load(b.spec)  # the declared size passes; its reshape is checked when it runs
