@@ -174,6 +174,101 @@ def elu(ctx, node, target) -> str:
     return _activation(ctx, node, "ELU", float(alpha))
 
 
+def _helper_layer(ctx, node, suffix: str) -> str:
+    """A fresh name for an extra layer of ``node`` and its output blob (the same string)."""
+    name = ctx.new_blob(f"{node.name}_{suffix}")
+    ctx.used_layers.add(name)
+    return name
+
+
+def _gated(ctx, node, kind: str, params=None) -> str:
+    """``x * act(x)`` (SiLU: sigmoid, Hardswish: hard sigmoid): the gate, then a multiply."""
+    x = ctx.inp(node.args[0])
+    gate = _helper_layer(ctx, node, "gate")
+    ctx.builder.add_activation(gate, kind, x, gate, params=params)
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [x, gate], out, "MULTIPLY")
+    return out
+
+
+#: torch's hard sigmoid, relu6(x + 3) / 6, as Core ML's sigmoidHard min(max(a x + b, 0), 1)
+_HARD_SIGMOID = [1.0 / 6.0, 0.5]
+
+
+@register_module(nn.Hardtanh)  # nn.ReLU6 too (a Hardtanh from 0 to 6)
+@register_function(F.hardtanh, F.hardtanh_, F.relu6)
+def hardtanh(ctx, node, target) -> str:
+    """``clamp(x, lo, hi)`` (ReLU6: 0..6) as ``lo + (hi - lo) * sigmoidHard((x - lo) / (hi - lo))``:
+    two classic activations (Core ML's clip layer needs ND mode)."""
+    if isinstance(target, nn.Module):
+        lo, hi = float(target.min_val), float(target.max_val)
+    elif target is F.relu6:
+        lo, hi = 0.0, 6.0
+    else:
+        lo, hi = float(arg(node, 1, "min_val", -1.0)), float(arg(node, 2, "max_val", 1.0))
+    if not hi > lo:
+        raise ctx.unsupported(node, f"hardtanh with max_val {hi} <= min_val {lo}")
+    unit = _helper_layer(ctx, node, "unit")
+    ctx.builder.add_activation(unit, "SIGMOID_HARD", ctx.inp(node.args[0]), unit,
+                               params=[1.0 / (hi - lo), -lo / (hi - lo)])
+    name, out = ctx.layer(node)
+    ctx.builder.add_activation(name, "LINEAR", unit, out, params=[hi - lo, lo])
+    return out
+
+
+@register_module(nn.Hardsigmoid)
+@register_function(F.hardsigmoid)
+def hardsigmoid(ctx, node, target) -> str:
+    return _activation(ctx, node, "SIGMOID_HARD", _HARD_SIGMOID)
+
+
+@register_module(nn.Hardswish)
+@register_function(F.hardswish)
+def hardswish(ctx, node, target) -> str:
+    return _gated(ctx, node, "SIGMOID_HARD", _HARD_SIGMOID)
+
+
+@register_module(nn.SiLU)
+@register_function(F.silu)
+def silu(ctx, node, target) -> str:
+    return _gated(ctx, node, "SIGMOID")
+
+
+@register_module(nn.PReLU)
+def prelu(ctx, node, m: nn.PReLU) -> str:
+    """One slope per channel (a single learned slope is repeated over the channels)."""
+    channels = _channels(ctx, node)
+    alpha = m.weight.detach().cpu().numpy().astype(np.float32).reshape(-1)
+    if alpha.size not in (1, channels):
+        raise ctx.unsupported(node, f"PReLU with {alpha.size} slopes for {channels} channels")
+    return _activation(ctx, node, "PRELU", np.resize(alpha, channels))
+
+
+@register_module(nn.Softplus)
+@register_function(F.softplus)
+def softplus(ctx, node, target) -> str:
+    """``log(1 + exp(beta x)) / beta``; torch returns ``x`` where ``beta x`` exceeds its
+    threshold, which Core ML has no parameter for: thresholds below 15 are refused (above it
+    the two differ by less than exp(-15))."""
+    if isinstance(target, nn.Module):
+        beta, threshold = float(target.beta), float(target.threshold)
+    else:
+        beta, threshold = float(arg(node, 1, "beta", 1.0)), float(arg(node, 2, "threshold", 20.0))
+    if threshold < 15:
+        raise ctx.unsupported(node, f"Softplus with threshold {threshold} < 15 (Core ML's "
+                                    "softplus has no threshold)")
+    if beta == 1.0:
+        return _activation(ctx, node, "SOFTPLUS")
+    channels = _channels(ctx, node)
+    return _activation(ctx, node, "PARAMETRICSOFTPLUS",
+                       [np.full(channels, 1.0 / beta, np.float32), np.full(channels, beta, np.float32)])
+
+
+def _channels(ctx, node) -> int:
+    """The channel count (blob axis -3) of the node's input."""
+    return int(ctx.blob_shape(ctx.shape(node.args[0]))[0])
+
+
 def _softmax_dim(node, target):
     if isinstance(target, nn.Module):
         return target.dim
@@ -201,6 +296,31 @@ def log_softmax(ctx, node, target) -> str:
     return softmax(ctx, node, target)
 
 
+# --- resizing ---------------------------------------------------------------------------------
+
+@register_module(nn.Upsample)  # UpsamplingNearest2d / UpsamplingBilinear2d too
+@register_function(F.interpolate, F.upsample)
+def upsample(ctx, node, target) -> str:
+    """Nearest or bilinear upsampling of (N, C, H, W) by whole factors (from ``scale_factor`` or
+    ``size``): Core ML's upsample layer (bilinear: its align-corners modes, spec v4)."""
+    if isinstance(target, nn.Module):
+        mode, align = target.mode, bool(target.align_corners)
+    else:
+        mode, align = arg(node, 3, "mode", "nearest"), bool(arg(node, 4, "align_corners", False))
+    _check_4d(ctx, node, "upsampling")
+    (h, w), (oh, ow) = ctx.shape(node.args[0])[2:], ctx.shape(node)[2:]
+    if mode not in ("nearest", "bilinear"):
+        raise ctx.unsupported(node, f"upsampling mode {mode!r} (nearest and bilinear convert)")
+    if oh % h or ow % w or oh < h or ow < w:
+        raise ctx.unsupported(node, f"resizing {h}x{w} to {oh}x{ow} (whole upsampling factors only)")
+    name, out = ctx.layer(node)
+    ctx.builder.add_upsample(name, oh // h, ow // w, ctx.inp(node.args[0]), out,
+                             mode="NN" if mode == "nearest" else "BILINEAR",
+                             linear_upsample_mode="DEFAULT" if mode == "nearest" else
+                             ("ALIGN_CORNERS_TRUE" if align else "ALIGN_CORNERS_FALSE"))
+    return out
+
+
 # --- pooling ----------------------------------------------------------------------------------
 
 def _pool(ctx, node, kind, kernel, stride, padding, ceil_mode=False, count_include_pad=True) -> str:
@@ -218,9 +338,9 @@ def _pool(ctx, node, kind, kernel, stride, padding, ceil_mode=False, count_inclu
     return out
 
 
-def _check_4d(ctx, node):
+def _check_4d(ctx, node, what: str = "2-D pooling"):
     if len(ctx.shape(node.args[0])) != 4:
-        raise ctx.unsupported(node, "2-D pooling of a tensor that is not (N, C, H, W)")
+        raise ctx.unsupported(node, f"{what} of a tensor that is not (N, C, H, W)")
 
 
 @register_module(nn.MaxPool2d)
@@ -399,8 +519,7 @@ def mul(ctx, node, target) -> str:
 
 def _scaled(ctx, node, blob: str, alpha: float, suffix: str) -> str:
     """An extra ``multiply`` layer computing ``alpha * blob`` (named after the node)."""
-    name = ctx.new_blob(f"{node.name}_{suffix}")
-    ctx.used_layers.add(name)
+    name = _helper_layer(ctx, node, suffix)
     ctx.builder.add_elementwise(name, [blob], name, "MULTIPLY", alpha=alpha)
     return name
 

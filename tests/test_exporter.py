@@ -143,6 +143,93 @@ class RGBNet(nn.Module):
         return self.logsm(self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, ReLU6, 3x3 depthwise, ReLU6, 1x1 project, + input."""
+
+    def __init__(self, c: int, act=nn.ReLU6, se: nn.Module | None = None):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 3 * c, 1, bias=False), nn.BatchNorm2d(3 * c), act(),
+            nn.Conv2d(3 * c, 3 * c, 3, padding=1, groups=3 * c, bias=False), nn.BatchNorm2d(3 * c),
+            act(), *([se] if se is not None else []),
+            nn.Conv2d(3 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: global pool -> 1x1 conv -> ReLU -> 1x1 conv -> gate, times the input."""
+
+    def __init__(self, c: int, gate):
+        super().__init__()
+        self.pool, self.reduce, self.expand = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+        self.gate = gate
+
+    def forward(self, x):
+        return x * self.gate(self.expand(F.relu(self.reduce(self.pool(x)))))
+
+
+class MobileNetV2ish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.blocks = nn.Sequential(InvertedResidual(8), InvertedResidual(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(F.relu6(self.blocks(self.stem(x))))
+
+
+class MobileNetV3ish(nn.Module):
+    """Hardswish, squeeze-excitation with a hard sigmoid gate, functional hardswish too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Hardswish())
+        self.block = InvertedResidual(8, nn.Hardswish, SqueezeExcite(24, nn.Hardsigmoid()))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.hardswish(self.block(self.stem(x)))
+        return self.fc(F.hardsigmoid(x).mean((2, 3)))
+
+
+class EfficientNetish(nn.Module):
+    """SiLU (module and function), squeeze-excitation with a sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU())
+        self.block = InvertedResidual(8, nn.SiLU, SqueezeExcite(24, nn.Sigmoid()))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.silu(self.block(self.stem(x))), 1), 1))
+
+
+class MoreActivations(nn.Module):
+    """PReLU (per channel and shared), Softplus, Hardtanh, and upsampling: nearest, bilinear
+    with and without aligned corners."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.prelu, self.prelu1 = nn.PReLU(6, init=0.1), nn.PReLU(init=-0.3)
+        self.softplus, self.softplus2 = nn.Softplus(), nn.Softplus(beta=2.0)
+        self.hardtanh = nn.Hardtanh(-0.5, 0.8)
+        self.up, self.up_aligned = nn.Upsample(scale_factor=2), nn.UpsamplingBilinear2d(scale_factor=2)
+        with torch.no_grad():
+            self.prelu.weight.copy_(torch.linspace(-0.5, 0.5, 6))
+
+    def forward(self, x):
+        x = self.conv(x)
+        a = self.prelu1(self.prelu(x)) + self.softplus(x) - self.softplus2(x)
+        b = F.hardtanh(self.hardtanh(x) * 3.0, -1.0, 2.0)
+        y = self.up(a) + self.up_aligned(b) + F.interpolate(b, scale_factor=2, mode="bilinear")
+        return F.relu6(F.interpolate(y, size=(y.shape[2] * 3, y.shape[3] * 2), mode="nearest") * 4.0)
+
+
 def _randomize(module):
     """Random non-trivial BatchNorm statistics/affine params; eval mode."""
     g = torch.Generator().manual_seed(1)
@@ -187,6 +274,10 @@ ARRAY_CASES = {
     "global_pool": (GlobalPool, (3, 10, 10)),
     "branches": (Branches, (3, 11, 9)),
     "grouped_conv": (Grouped, (4, 16, 15)),
+    "mobilenet_v2_blocks": (MobileNetV2ish, (3, 16, 16)),
+    "mobilenet_v3_blocks": (MobileNetV3ish, (3, 16, 16)),
+    "efficientnet_blocks": (EfficientNetish, (3, 12, 12)),
+    "more_activations": (MoreActivations, (3, 5, 4)),
 }
 
 
@@ -342,6 +433,16 @@ def test_unsupported_arguments_are_refused():
         convert(nn.Sequential(nn.Linear(3, 3), nn.LogSoftmax(1)), [mp.TensorType("x", (3,))])
 
 
+@pytest.mark.parametrize("module,what", [
+    (nn.Softplus(threshold=5.0), "threshold 5.0 < 15"),
+    (nn.Upsample(scale_factor=1.5), "whole upsampling factors only"),
+    (nn.Upsample(scale_factor=2, mode="bicubic"), "mode 'bicubic'"),
+])
+def test_activations_and_resizes_core_ml_cannot_match_are_refused(module, what):
+    with pytest.raises(mp.UnsupportedLayerError, match=what):
+        convert(nn.Sequential(nn.Conv2d(3, 4, 1), module), [mp.TensorType("x", (3, 4, 4))])
+
+
 def test_bad_arguments_raise_conversion_error():
     with pytest.raises(mp.ConversionError, match="channel"):
         mp.ImageType("img", (3, 8, 8), color="grayscale")
@@ -471,3 +572,38 @@ def test_bare_leaf_module_is_one_layer(tmp_path):
     got = np.stack([o["output"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
     with torch.no_grad():
         assert np.abs(got - m(x).numpy()).max() <= 1e-5
+
+
+def test_mobilenet_style_features_under_a_personalized_head_train_like_torch(tmp_path):
+    """The on-device pattern with a mobile architecture: frozen MobileNetV3-style features
+    (hardswish, squeeze-excitation, depthwise convs), an updatable head; the update equals
+    torch.optim.SGD on the head, and the same module exported to ONNX runs like torch."""
+    from exporters.onnx_export import to_onnx
+
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(3)
+    net = _randomize(MobileNetV3ish())
+    net.requires_grad_(False)
+    net.fc.requires_grad_(True)
+    labels = list("abcde")
+    spec = convert(net, [mp.TensorType("x", (3, 16, 16))], classifier=ClassifierConfig(labels),
+                   respect_trainable=True,
+                   update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.5, mini_batch_size=4),
+                                          epochs=3, shuffle=False))
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
+    trained = mp.load(spec).update([{"x": a.numpy(), "label": labels[int(t)]} for a, t in zip(x, y)])
+    opt = torch.optim.SGD(net.fc.parameters(), lr=0.5)
+    for _ in range(3):
+        for s in range(0, 8, 4):
+            loss = F.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    fc = next(l for l in _nn(trained.spec).layers if l.name == "fc")
+    assert fc.isUpdatable and sum(l.isUpdatable for l in _nn(trained.spec).layers) == 1
+    np.testing.assert_allclose(np.asarray(fc.innerProduct.weights.floatValue).reshape(5, 8),
+                               net.fc.weight.detach().numpy(), atol=1e-5)
+    path = to_onnx(net, [mp.TensorType("x", (3, 16, 16))], tmp_path / "m.onnx")
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(x).numpy(), atol=1e-5)
