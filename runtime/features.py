@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -330,6 +330,35 @@ def shape_groups(feeds: dict[str, Any], ids: Sequence[int]) -> list[list[int]]:
         key = tuple(tuple(getattr(v[i], "shape", ())) for v in lists)
         groups.setdefault(key, []).append(j)
     return list(groups.values())
+
+
+def example_lengths(feeds: dict[str, Any], sequences: set) -> Optional[list[int]]:
+    """Each example's sequence length when every input given in mixed shapes is one of the
+    ``sequences`` inputs (``(Seq, 1, C)`` tensors, or a ``(C,)`` vector: length 1) and an
+    example's sequence inputs agree on their length; else None."""
+    lists = [v for k, v in feeds.items() if type(v) is list]
+    if not lists or any(k not in sequences for k, v in feeds.items() if type(v) is list):
+        return None
+    lengths = None
+    for v in lists:
+        mine = [t.shape[0] if t.dim() == 3 else 1 for t in v]
+        if lengths is not None and mine != lengths:
+            return None
+        lengths = mine
+    return lengths
+
+
+def padded_feeds(feeds: dict[str, Any], ids: Sequence[int], lengths: Sequence[int]) -> dict[str, Any]:
+    """The examples ``ids`` of encoded ``feeds`` as one batch, their sequences (see
+    :func:`example_lengths`) padded at the end with zeros to the longest: ``(B, Seq, 1, C)``."""
+    out = {}
+    for k, v in feeds.items():
+        if type(v) is list:
+            rows = [v[i].reshape(lengths[i], 1, -1) for i in ids]
+            out[k] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        else:
+            out[k] = v[torch.tensor(list(ids), device=v.device)]
+    return out
 
 
 def gather_feeds(feeds: dict[str, Any], members: Sequence[int]) -> dict[str, Any]:

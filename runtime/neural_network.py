@@ -13,13 +13,23 @@ from mlpersonal.errors import InvalidModelError
 from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider, DictionaryColumn
-from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, feature_kind, gather_feeds,
-                       pixel_batch, plain_arrays, plain_pixels, sequence_steps, shape_groups)
+from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, example_lengths,
+                       feature_kind, gather_feeds, padded_feeds, pixel_batch, plain_arrays,
+                       plain_pixels, sequence_steps, shape_groups)
+from .layers.recurrent import sequence_lengths, stepwise
 from .model import CompiledModel, register_model_kind
 from .network import Network
 
 EXACT_ARRAY_MAPPING = 1
 RANK4_IMAGE_MAPPING = 1
+#: a batch of sequences in this many different lengths or more runs padded to one length in one
+#: eager pass instead of one plan run per length (64 windows of 30 lengths: see README)
+PAD_MIN_LENGTHS = 3
+
+
+def _row(out: dict[str, Any], j: int) -> dict[str, Any]:
+    """Example ``j`` of batched outputs, keeping a batch axis of one."""
+    return {k: v[j:j + 1] if isinstance(v, (torch.Tensor, np.ndarray)) else [v[j]] for k, v in out.items()}
 
 
 @register_model_kind("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
@@ -58,6 +68,7 @@ class NeuralNetworkModel(CompiledModel):
         self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
         self._plan_lock = threading.Lock()
         self._plain = None  # see _plain_io
+        self._stepwise: Optional[bool] = None  # see _pad_lengths
 
     # --- set-up ----------------------------------------------------------------------------
     def _setup_classifier(self):
@@ -326,6 +337,51 @@ class NeuralNetworkModel(CompiledModel):
     #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network
     use_plan = True
 
+    def _pad_lengths(self, feeds: dict[str, Any]) -> Optional[list[int]]:
+        """Each example's length when these inputs are sequences in :data:`PAD_MIN_LENGTHS` or
+        more lengths and every layer works step by step (:func:`stepwise`), else None."""
+        if self.nd:
+            return None
+        if self._stepwise is None:
+            layers = {l.name: l for l in self.nn_spec.layers}
+            self._stepwise = all(stepwise(st.kind, layers[st.name]) for st in self.net.steps)
+        if not self._stepwise:
+            return None
+        lengths = example_lengths(feeds, {f.name for f in self._inputs if f.sequence})
+        return lengths if lengths is not None and len(set(lengths)) >= PAD_MIN_LENGTHS else None
+
+    def _forward_padded(self, feeds: dict[str, Any], lengths: list[int], n: int) -> list[dict]:
+        """Per example, its outputs: the sequences padded at the end to the longest, one pass of
+        the eager Network with the rows' lengths (recurrent layers stop each row at its last
+        step, torch's fused LSTM where the cell state is not an output), each row's sequence
+        blobs cut back to its length."""
+        blobs = self.preprocess(self.layout(padded_feeds(feeds, range(n), lengths)))
+        with sequence_lengths(torch.tensor(lengths), self._unread()):
+            env = self.run_blobs(blobs, n)
+        keep = {name for name, _, _ in self._outputs_cache or self._output_plan()}
+        if self.is_classifier:
+            keep.add(self._probs_blob)
+        if all(env[k].dim() < 5 for k in keep):  # no sequence outputs: decoded at once
+            out = self.from_blobs({k: env[k] for k in keep}, n)
+            return [_row(out, j) for j in range(n)]
+        parts = []
+        for i, length in enumerate(lengths):
+            row = {}
+            for k in keep:
+                v = env[k][i:i + 1]
+                if v.dim() == 5:  # (1, Seq, C, H, W): this row's steps; a sequence of one is none
+                    v = v[:, :length] if length > 1 else v[:, 0]
+                row[k] = v
+            parts.append(_row(self.from_blobs(row, 1), 0))
+        return parts
+
+    def _unread(self) -> frozenset:
+        """Blobs the layers compute that no layer reads and no output is made of."""
+        outputs = {f.name for f in self.spec.description.output} | {getattr(self, "_probs_blob", None)}
+        read = {b for st in self.net.steps for b in st.inputs}
+        return frozenset(b for st in self.net.steps for b in st.outputs
+                         if b not in read and b not in outputs)
+
     def inference_plan(self):
         """The :class:`runtime.plan.InferencePlan` predictions use, or None (eager Network).
 
@@ -378,15 +434,19 @@ class NeuralNetworkModel(CompiledModel):
             return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
     def _forward_each(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
-        """Examples in mixed shapes (flexible sizes, sequences of different lengths): the
-        examples of each shape run as one batch (through the plan where it serves), outputs back
-        in the examples' order."""
-        parts: list = [None] * n
-        for members in shape_groups(feeds, range(n)):
-            out = self.forward(gather_feeds(feeds, members), len(members))
-            for j, i in enumerate(members):
-                parts[i] = {k: v[j:j + 1] if isinstance(v, (torch.Tensor, np.ndarray)) else [v[j]]
-                            for k, v in out.items()}
+        """Examples in mixed shapes (flexible sizes, sequences of different lengths): sequences
+        in :data:`PAD_MIN_LENGTHS` or more lengths run padded to one length in one pass of the
+        Network (:meth:`_forward_padded`); otherwise the examples of each shape run as one batch
+        (through the plan where it serves). Outputs come back in the examples' order."""
+        lengths = self._pad_lengths(feeds)
+        if lengths is not None:
+            parts = self._forward_padded(feeds, lengths, n)
+        else:
+            parts = [None] * n
+            for members in shape_groups(feeds, range(n)):
+                out = self.forward(gather_feeds(feeds, members), len(members))
+                for j, i in enumerate(members):
+                    parts[i] = _row(out, j)
         merged: dict[str, Any] = {}
         for k in parts[0]:
             vals = [p[k] for p in parts]

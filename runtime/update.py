@@ -76,8 +76,8 @@ from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from . import optimizers
 from .batch import ArrayBatchProvider
-from .features import feature_kind, gather_feeds, shape_groups
-from .layers.recurrent import sequence_lengths
+from .features import example_lengths, feature_kind, gather_feeds, padded_feeds, shape_groups
+from .layers.recurrent import sequence_lengths, stepwise
 from .model import CompiledModel, compile_spec, load
 from .native import loaded_function
 from .updating import Updater
@@ -454,26 +454,6 @@ PER_EXAMPLE_KINDS = frozenset({
     "max", "min", "average", "dot", "sequenceRepeat", "reorganizeData", "custom", "copy",
     "loadConstant", *RECURRENT_LAYER_KINDS,  # each example's sequence (and states) on its own
 })
-
-
-#: layer kinds that work step by step on a rank-5 sequence blob ``(B, S, C, H, W)`` (or carry a
-#: recurrent state): sequences of different lengths, padded to one, share a mini-batch through
-#: them (``runtime.layers.recurrent.sequence_lengths``); see ``_stepwise``
-STEPWISE_KINDS = frozenset({
-    "activation", "softmax", "innerProduct", "embedding", "batchnorm", "l2normalize", "flatten",
-    "concat", "split", "unary", "scale", "bias", "add", "multiply", "max", "min", "average",
-    "dot", "copy", *RECURRENT_LAYER_KINDS,
-})
-
-
-def _stepwise(step, layer) -> bool:
-    """Does this layer compute each step of a sequence from that step alone (or, recurrent, from
-    the steps before it)? Not: a concat along the sequence, batchnorm with its own statistics."""
-    if step.kind == "concat" and layer.concat.sequenceConcat:
-        return False
-    if step.kind == "batchnorm" and layer.batchnorm.computeMeanVar:
-        return False
-    return step.kind in STEPWISE_KINDS
 
 
 def cache_budget() -> int:
@@ -889,31 +869,16 @@ class NeuralNetworkUpdater(Updater):
                 self._vmap = False
         return bool(torch.allclose(got, ref, rtol=1e-5, atol=1e-6))
 
-    def _sequence_lengths(self) -> Optional[list[int]]:
-        """Each example's length when every input given in mixed shapes is a sequence input
-        whose examples differ in length only, one length per example across them; else None."""
-        sequences = {f.name for f in self.model._described()[0] if f.sequence}
-        lists = {k: v for k, v in self.feeds.items() if type(v) is list}
-        if not lists or not set(lists) <= sequences:
-            return None
-        lengths = None
-        for v in lists.values():
-            mine = [t.shape[0] if t.dim() == 3 else 1 for t in v]  # (Seq, 1, C) or a (C,) vector
-            if lengths is not None and mine != lengths:
-                return None
-            lengths = mine
-        return lengths
-
     def _padding_agrees(self) -> Optional[list[int]]:
         """The examples' lengths when sequences of different lengths can train padded to one
-        length per mini-batch: every layer the loss needs works step by step (``_stepwise``) and
+        length per mini-batch: every layer the loss needs works step by step (``stepwise``) and
         the padded loss equals the grouped one on examples of distinct lengths; else None."""
         if self.model.nd or self.feeds is None:
             return None
         layers = {l.name: l for l in self.model.nn_spec.layers}
-        if not all(_stepwise(s, layers[s.name]) for s in self.plan):
+        if not all(stepwise(s.kind, layers[s.name]) for s in self.plan):
             return None
-        lengths = self._sequence_lengths()
+        lengths = example_lengths(self.feeds, {f.name for f in self.model._described()[0] if f.sequence})
         if lengths is None or len(set(lengths)) < 2:
             return None
         first = {}
@@ -932,13 +897,7 @@ class NeuralNetworkUpdater(Updater):
     def _padded_loss(self, ids: list, target: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Mean loss over sequences of different lengths run as one batch, padded at the end
         with zeros to the longest (recurrent layers stop each row at its own length)."""
-        feeds = {}
-        for k, v in self.feeds.items():
-            if type(v) is list:
-                rows = [v[i].reshape(lengths[i], 1, -1) for i in ids]
-                feeds[k] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-            else:
-                feeds[k] = v[torch.tensor(ids, device=v.device)]
+        feeds = padded_feeds(self.feeds, ids, lengths)
         with sequence_lengths(torch.tensor([lengths[i] for i in ids]), self._unread):
             env = self._forward(self.model.to_blobs(feeds))
         return self.loss(env, target)

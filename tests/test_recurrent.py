@@ -736,3 +736,49 @@ def test_large_batches_of_a_recurrent_network_pick_the_faster_engine_and_stay_ex
         entry.sess.run = session_run
         np.testing.assert_allclose(got, ref, atol=ATOL)
         assert len(runs) == (0 if eager else 1)  # eager: the caller runs the Network instead
+
+
+@pytest.mark.parametrize("variant", ["lstm_reversed_all_states", "bidirectional_sequence", "gru_rnn_lstm", "classifier"])
+def test_batches_of_many_lengths_run_padded_and_match_single_predictions(variant, monkeypatch):
+    """Sequences in 3+ lengths run as one padded batch of the eager Network: every output
+    (sequence outputs cut to each example's length, last states, class probabilities) equals
+    the example predicted alone."""
+    from runtime.neural_network import NeuralNetworkModel
+
+    rng = np.random.default_rng(31)
+    w = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(np.float32)  # noqa: E731
+    gates = lambda c: ([w(H, H) for _ in range(4)], [w(H, c) for _ in range(4)], [w(H) for _ in range(4)])  # noqa: E731
+    if variant == "classifier":
+        b = _classifier(torch.nn.LSTM(C, H), torch.nn.Linear(H, 3), ["walk", "run", "sit"])
+    else:
+        b = NeuralNetworkBuilder([("x", datatypes.Array(C))], [("y", None), ("s", None)])
+        if variant == "lstm_reversed_all_states":
+            b.add_unilstm("lstm", *gates(C), H, C, ["x"], ["y", "s", "c"], output_all=True,
+                          reverse_input=True, peep=[w(H) for _ in range(3)])
+        elif variant == "bidirectional_sequence":
+            b.add_bidirlstm("bi", *gates(C), *gates(C), H, C, ["x"], ["y", "s", "cf", "hb", "cb"],
+                            output_all=True)
+        else:
+            b.add_gru("gru", [w(H, H) for _ in range(3)], [w(H, C) for _ in range(3)],
+                      [w(H) for _ in range(3)], H, C, ["x"], ["g"], output_all=True)
+            b.add_simple_rnn("rnn", w(H, H), w(H, H), w(H), H, H, "TANH", ["g"], ["r"], output_all=True)
+            b.add_unilstm("lstm", *gates(H), H, H, ["r"], ["y", "s"], output_all=True)
+    model = mp.load(b.spec)
+    calls = []
+    original = NeuralNetworkModel._forward_padded
+    monkeypatch.setattr(NeuralNetworkModel, "_forward_padded",
+                        lambda self, *a: calls.append(a[1]) or original(self, *a))
+    batch = [{"x": _seq(90 + i, s=s)} for i, s in enumerate((5, 1, 8, 3, 5, 12))]
+    got = model.predict_batch(batch)
+    assert calls == [[5, 1, 8, 3, 5, 12]]  # one padded pass
+    for g, ex in zip(got, batch):
+        one = model.predict(ex)
+        assert g.keys() == one.keys()
+        for k in g:
+            if isinstance(one[k], dict):
+                np.testing.assert_allclose([g[k][c] for c in one[k]], list(one[k].values()), atol=1e-6)
+            elif isinstance(one[k], str):
+                assert g[k] == one[k]
+            else:
+                assert np.shape(g[k]) == np.shape(one[k]), k
+                np.testing.assert_allclose(g[k], one[k], atol=1e-5)

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from mlpersonal.errors import InvalidInputError
+from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from . import or_default, register
 from .activation import activation_fn
@@ -125,6 +126,26 @@ def sequence_lengths(lengths: torch.Tensor, unread: frozenset = frozenset()) -> 
         yield
     finally:
         _LENGTHS.reset(token)
+
+
+#: layer kinds that work step by step on a rank-5 sequence blob ``(B, S, C, H, W)`` (or carry a
+#: recurrent state): sequences of different lengths, padded to one, can share a batch through
+#: them (:func:`sequence_lengths`); see :func:`stepwise`
+STEPWISE_KINDS = frozenset({
+    "activation", "softmax", "innerProduct", "embedding", "batchnorm", "l2normalize", "flatten",
+    "concat", "split", "unary", "scale", "bias", "add", "multiply", "max", "min", "average",
+    "dot", "copy", *RECURRENT_LAYER_KINDS,
+})
+
+
+def stepwise(kind: str, layer) -> bool:
+    """Does this layer compute each step of a sequence from that step alone (or, recurrent, from
+    the steps before it)? Not: a concat along the sequence, batchnorm with its own statistics."""
+    if kind == "concat" and layer.concat.sequenceConcat:
+        return False
+    if kind == "batchnorm" and layer.batchnorm.computeMeanVar:
+        return False
+    return kind in STEPWISE_KINDS
 
 
 def _cell_read(layer, index: int) -> bool:
