@@ -301,8 +301,11 @@ def log_softmax(ctx, node, target) -> str:
 @register_module(nn.Upsample)  # UpsamplingNearest2d / UpsamplingBilinear2d too
 @register_function(F.interpolate, F.upsample)
 def upsample(ctx, node, target) -> str:
-    """Nearest or bilinear upsampling of (N, C, H, W) by whole factors (from ``scale_factor`` or
-    ``size``): Core ML's upsample layer (bilinear: its align-corners modes, spec v4)."""
+    """Nearest upsampling of (N, C, H, W) by whole factors (from ``scale_factor`` or ``size``):
+    Core ML's upsample layer; bilinear with ``align_corners=True``: its resizeBilinear layer
+    (strict end-point alignment). torch's default bilinear grid (``align_corners=False``) exists
+    in Core ML only as an iOS 13 upsample mode, which a rank-5 network with multi-array inputs
+    cannot hold (Core ML refuses the model): refused."""
     if isinstance(target, nn.Module):
         mode, align = target.mode, bool(target.align_corners)
     else:
@@ -311,13 +314,18 @@ def upsample(ctx, node, target) -> str:
     (h, w), (oh, ow) = ctx.shape(node.args[0])[2:], ctx.shape(node)[2:]
     if mode not in ("nearest", "bilinear"):
         raise ctx.unsupported(node, f"upsampling mode {mode!r} (nearest and bilinear convert)")
+    if mode == "bilinear" and not align:
+        raise ctx.unsupported(node, "bilinear upsampling with align_corners=False (Core ML has "
+                              "that grid only in ND networks); pass align_corners=True, or use "
+                              "nearest")
     if oh % h or ow % w or oh < h or ow < w:
         raise ctx.unsupported(node, f"resizing {h}x{w} to {oh}x{ow} (whole upsampling factors only)")
     name, out = ctx.layer(node)
-    ctx.builder.add_upsample(name, oh // h, ow // w, ctx.inp(node.args[0]), out,
-                             mode="NN" if mode == "nearest" else "BILINEAR",
-                             linear_upsample_mode="DEFAULT" if mode == "nearest" else
-                             ("ALIGN_CORNERS_TRUE" if align else "ALIGN_CORNERS_FALSE"))
+    if mode == "nearest":
+        ctx.builder.add_upsample(name, oh // h, ow // w, ctx.inp(node.args[0]), out, mode="NN")
+    else:
+        ctx.builder.add_resize_bilinear(name, ctx.inp(node.args[0]), out, oh, ow,
+                                        mode="STRICT_ALIGN_ENDPOINTS_MODE")
     return out
 
 

@@ -171,8 +171,56 @@ def _check_feature_type(fd, what: str) -> None:
 
 
 # --- neural networks ---------------------------------------------------------------------------
+#: layer kinds of iOS 12's NeuralNetwork.proto; any other kind (spec v4's ND layers) makes Core ML
+#: read a network in ND mode (coremltools' mlmodel/src/Utils.cpp, isIOS12NeuralNetworkLayer)
+IOS12_LAYER_KINDS = frozenset({
+    "convolution", "innerProduct", "batchnorm", "activation", "pooling", "padding", "concat",
+    "lrn", "softmax", "split", "add", "multiply", "unary", "upsample", "bias", "l2normalize",
+    "reshape", "flatten", "permute", "reduce", "loadConstant", "scale", "simpleRecurrent", "gru",
+    "uniDirectionalLSTM", "biDirectionalLSTM", "crop", "average", "max", "min", "dot", "mvn",
+    "embedding", "sequenceRepeat", "reorganizeData", "slice", "custom", "resizeBilinear",
+    "cropResize",
+})
+_PIXEL_SHUFFLE = 2
+
+
+def ios12_layer(layer) -> bool:
+    """Whether Core ML 2 (iOS 12) had this layer, with the options it uses."""
+    lk = layer.WhichOneof("layer")
+    if lk == "convolution":
+        return len(layer.input) == 1  # weights as a second input came in iOS 13
+    if lk == "innerProduct":
+        return not layer.innerProduct.int8DynamicQuantize
+    if lk == "upsample":
+        return not layer.upsample.linearUpsampleMode and not len(layer.upsample.fractionalScalingFactor)
+    if lk == "reorganizeData":
+        return layer.reorganizeData.mode != _PIXEL_SHUFFLE
+    return lk in IOS12_LAYER_KINDS
+
+
+def _check_shape_mapping(spec, nn, pre: str) -> None:
+    """Core ML refuses a network whose multi-array inputs keep the rank-5 mapping while it holds
+    a layer added in iOS 13 (such a network runs in ND mode) or maps images the new way."""
+    if nn.arrayInputShapeMapping != 0 or not any(
+            f.type.WhichOneof("Type") == "multiArrayType" for f in spec.description.input):
+        return
+    if nn.imageInputShapeMapping != 0:
+        raise fail(f"{pre}multi-array inputs use RANK5_ARRAY_MAPPING but images do not use "
+                   "RANK5_IMAGE_MAPPING; Core ML refuses the mix: set arrayInputShapeMapping "
+                   "to EXACT_ARRAY_MAPPING")
+    newer = next((layer for layer in nn.layers if not ios12_layer(layer)), None)
+    if newer is not None:
+        raise fail(f"{pre}layer {newer.name!r} ({newer.WhichOneof('layer')}) was added in Core ML 3 "
+                   "(iOS 13), so Core ML runs the network in ND mode, which multi-array inputs "
+                   "with RANK5_ARRAY_MAPPING cannot be: Core ML refuses this model. Set "
+                   "arrayInputShapeMapping to EXACT_ARRAY_MAPPING (coremltools: "
+                   "NeuralNetworkBuilder(..., disable_rank5_shape_mapping=True)) or use the "
+                   "layer's iOS 12 form")
+
+
 def _check_network(spec, nn, kind: str, pre: str) -> None:
     desc = spec.description
+    _check_shape_mapping(spec, nn, pre)
     available = {f.name for f in desc.input}
     names: set[str] = set()
     kinds: dict[str, str] = {}  # blob -> kind of the layer producing it

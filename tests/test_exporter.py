@@ -210,7 +210,7 @@ class EfficientNetish(nn.Module):
 
 class MoreActivations(nn.Module):
     """PReLU (per channel and shared), Softplus, Hardtanh, and upsampling: nearest, bilinear
-    with and without aligned corners."""
+    with aligned corners (module and function)."""
 
     def __init__(self):
         super().__init__()
@@ -226,7 +226,8 @@ class MoreActivations(nn.Module):
         x = self.conv(x)
         a = self.prelu1(self.prelu(x)) + self.softplus(x) - self.softplus2(x)
         b = F.hardtanh(self.hardtanh(x) * 3.0, -1.0, 2.0)
-        y = self.up(a) + self.up_aligned(b) + F.interpolate(b, scale_factor=2, mode="bilinear")
+        y = self.up(a) + self.up_aligned(b) + F.interpolate(b, scale_factor=2, mode="bilinear",
+                                                            align_corners=True)
         return F.relu6(F.interpolate(y, size=(y.shape[2] * 3, y.shape[3] * 2), mode="nearest") * 4.0)
 
 
@@ -437,6 +438,7 @@ def test_unsupported_arguments_are_refused():
     (nn.Softplus(threshold=5.0), "threshold 5.0 < 15"),
     (nn.Upsample(scale_factor=1.5), "whole upsampling factors only"),
     (nn.Upsample(scale_factor=2, mode="bicubic"), "mode 'bicubic'"),
+    (nn.Upsample(scale_factor=2, mode="bilinear"), "align_corners=False"),
 ])
 def test_activations_and_resizes_core_ml_cannot_match_are_refused(module, what):
     with pytest.raises(mp.UnsupportedLayerError, match=what):

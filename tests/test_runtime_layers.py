@@ -452,7 +452,7 @@ def _(b, rng):
     return ref
 
 
-@case("reorganize_pixel_shuffle", x=(8, 2, 3))
+@case("reorganize_pixel_shuffle", nd=True, x=(8, 2, 3))  # an iOS 13 mode: ND networks only
 def _(b, rng):
     b.add_reorganize_data("ps", "x", "out", "PIXEL_SHUFFLE", 2)
     return batched(lambda x: F.pixel_shuffle(x, 2))
@@ -465,13 +465,13 @@ def _(b, rng):
     return lambda x: x.repeat(2, axis=1).repeat(3, axis=2)
 
 
-@case("upsample_bilinear_align_corners_true", x=(2, 3, 4))
+@case("upsample_bilinear_align_corners_true", nd=True, x=(2, 3, 4))  # iOS 13 modes: ND only
 def _(b, rng):
     b.add_upsample("up", 2, 3, "x", "out", mode="BILINEAR", linear_upsample_mode="ALIGN_CORNERS_TRUE")
     return batched(lambda x: F.interpolate(x, scale_factor=(2, 3), mode="bilinear", align_corners=True))
 
 
-@case("upsample_bilinear_align_corners_false", x=(2, 3, 4))
+@case("upsample_bilinear_align_corners_false", nd=True, x=(2, 3, 4))
 def _(b, rng):
     b.add_upsample("up", 2, 3, "x", "out", mode="BILINEAR", linear_upsample_mode="ALIGN_CORNERS_FALSE")
     return batched(lambda x: F.interpolate(x, scale_factor=(2, 3), mode="bilinear", align_corners=False))

@@ -397,3 +397,32 @@ def test_a_trusted_model_may_lift_the_size_limit(monkeypatch):
         mp.load(b.spec)
     monkeypatch.setenv("MLPERSONAL_MAX_ELEMENTS", str(2**28))
     mp.load(b.spec)  # the declared size passes; its reshape is checked when it runs
+
+
+def test_iOS13_layers_need_the_nd_array_mapping_as_core_ml_says():
+    """Core ML (coremltools' NeuralNetworkValidator): a layer added in iOS 13 (gelu, an upsample
+    with an align-corners mode, ...) switches a network to ND mode, which multi-array inputs
+    under RANK5_ARRAY_MAPPING cannot be; with EXACT_ARRAY_MAPPING, or image inputs only, it loads."""
+    import numpy as np
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    def net(nd: bool, layer: str, image: bool = False):
+        b = NeuralNetworkBuilder([("x", datatypes.Array(2, 3, 4))], [("y", None)],
+                                 disable_rank5_shape_mapping=nd)
+        if image:  # the same network reading a grayscale image instead
+            it = b.spec.description.input[0].type.imageType
+            it.width, it.height, it.colorSpace = 4, 3, 10
+        if layer == "gelu":
+            b.add_gelu("newer", "x", "y")
+        else:
+            b.add_upsample("newer", 2, 2, "x", "y", mode="BILINEAR", linear_upsample_mode="ALIGN_CORNERS_TRUE")
+        return b.spec
+
+    for layer, kind in (("gelu", "gelu"), ("upsample", "upsample")):
+        with pytest.raises(mp.InvalidModelError, match=rf"layer 'newer' \({kind}\) was added in Core ML 3 "
+                                                       r"\(iOS 13\).*EXACT_ARRAY_MAPPING"):
+            mp.load(net(False, layer))
+        model = mp.load(net(True, layer))
+        assert model.predict({"x": np.ones((2, 3, 4), np.float32)})["y"].size
+    mp.load(net(False, "gelu", image=True))
