@@ -63,6 +63,9 @@ SMALL_MARGIN = 0.1
 #: a single-threaded session is kept beside the main one for models up to this size (it holds
 #: its own copy of the packed weights; larger models are compute-bound even at batch 1)
 SMALL_SESSION_MAX_BYTES = 4 << 20
+#: ... and whose eager forward takes at most this long per example (a network that computes for
+#: longer gains nothing from a single thread, and checking that session would cost seconds)
+SMALL_SESSION_MAX_ROW_SECONDS = 0.02
 #: networks with recurrent layers: batches from this size on are timed on the plan and on the
 #: eager Network (torch's fused LSTM scales better with the batch than onnxruntime's LSTM op:
 #: an LSTM 6->32 x 50 steps at batch 16 0.21 vs 0.14 ms, 64 about even, 128 0.52 vs 0.65, 256
@@ -231,13 +234,15 @@ class InferencePlan:
         eager, whole = None, all(v.shape[0] <= PROBE_ROWS for v in blobs.values())
         try:
             probe = {k: v[:PROBE_ROWS] for k, v in blobs.items()}
+            start = time.perf_counter()
             eager = self._eager(probe)
+            row_seconds = (time.perf_counter() - start) / max(1, len(next(iter(probe.values()))))
             seqs = self._seq_inputs(probe)
             model = self._export(probe, seqs)
             threads = max(1, torch.get_num_threads())
             sess = ort_session(model, threads)
             names = [i.name for i in sess.get_inputs()]
-            self._verify(sess, names, probe, eager)
+            got = self._verify(sess, names, probe, eager)  # the answer when the probe is the call
             other = _other_batch(probe)
             # its rows are the probe's rows: their eager outputs, reordered the same way (a
             # network whose rows are not independent fails this check and runs eagerly)
@@ -252,11 +257,13 @@ class InferencePlan:
                     self._sessions.clear()
                     return self._build(blobs)
             small = None
-            if threads > 1 and len(model) <= SMALL_SESSION_MAX_BYTES:
+            if (threads > 1 and len(model) <= SMALL_SESSION_MAX_BYTES
+                    and row_seconds <= SMALL_SESSION_MAX_ROW_SECONDS):
                 small = ort_session(model, 1)
                 self._verify(small, names, probe, eager)
                 self._verify(small, names, other, other_eager)
-            got = sess.run(self.outputs, {k: _as_numpy(blobs[k]) for k in names})
+            if not whole:
+                got = sess.run(self.outputs, {k: _as_numpy(blobs[k]) for k in names})
         except Exception as e:  # noqa: BLE001 - any failure means: run the eager Network
             self.last_fallback_reason = f"{type(e).__name__}: {e}"
             log.debug("inference plan disabled for input shapes %s, running eagerly: %s",
