@@ -63,8 +63,8 @@ SMALL_MARGIN = 0.1
 #: a single-threaded session is kept beside the main one for models up to this size (it holds
 #: its own copy of the packed weights; larger models are compute-bound even at batch 1)
 SMALL_SESSION_MAX_BYTES = 4 << 20
-#: ... and whose eager forward takes at most this long per example (a network that computes for
-#: longer gains nothing from a single thread, and checking that session would cost seconds)
+#: ... and whose session's first run takes at most this long per example (a network that
+#: computes for longer gains nothing from a single thread, and checking it would cost seconds)
 SMALL_SESSION_MAX_ROW_SECONDS = 0.02
 #: networks with recurrent layers: batches from this size on are timed on the plan and on the
 #: eager Network (torch's fused LSTM scales better with the batch than onnxruntime's LSTM op:
@@ -95,7 +95,9 @@ class _Traced(torch.nn.Module):
 
     def forward(self, *xs):
         env = self.run(dict(zip(self.inputs, xs)))
-        return tuple(env[o] for o in self.outputs)
+        outs = tuple(env[o] for o in self.outputs)
+        self.seen = {o: t.detach() for o, t in zip(self.outputs, outs)}  # real values: it ran
+        return outs
 
 
 class InferencePlan:
@@ -234,15 +236,15 @@ class InferencePlan:
         eager, whole = None, all(v.shape[0] <= PROBE_ROWS for v in blobs.values())
         try:
             probe = {k: v[:PROBE_ROWS] for k, v in blobs.items()}
-            start = time.perf_counter()
-            eager = self._eager(probe)
-            row_seconds = (time.perf_counter() - start) / max(1, len(next(iter(probe.values()))))
             seqs = self._seq_inputs(probe)
-            model = self._export(probe, seqs)
+            # the trace runs the network on the probe: its outputs are the eager reference
+            model, eager = self._export(probe, seqs)
             threads = max(1, torch.get_num_threads())
             sess = ort_session(model, threads)
             names = [i.name for i in sess.get_inputs()]
+            start = time.perf_counter()
             got = self._verify(sess, names, probe, eager)  # the answer when the probe is the call
+            row_seconds = (time.perf_counter() - start) / len(next(iter(probe.values())))
             other = _other_batch(probe)
             # its rows are the probe's rows: their eager outputs, reordered the same way (a
             # network whose rows are not independent fails this check and runs eagerly)
@@ -292,9 +294,10 @@ class InferencePlan:
                 raise ValueError(f"output {name!r} differs from eager by {diff:.3g}")
         return checked
 
-    def _export(self, blobs, sequences=()) -> bytes:
+    def _export(self, blobs, sequences=()) -> tuple[bytes, dict]:
         """The traced, tidied ONNX model of ``run`` for these input blobs (``sequences``: inputs
-        whose axis 1, the sequence length, stays open too)."""
+        whose axis 1, the sequence length, stays open too) and the outputs the traced run
+        computed for them."""
         inputs = list(blobs)
         example = tuple(_export_copy(blobs[k]) for k in inputs)
         module = _Traced(self._run, inputs, self.outputs)
@@ -324,7 +327,9 @@ class InferencePlan:
         finally:
             for p in trained:
                 p.requires_grad_(True)
-        return simplify(buf.getvalue(), rename=names, batch=example[0].shape[0])
+        rows = len(next(iter(blobs.values())))
+        model = simplify(buf.getvalue(), rename=names, batch=example[0].shape[0])
+        return model, {k: v[:rows] for k, v in module.seen.items()}
 
 
 _SYMBOLICS_ADDED = False
