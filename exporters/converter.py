@@ -524,6 +524,8 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         builder.set_class_labels(list(classifier.labels), classifier.predicted_feature_name,
                                  classifier.probabilities_name)
     else:
+        if regressor is not None:  # Core ML: a regressor names its prediction
+            builder.spec.description.predictedFeatureName = out_names[0]
         renamed: dict[str, str] = {}  # blob -> the output name it now has
         input_names = {i.name for i in inputs}
         for blob, name in zip(out_blobs, out_names):

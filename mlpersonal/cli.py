@@ -346,7 +346,7 @@ def _print_batch(model, feeds: dict) -> int:
     names = model.output_names
     label = model.spec.description.predictedFeatureName
     probs = model.spec.description.predictedProbabilitiesName
-    classifier = label in names
+    classifier = model.spec.WhichOneof("Type").endswith("Classifier") and label in names
     for i in range(len(out)):
         parts = []
         if classifier:  # the label first, with its probability

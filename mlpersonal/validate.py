@@ -83,6 +83,10 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
     kind = spec.WhichOneof("Type")
     if kind and kind.endswith("Classifier"):
         _check_classifier_names(spec.description, pre)
+    if kind in ("neuralNetworkClassifier", "kNearestNeighborsClassifier"):
+        _check_classifier_interface(spec, kind, pre)
+    elif kind == "neuralNetworkRegressor":
+        _check_regressor_interface(spec.description, pre)
     if spec.isUpdatable and spec.specificationVersion < 4:
         raise fail(
             f"{pre}the model is updatable but its specificationVersion is "
@@ -117,6 +121,46 @@ def _check_classifier_names(desc, pre: str) -> None:
         name = getattr(desc, field)
         if name and name not in outputs:
             raise fail(f"{pre}{field} {name!r} is not one of the model's outputs {outputs}")
+
+
+def _output_type(desc, name: str):
+    fd = next((f for f in desc.output if f.name == name), None)
+    return None if fd is None else fd.type.WhichOneof("Type")
+
+
+def _check_regressor_interface(desc, pre: str) -> None:
+    """Core ML (InterfaceValidators.cpp, validateRegressorInterface): a regressor names its
+    prediction, a double or multi-array output."""
+    name = desc.predictedFeatureName
+    if not name:
+        raise fail(f"{pre}the regressor names no predictedFeatureName (the output holding its "
+                   "prediction); Core ML refuses it: set description.predictedFeatureName")
+    if _output_type(desc, name) not in ("doubleType", "multiArrayType"):
+        raise fail(f"{pre}the regressor's predictedFeatureName {name!r} must be a double or "
+                   "multi-array output")
+
+
+def _check_classifier_interface(spec, kind: str, pre: str) -> None:
+    """Core ML (validateClassifierFeatureDescriptions): a classifier names its label output, of
+    the labels' type (string or int64), and its probabilities output is a dictionary."""
+    desc, model = spec.description, getattr(spec, kind)
+    which = model.WhichOneof("ClassLabels")
+    if which is None and kind == "kNearestNeighborsClassifier":
+        which = {"defaultStringLabel": "stringClassLabels"}.get(model.WhichOneof("DefaultClassLabel"),
+                                                                "int64ClassLabels")
+    want = "int64Type" if which == "int64ClassLabels" else "stringType"
+    name = desc.predictedFeatureName
+    if not name:
+        raise fail(f"{pre}the classifier names no predictedFeatureName (its label output); Core ML "
+                   "refuses it: set description.predictedFeatureName")
+    got = _output_type(desc, name)
+    if got != want:
+        raise fail(f"{pre}the classifier's label output {name!r} is {got or 'missing'}; its class "
+                   f"labels are {want[:-4]}s, so Core ML wants a {want[:-4]} output")
+    probs = desc.predictedProbabilitiesName
+    if probs and _output_type(desc, probs) not in ("dictionaryType", "multiArrayType"):
+        raise fail(f"{pre}the classifier's probabilities output {probs!r} must be a dictionary "
+                   "(label -> probability)")
 
 
 def max_elements() -> int:

@@ -146,6 +146,7 @@ def test_exporter_kinds_and_errors(weights):
 
 def test_pipeline_regressor_kind():
     b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(1))], mode="regressor")
+    b.spec.description.predictedFeatureName = "y"
     b.add_inner_product("fc", np.ones((1, 3), np.float32), None, 3, 1, False, "x", "y")
     spec = pipeline([b.spec])
     assert spec.WhichOneof("Type") == "pipelineRegressor"
@@ -159,6 +160,7 @@ def test_a_stage_of_an_unsupported_kind_is_named_with_what_to_do():
 
     b = NeuralNetworkBuilder([("features", datatypes.Array(2))], [("y", datatypes.Array(1))],
                              mode="regressor")
+    b.spec.description.predictedFeatureName = "y"
     b.add_inner_product("fc", np.ones((1, 2), np.float32), None, 2, 1, False, "features", "y")
     pipe = PipelineRegressor([("a", datatypes.Double()), ("b", datatypes.Double())], "y")
     vec = Model_pb2.Model()

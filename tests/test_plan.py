@@ -313,6 +313,7 @@ def _vector_regressor(rng):
     """x (6,) -> fc 6->3 -> relu -> fc 3->2 ("y"); and its numpy twin."""
     w1, b1, w2, b2 = _w(rng, 3, 6), _w(rng, 3), _w(rng, 2, 3), _w(rng, 2)
     b = NeuralNetworkBuilder([("x", datatypes.Array(6))], [("y", None)], mode="regressor")
+    b.spec.description.predictedFeatureName = "y"  # Core ML: a regressor names its prediction
     b.add_inner_product("fc1", w1, b1, 6, 3, True, "x", "h")
     b.add_activation("relu", "RELU", "h", "r")
     b.add_inner_product("fc2", w2, b2, 3, 2, True, "r", "y")

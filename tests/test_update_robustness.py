@@ -43,6 +43,7 @@ def classifier_spec(batch=4, lr=0.1, epochs=2, batches=None):
 
 def regressor_spec(lr=0.01, batch=4):
     b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(2))], mode="regressor")
+    b.spec.description.predictedFeatureName = "y"  # Core ML: a regressor names its prediction
     b.add_inner_product("fc", np.full((2, 3), 0.1, np.float32), np.zeros(2, np.float32), 3, 2, True, "x", "y")
     b.make_updatable(["fc"])
     b.set_mean_squared_error_loss("lossLayer", input_feature=("y", datatypes.Array(2)))

@@ -193,6 +193,7 @@ def test_not_updatable_model():
 
 def _linear_regressor(optimizer="sgd", lr=0.01, epochs=1, batch=4):
     b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(2))], mode="regressor")
+    b.spec.description.predictedFeatureName = "y"  # Core ML: a regressor names its prediction
     b.add_inner_product("fc", np.full((2, 3), 0.1, np.float32), np.zeros(2, np.float32), 3, 2, True, "x", "y")
     b.make_updatable(["fc"])
     b.set_mean_squared_error_loss("lossLayer", input_feature=("y", datatypes.Array(2)))
@@ -289,6 +290,7 @@ def test_several_inputs_embedding_concat_match_torch(tmp_path):
     W2, b2 = torch.randn(1, 8, generator=g) * 0.3, torch.zeros(1)
     b = NeuralNetworkBuilder([("features", datatypes.Array(4)), ("category", datatypes.Array(1))],
                              [("price", datatypes.Array(1))], mode="regressor")
+    b.spec.description.predictedFeatureName = "price"
     b.add_embedding("emb", emb.t().numpy(), None, 5, 3, False, "category", "e")
     b.add_elementwise("cat", ["features", "e"], "h0", "CONCAT")
     b.add_inner_product("fc1", W1.numpy(), b1.numpy(), 7, 8, True, "h0", "h1")

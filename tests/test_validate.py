@@ -75,6 +75,10 @@ def _swap_layers(s, i, j):
     img(s).layers[j].CopyFrom(a)
 
 
+def _output(s, name):
+    return next(f for f in s.description.output if f.name == name)
+
+
 def _copy_msg(msg):
     m = type(msg)()
     m.CopyFrom(msg)
@@ -333,6 +337,17 @@ RULES = [
      lambda s: pipe(s).models[0].description.output[0].type.stringType.SetInParent(),
      "pipeline stage 1 ('knn'): input 'features' expects a multiArrayType but pipeline stage 0 "
      "('embed') gives a stringType"),
+    ("classifier_unnamed_label", "nn_image_classifier",
+     lambda s: s.description.ClearField("predictedFeatureName"),
+     "the classifier names no predictedFeatureName (its label output); Core ML refuses it: set "
+     "description.predictedFeatureName"),
+    ("classifier_label_type", "nn_image_classifier",
+     lambda s: _output(s, s.description.predictedFeatureName).type.int64Type.SetInParent(),
+     "the classifier's label output 'label' is int64Type; its class labels are strings, so "
+     "Core ML wants a string output"),
+    ("classifier_probs_type", "nn_image_classifier",
+     lambda s: _output(s, s.description.predictedProbabilitiesName).type.doubleType.SetInParent(),
+     "the classifier's probabilities output 'probs' must be a dictionary (label -> probability)"),
     ("pipe_outputs", "pipeline", lambda s: _add_output(s, "answer"),
      "pipeline output 'answer' is not produced by any stage"),
     ("pipe_substage", "pipeline", lambda s: knn(pipe(s).models[1]).stringClassLabels.vector.append("z"),
@@ -426,3 +441,20 @@ def test_iOS13_layers_need_the_nd_array_mapping_as_core_ml_says():
         model = mp.load(net(True, layer))
         assert model.predict({"x": np.ones((2, 3, 4), np.float32)})["y"].size
     mp.load(net(False, "gelu", image=True))
+
+
+def test_a_regressor_names_its_prediction_as_core_ml_requires():
+    """coremltools' builder in regressor mode leaves predictedFeatureName empty, which Core ML
+    refuses (validateRegressorInterface); the exporter names it."""
+    import torch
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(2))], mode="regressor")
+    b.add_inner_product("fc", np.ones((2, 3), np.float32), None, 3, 2, False, "x", "y")
+    with pytest.raises(mp.InvalidModelError, match="names no predictedFeatureName"):
+        mp.load(b.spec)
+    b.spec.description.predictedFeatureName = "y"
+    assert mp.load(b.spec).predict({"x": np.ones(3, np.float32)})["y"].tolist() == [3.0, 3.0]
+    exported = mp.convert(torch.nn.Linear(3, 1), [mp.TensorType("x", (3,))], regressor="price")
+    assert exported.description.predictedFeatureName == "price"
