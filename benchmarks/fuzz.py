@@ -151,15 +151,16 @@ def base_specs() -> dict:
     quantized.neuralNetworkClassifier.layers[2].CopyFrom(lut.neuralNetworkClassifier.layers[2])
     # 8. recurrent: LSTM (optional state inputs, peepholes) -> GRU -> simple RNN -> bi-LSTM -> fc
     s = NeuralNetworkBuilder([("x", datatypes.Array(3)), ("h_in", datatypes.Array(4)),
-                              ("c_in", datatypes.Array(4))],
+                              ("c_in", datatypes.Array(4)), ("r_in", datatypes.Array(4))],
                              [("y", datatypes.Array(2)), ("h_out", datatypes.Array(4))])
     g = lambda *shape: [rng.normal(size=shape).astype(f32) for _ in range(4)]  # noqa: E731
     s.add_unilstm("lstm", g(4, 4), g(4, 3), g(4), 4, 3, ["x", "h_in", "c_in"],
                   ["l", "h_out", "c_out"], peep=g(4)[:3], output_all=True)
-    s.add_gru("gru", g(4, 4)[:3], g(4, 4)[:3], g(4)[:3], 4, 4, ["l"], ["gr"], output_all=True)
+    s.add_gru("gru", g(4, 4)[:3], g(4, 4)[:3], g(4)[:3], 4, 4, ["l"], ["gr", "gr_h"], output_all=True)
     s.add_simple_rnn("rnn", rng.normal(size=(4, 4)).astype(f32), rng.normal(size=(4, 4)).astype(f32),
-                     np.zeros(4, f32), 4, 4, "TANH", ["gr"], ["rn"], output_all=True)
-    s.add_bidirlstm("bi", g(2, 2), g(2, 4), g(2), g(2, 2), g(2, 4), g(2), 2, 4, ["rn"], ["bo"])
+                     np.zeros(4, f32), 4, 4, "TANH", ["gr", "r_in"], ["rn", "rn_h"], output_all=True)
+    s.add_bidirlstm("bi", g(2, 2), g(2, 4), g(2), g(2, 2), g(2, 4), g(2), 2, 4, ["rn"],
+                    ["bo", "bo_hf", "bo_cf", "bo_hb", "bo_cb"])  # Core ML: every final state
     s.add_inner_product("fc", rng.normal(size=(2, 4)).astype(f32), None, 4, 2, False, "bo", "y")
     for fd in s.spec.description.input[1:]:
         fd.type.isOptional = True
@@ -168,7 +169,7 @@ def base_specs() -> dict:
     # 9. updatable sequence classifier: LSTM (trained through time) -> fc -> softmax, CE, SGD
     t = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("probs", datatypes.Array(2))],
                              mode="classifier")
-    t.add_unilstm("lstm", g(4, 4), g(4, 3), g(4), 4, 3, ["x"], ["h"])
+    t.add_unilstm("lstm", g(4, 4), g(4, 3), g(4), 4, 3, ["x"], ["h", "h_last", "c_last"])
     t.add_inner_product("fc", rng.normal(size=(2, 4)).astype(f32), np.zeros(2, f32), 4, 2, True,
                         "h", "logits")
     t.add_softmax("sm", "logits", "probs")

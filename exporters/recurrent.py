@@ -142,6 +142,18 @@ def _initial_states(ctx, node, m, lstm: bool) -> list:
     return [ctx.inp(src) for src in sources]
 
 
+def _state_input(ctx, name: str, hidden: int) -> str:
+    """An optional ``(hidden,)`` model input for a simpleRecurrent layer's initial state: Core ML
+    wants that layer to read one (exactly 2 inputs); left out, it is zeros."""
+    blob = ctx.new_blob(f"{name}_h_in")
+    fd = ctx.builder.spec.description.input.add()
+    fd.name = blob
+    fd.type.multiArrayType.shape.append(hidden)
+    fd.type.multiArrayType.dataType = fd.type.multiArrayType.FLOAT32
+    ctx.state_inputs.add(blob)
+    return blob
+
+
 def _check(ctx, node, m) -> None:
     why = []
     if not m.batch_first:
@@ -235,8 +247,8 @@ def _emit(ctx, node, m, lstm: bool) -> str:
             w_ih, w_hh = _np(getattr(m, f"weight_ih_l{k}")), _np(getattr(m, f"weight_hh_l{k}"))
             b = (_np(getattr(m, f"bias_ih_l{k}")) + _np(getattr(m, f"bias_hh_l{k}"))) if m.bias else None
             ctx.builder.add_simple_rnn(name, w_hh, w_ih, b if b is not None else np.zeros(hidden, np.float32),
-                                       hidden, cin, "TANH", [x, *initial], [y, blobs["h", 0]],
-                                       output_all=all_steps)
+                                       hidden, cin, "TANH", [x, *(initial or [_state_input(ctx, name, hidden)])],
+                                       [y, blobs["h", 0]], output_all=all_steps)
             if b is None:
                 ctx.builder.nn_spec.layers[-1].simpleRecurrent.hasBiasVector = False
                 del ctx.builder.nn_spec.layers[-1].simpleRecurrent.biasVector.floatValue[:]

@@ -45,9 +45,16 @@ ARITY = {
         "argMax", "argMin", "tile", "clip", "exp", "log", "sqrt", "abs")},
     "convolution": (1, 2), "batchedMatMul": (1, 2), "crop": (1, 2),
     "loadConstant": (0, 0), "loadConstantND": (0, 0),
-    **{k: (1, None) for k in ("add", "multiply", "max", "min", "average", "concat",
-                              "concatND", "dot")},
+    **{k: (1, None) for k in ("add", "multiply", "max", "min", "average", "concatND", "dot")},
+    "concat": (2, None),
+    # Core ML (NeuralNetworkLayerValidator.cpp): the sequence and its initial states
+    "simpleRecurrent": (2, 2), "gru": (1, 2), "uniDirectionalLSTM": (1, 3),
+    "biDirectionalLSTM": (1, 5),
 }
+#: layer kind -> (min outputs, max outputs) where Core ML wants other than one: a recurrent
+#: layer gives its sequence and every final state
+OUTPUT_ARITY = {"simpleRecurrent": (2, 2), "gru": (2, 2), "uniDirectionalLSTM": (3, 3),
+                "biDirectionalLSTM": (5, 5), "split": (2, None)}
 #: layer kinds that may produce several outputs
 MULTI_OUTPUT = frozenset({"split", "splitND", *RECURRENT_LAYER_KINDS, "topK", "argSort", "custom", "loop",
                           "branch", "constantPad", "nonMaximumSuppression"})
@@ -295,6 +302,12 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
         if lk not in MULTI_OUTPUT and len(layer.output) != 1:
             raise fail(f"{pre}layer {layer.name!r} ({lk}) has {len(layer.output)} outputs; it "
                        "produces exactly 1")
+        lo, hi = OUTPUT_ARITY.get(lk, (1, None))
+        if len(layer.output) < lo or (hi is not None and len(layer.output) > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}"
+            raise fail(f"{pre}layer {layer.name!r} ({lk}) has {len(layer.output)} outputs; Core ML "
+                       f"wants {want}" + (" (the sequence and each final state, read or not)"
+                                          if lk in RECURRENT_LAYER_KINDS else ""))
         params = getattr(layer, lk)
         # global pooling ignores its (often zero) kernel size and stride
         _check_sizes(params, f"{pre}layer {layer.name!r}",

@@ -375,7 +375,8 @@ def test_deep_pipeline(bases):
         validate(_nested(bases["knn"], MAX_PIPELINE_DEPTH + 1))
 
 
-@pytest.mark.parametrize("name", ["nn_image_classifier", "updatable_nn", "updatable_regressor"])
+@pytest.mark.parametrize("name", ["nn_image_classifier", "updatable_nn", "updatable_regressor", "knn", "pipeline",
+                                  "quantized_nn", "recurrent", "updatable_lstm"])
 def test_valid_bases_run(bases, name):
     """The validator accepts coremltools-built specs, and they predict."""
     m = mp.load(bases[name].SerializeToString())
