@@ -113,9 +113,11 @@ def base_specs() -> dict:
                         "features")
     p = PipelineClassifier([("x", datatypes.Array(6))], ["a", "b", "c"],
                            output_features=[("label", datatypes.String())])
+    e.spec.description.output[0].type.CopyFrom(knn.description.input[0].type)  # Core ML: one type
     p.add_model(e.spec)
     p.add_model(knn)
     pipe = p.spec
+    pipe.isUpdatable = True  # its last stage, the kNN, is (Core ML: only in an updatable pipeline)
     pipe.specificationVersion = max(pipe.specificationVersion, 4)
     for m in pipe.pipelineClassifier.pipeline.models:
         m.specificationVersion = max(m.specificationVersion, 4)

@@ -70,6 +70,30 @@ def _kind_of(spec: Model_pb2.Model, sources: Mapping[int, Model_pb2.Model], i: i
     return (sources.get(i) or spec).WhichOneof("Type")
 
 
+def _copy(spec: Model_pb2.Model) -> Model_pb2.Model:
+    out = Model_pb2.Model()
+    out.CopyFrom(spec)
+    return out
+
+
+def _match_type(fd, given, stage: str) -> None:
+    """Declare stage input ``fd`` as the earlier output ``given`` is declared: Core ML wants the
+    two types equal. Multi-arrays differing only in their element type (a float32 embedding read
+    as double) are aligned; anything else is an error."""
+    a, b = fd.type, given.type
+    if a.WhichOneof("Type") == b.WhichOneof("Type") == "multiArrayType":
+        x, y = a.multiArrayType, b.multiArrayType
+        if list(x.shape) == list(y.shape) or x.WhichOneof("ShapeFlexibility") or y.WhichOneof("ShapeFlexibility"):
+            x.dataType = y.dataType
+            return
+    if a.WhichOneof("Type") != b.WhichOneof("Type") or (
+            a.WhichOneof("Type") == "multiArrayType" and list(a.multiArrayType.shape) != list(b.multiArrayType.shape)):
+        raise ConversionError(f"stage {stage!r} reads {fd.name!r} as {a.WhichOneof('Type')} "
+                              f"{list(a.multiArrayType.shape) if a.HasField('multiArrayType') else ''} "
+                              f"but an earlier stage gives {b.WhichOneof('Type')} "
+                              f"{list(b.multiArrayType.shape) if b.HasField('multiArrayType') else ''}")
+
+
 def pipeline(specs: Sequence[StageLike], names: Optional[Sequence[str]] = None,
              linked: Optional[Mapping[Union[int, str], Union[str, tuple[str, str]]]] = None,
              ) -> Model_pb2.Model:
@@ -79,7 +103,7 @@ def pipeline(specs: Sequence[StageLike], names: Optional[Sequence[str]] = None,
     (index or name) to a file name or ``(file name, search path)``: that stage is written as a
     :func:`linked_model` reference instead of being embedded.
     """
-    stages = [_as_spec(s) for s in specs]
+    stages = [_copy(_as_spec(s)) for s in specs]  # stage descriptions may be aligned below
     if not stages:
         raise ConversionError("a pipeline needs at least one stage")
     names = list(names) if names is not None else [f"stage{i}" for i in range(len(stages))]
@@ -109,11 +133,13 @@ def pipeline(specs: Sequence[StageLike], names: Optional[Sequence[str]] = None,
     # inputs: features stages read that no earlier stage produced (in order of first use)
     produced: dict[str, object] = {}
     inputs = []
-    for st in stages:
+    for i, st in enumerate(stages):
         for fd in st.description.input:
             if fd.name not in produced:
                 inputs.append(fd)
                 produced[fd.name] = fd
+            elif i not in sources:
+                _match_type(fd, produced[fd.name], names[i])
         for fd in st.description.output:
             produced[fd.name] = fd
     last = stages[-1]

@@ -640,6 +640,42 @@ def _type_name(fd) -> str:
     return fd.type.WhichOneof("Type") or "undefined"
 
 
+def _type_mismatch(a, b) -> str:
+    """How feature type ``b`` differs from ``a`` where Core ML (Comparison.cpp, isEquivalent)
+    tells them apart: the kind; a multi-array's data type, rank and (both fixed) shape; an
+    image's size and colour space; a dictionary's key type. Empty when equivalent."""
+    ka, kb = _type_name(a), _type_name(b)
+    if ka != kb:
+        return f"a {kb} for a {ka}"
+    ta, tb = a.type, b.type
+    if ka == "multiArrayType":
+        x, y = ta.multiArrayType, tb.multiArrayType
+        if x.dataType != y.dataType:
+            names = x.DESCRIPTOR.fields_by_name["dataType"].enum_type.values_by_number
+            return f"{names[y.dataType].name} values for {names[x.dataType].name} ones"
+        flex_x, flex_y = x.WhichOneof("ShapeFlexibility"), y.WhichOneof("ShapeFlexibility")
+        if _rank(x) != _rank(y) or (not flex_x and not flex_y and list(x.shape) != list(y.shape)):
+            return f"shape {list(y.shape)} for {list(x.shape)}"
+    elif ka == "imageType":
+        x, y = ta.imageType, tb.imageType
+        if (x.width, x.height, x.colorSpace) != (y.width, y.height, y.colorSpace):
+            return (f"a {y.width}x{y.height} image (colour space {y.colorSpace}) for a "
+                    f"{x.width}x{x.height} one (colour space {x.colorSpace})")
+    elif ka == "dictionaryType":
+        if ta.dictionaryType.WhichOneof("KeyType") != tb.dictionaryType.WhichOneof("KeyType"):
+            return "a dictionary with other keys"
+    return ""
+
+
+def _rank(marray) -> int:
+    flex = marray.WhichOneof("ShapeFlexibility")
+    if flex == "enumeratedShapes":
+        return len(marray.enumeratedShapes.shapes[0].shape) if marray.enumeratedShapes.shapes else 0
+    if flex == "shapeRange":
+        return len(marray.shapeRange.sizeRanges)
+    return len(marray.shape)
+
+
 def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
     models = list(pipe.models)
     names = list(pipe.names)
@@ -652,7 +688,14 @@ def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
         if n in seen:
             raise fail(f"{pre}pipeline stage name {n!r} is used twice; stage names must be unique")
         seen.add(n)
-    produced = {f.name: (_type_name(f), "the pipeline input") for f in spec.description.input}
+    updatable = [i for i, sub in enumerate(models) if sub.isUpdatable]
+    if spec.isUpdatable and updatable != [len(models) - 1]:
+        raise fail(f"{pre}an updatable pipeline trains its last stage only: mark stage "
+                   f"{len(models) - 1} updatable and no other (updatable now: {updatable})")
+    if not spec.isUpdatable and updatable:
+        raise fail(f"{pre}stage {updatable[0]} is updatable inside a pipeline that is not: mark the "
+                   "pipeline isUpdatable too (only its last stage may be updatable)")
+    produced = {f.name: (f, "the pipeline input") for f in spec.description.input}
     for i, sub in enumerate(models):
         label = f"pipeline stage {i}" + (f" ({names[i]!r})" if names else "")
         for fd in sub.description.input:
@@ -661,13 +704,22 @@ def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
                     continue
                 raise fail(f"{pre}{label} reads {fd.name!r}, which no earlier stage or pipeline "
                            "input produces")
-            t, src = produced[fd.name]
-            if t != _type_name(fd):
+            given, src = produced[fd.name]
+            if _type_name(given) != _type_name(fd):
                 raise fail(f"{pre}{label}: input {fd.name!r} expects a {_type_name(fd)} but "
-                           f"{src} gives a {t}")
+                           f"{src} gives a {_type_name(given)}")
+            why = _type_mismatch(fd, given)
+            if why:
+                raise fail(f"{pre}{label}: input {fd.name!r} is declared unlike what {src} gives "
+                           f"({why}); Core ML wants the same type on both sides")
         validate(sub, where=f"{pre}{label}".rstrip(": "), _depth=depth + 1)
         for fd in sub.description.output:
-            produced[fd.name] = (_type_name(fd), f"{label}")
+            produced[fd.name] = (fd, f"{label}")
     for fd in spec.description.output:
         if fd.name not in produced:
             raise fail(f"{pre}pipeline output {fd.name!r} is not produced by any stage")
+        given, src = produced[fd.name]
+        why = _type_mismatch(fd, given)
+        if why:
+            raise fail(f"{pre}pipeline output {fd.name!r} is declared unlike what {src} gives "
+                       f"({why}); Core ML wants the same type")

@@ -181,6 +181,8 @@ def test_inspect_pipeline_with_knn(tmp_path, capsys):
     pipe.add_model(emb)
     pipe.add_model(knn.spec)
     pipe.set_training_input([("x", datatypes.Array(4)), ("label", datatypes.String())])
+    for fd in (pipe.spec.description.input[0], pipe.spec.description.trainingInput[0]):
+        fd.type.CopyFrom(emb.description.input[0].type)  # Core ML: the stage's own input type
     path = tmp_path / "p.mlmodel"
     mp.save(pipe.spec, path)
     assert main(["inspect", str(path)]) == 0

@@ -70,6 +70,8 @@ def apple_style_pipeline(emb, knn):
     p.description.trainingInput[1].shortDescription = "Associated true label of example sketch"
     p.pipelineClassifier.pipeline.models.add().CopyFrom(emb)
     p.pipelineClassifier.pipeline.models.add().CopyFrom(knn)
+    # Core ML wants the kNN to declare its input as the embedding's output is declared
+    p.pipelineClassifier.pipeline.models[1].description.input[0].type.CopyFrom(emb.description.output[0].type)
     return p
 
 
@@ -172,6 +174,7 @@ def test_a_stage_of_an_unsupported_kind_is_named_with_what_to_do():
     vec.description.output.add().CopyFrom(b.spec.description.input[0])
     pipe.add_model(vec)
     pipe.add_model(b.spec)
+    pipe.spec.description.output[0].type.CopyFrom(b.spec.description.output[0].type)
     with pytest.raises(mp.UnsupportedLayerError,
                        match=r"^pipelineRegressor stage 0 \('stage0'\): model kind 'featureVectorizer' "
                              r"is not supported .*do it in your own code and feed the next stage"):

@@ -115,6 +115,7 @@ def _nested(spec, depth):
         outer.specificationVersion = 4
         outer.description.CopyFrom(m.description)
         outer.pipeline.models.add().CopyFrom(m)
+        outer.isUpdatable = m.isUpdatable  # Core ML: an updatable stage only in an updatable pipeline
         m = outer
     return m
 
@@ -348,6 +349,16 @@ RULES = [
     ("classifier_probs_type", "nn_image_classifier",
      lambda s: _output(s, s.description.predictedProbabilitiesName).type.doubleType.SetInParent(),
      "the classifier's probabilities output 'probs' must be a dictionary (label -> probability)"),
+    ("pipe_dtype", "pipeline",
+     lambda s: setattr(pipe(s).models[0].description.output[0].type.multiArrayType, "dataType", 65600),
+     "pipeline stage 1 ('knn'): input 'features' is declared unlike what pipeline stage 0 ('embed') "
+     "gives (DOUBLE values for FLOAT32 ones); Core ML wants the same type on both sides"),
+    ("pipe_updatable_first", "pipeline", lambda s: setattr(pipe(s).models[0], "isUpdatable", True),
+     "an updatable pipeline trains its last stage only: mark stage 1 updatable and no other "
+     "(updatable now: [0, 1])"),
+    ("pipe_updatable_inside", "pipeline", lambda s: setattr(s, "isUpdatable", False),
+     "stage 1 is updatable inside a pipeline that is not: mark the pipeline isUpdatable too (only "
+     "its last stage may be updatable)"),
     ("pipe_outputs", "pipeline", lambda s: _add_output(s, "answer"),
      "pipeline output 'answer' is not produced by any stage"),
     ("pipe_substage", "pipeline", lambda s: knn(pipe(s).models[1]).stringClassLabels.vector.append("z"),
