@@ -531,13 +531,16 @@ def _check_update(spec, nn, updatable, kinds: dict, is_classifier: bool, pre: st
     if lp.target not in targets and not (is_classifier and desc.predictedFeatureName in targets):
         raise fail(f"{pre}update parameters: loss target {lp.target!r} is not a training input "
                    f"(trainingInput: {sorted(targets)})")
+    _check_training_inputs(desc, lp.target, is_classifier, pre)
     opt_kind = up.optimizer.WhichOneof("OptimizerType")
     if opt_kind is None:
         raise fail(f"{pre}update parameters: no optimizer set (sgdOptimizer or adamOptimizer)")
     opt = getattr(up.optimizer, opt_kind)
-    for key in ("learningRate", "miniBatchSize"):
+    required = ("learningRate", "miniBatchSize") + (("beta1", "beta2", "eps")
+                                                     if opt_kind == "adamOptimizer" else ())
+    for key in required:
         if not opt.HasField(key):
-            raise fail(f"{pre}update parameters: {opt_kind} has no {key}; it is required")
+            raise fail(f"{pre}update parameters: {opt_kind} has no {key}; Core ML requires it")
     if not up.HasField("epochs"):
         raise fail(f"{pre}update parameters: epochs is missing; it is required")
     params = [(f.name, getattr(opt, f.name)) for f in opt.DESCRIPTOR.fields if opt.HasField(f.name)]
@@ -548,6 +551,13 @@ def _check_update(spec, nn, updatable, kinds: dict, is_classifier: bool, pre: st
         value = opt.miniBatchSize.defaultValue if name == "miniBatchSize" else up.epochs.defaultValue
         if value < minimum:
             raise fail(f"{pre}update parameters: {name} default {value} must be at least {minimum}")
+    for key, p in (("miniBatchSize", opt.miniBatchSize), ("epochs", up.epochs)):
+        allowed = p.WhichOneof("AllowedValues")
+        values = list(p.set.values) if allowed == "set" else (
+            [p.range.minValue, p.range.maxValue] if allowed == "range" else [])
+        if any(v <= 0 for v in values):
+            raise fail(f"{pre}update parameters: the allowed values of {key} ({values}) must all "
+                       "be positive")
     if not opt.learningRate.defaultValue > 0:
         raise fail(f"{pre}update parameters: learningRate default {opt.learningRate.defaultValue} "
                    "must be positive")
@@ -562,6 +572,34 @@ def _check_update(spec, nn, updatable, kinds: dict, is_classifier: bool, pre: st
             if storage != "float32":
                 raise fail(f"{pre}layer {layer.name!r} ({field}) is updatable but stored as "
                            f"{storage}; updatable weights must be float32 (floatValue)")
+            if lk != "uniDirectionalLSTM" and not wp.isUpdatable:
+                raise fail(f"{pre}layer {layer.name!r} is updatable but its {field} are not marked "
+                           f"updatable ({field}.isUpdatable); Core ML requires both flags")
+    names = [l.name for l in nn.layers]
+    if loss.name in names:
+        raise fail(f"{pre}update parameters: loss layer {loss.name!r} has the name of a layer of the "
+                   "network; Core ML wants every layer and loss layer named differently")
+    # layers Core ML cannot backpropagate through between an updatable layer and the loss are
+    # not refused: this runtime trains through them (exporters.updatable warns at export)
+
+
+def _check_training_inputs(desc, target: str, is_classifier: bool, pre: str) -> None:
+    """Core ML (validateTrainingInputs): the training inputs are the prediction inputs a loss
+    needs plus the target; a classifier's label target has the label output's type."""
+    predict = {f.name: f for f in desc.input}
+    own = [f for f in desc.trainingInput
+           if f.name not in predict or _type_mismatch(predict[f.name], f)]
+    if len(desc.trainingInput) < 2 or len(own) == len(desc.trainingInput) or not own:
+        raise fail(f"{pre}training inputs {[f.name for f in desc.trainingInput]} must hold at "
+                   "least one prediction input (same name and type) and the loss target; Core ML "
+                   "refuses the model otherwise")
+    label = desc.predictedFeatureName
+    for f in own:
+        if is_classifier and f.name == label:
+            out = next((o for o in desc.output if o.name == label), None)
+            if out is not None and _type_name(out) != _type_name(f):
+                raise fail(f"{pre}training input {label!r} is {_type_name(f)} but the classifier's "
+                           f"label output is {_type_name(out)}; declare them alike")
 
 
 def updatable_weights(layer) -> list[tuple[str, object]]:
