@@ -269,10 +269,42 @@ def _check_shape_mapping(spec, nn, pre: str) -> None:
                    "layer's iOS 12 form")
 
 
+def _check_network_interface(spec, nn, kind: str, pre: str) -> None:
+    """Core ML (NeuralNetworkValidator.cpp, InterfaceValidators.cpp): a network has layers and
+    outputs, reads images or multi-arrays (at least one of them required), and a plain network
+    answers images or multi-arrays that its layers compute; outputs are never optional."""
+    desc = spec.description
+    if not nn.layers:
+        raise fail(f"{pre}the network has no layers; Core ML requires at least one")
+    if not desc.output:
+        raise fail(f"{pre}the model declares no outputs; Core ML requires at least one")
+    for f in desc.output:
+        if f.type.isOptional:
+            raise fail(f"{pre}output {f.name!r} is marked optional; Core ML's outputs cannot be")
+    io = (("input", desc.input),) + ((("output", desc.output),) if kind == "neuralNetwork" else ())
+    for group, feats in io:
+        for f in feats:
+            if _type_name(f) not in ("multiArrayType", "imageType"):
+                raise fail(f"{pre}{group} {f.name!r} is a {_type_name(f)}; a neural network's "
+                           f"{group}s must be images or multi-arrays (wrap it: e.g. a "
+                           "pipeline stage, or declare a (1,) multi-array)")
+    if desc.input and all(f.type.isOptional for f in desc.input):
+        raise fail(f"{pre}every input is optional; Core ML wants at least one required input")
+    if kind == "neuralNetwork":
+        written = {b for layer in nn.layers for b in layer.output}
+        for f in desc.output:
+            if f.name not in written:
+                raise fail(f"{pre}output {f.name!r} is not computed by any layer (Core ML does not "
+                           "pass an input through as an output: add a layer, e.g. a linear "
+                           "activation)")
+
+
 def _check_network(spec, nn, kind: str, pre: str) -> None:
     desc = spec.description
     _check_shape_mapping(spec, nn, pre)
     available = {f.name for f in desc.input}
+    producers: dict[str, str] = {}  # blob -> the layer writing it
+    _check_network_interface(spec, nn, kind, pre)
     names: set[str] = set()
     kinds: dict[str, str] = {}  # blob -> kind of the layer producing it
     updatable = []
@@ -293,6 +325,12 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
                            "without cycles)")
         if not layer.output:
             raise fail(f"{pre}layer {layer.name!r} has no output")
+        for blob in layer.output:  # Core ML: every blob has one producer
+            if blob in available:
+                by = producers.get(blob)
+                raise fail(f"{pre}layer {layer.name!r} writes blob {blob!r}, which "
+                           + (f"layer {by!r} already writes" if by else "is a model input")
+                           + "; Core ML wants every blob written once: rename one")
         lo, hi = ARITY.get(lk, (0, None))
         if len(layer.input) < lo or (hi is not None and len(layer.input) > hi):
             want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi is not None else
@@ -318,6 +356,7 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
         if layer.isUpdatable:
             updatable.append((layer, lk))
         available.update(layer.output)
+        producers.update((b, layer.name) for b in layer.output)
         for o in layer.output:
             kinds[o] = lk
     is_classifier = kind == "neuralNetworkClassifier"

@@ -171,9 +171,23 @@ RULES = [
      "layer 'sm' (softmax) has 2 inputs; it takes exactly 1"),
     ("layer_arity_out", "nn_image_classifier", lambda s: img(s).layers[2].output.append("r2"),
      "layer 'relu' (activation) has 2 outputs; it produces exactly 1"),
+    ("blob_written_twice", "updatable_nn", lambda s: upd(s).layers[2].output.__setitem__(0, "h"),
+     "layer 'fc2' writes blob 'h', which layer 'fc1' already writes; Core ML wants every blob "
+     "written once: rename one"),
+    ("input_overwritten", "updatable_nn", lambda s: upd(s).layers[0].output.__setitem__(0, "x"),
+     "layer 'fc1' writes blob 'x', which is a model input; Core ML wants every blob written once: "
+     "rename one"),
+    ("output_optional", "updatable_regressor", lambda s: _set(s.description.output[0].type, isOptional=True),
+     "output 'y' is marked optional; Core ML's outputs cannot be"),
+    ("input_kind", "updatable_regressor", lambda s: s.description.input[0].type.doubleType.SetInParent(),
+     "input 'x' is a doubleType; a neural network's inputs must be images or multi-arrays (wrap "
+     "it: e.g. a pipeline stage, or declare a (1,) multi-array)"),
+    ("no_layers", "updatable_regressor", lambda s: reg(s).ClearField("layers"),
+     "the network has no layers; Core ML requires at least one"),
     ("output_produced", "updatable_regressor",
      lambda s: reg(s).layers[0].output.__setitem__(0, "z"),
-     "output 'y' is not produced by any layer of the network"),
+     "output 'y' is not computed by any layer (Core ML does not pass an input through as an "
+     "output: add a layer, e.g. a linear activation)"),
     ("prob_layer_produced", "nn_image_classifier",
      lambda s: _set(img(s), labelProbabilityLayerName="nope"),
      "labelProbabilityLayerName 'nope' is not produced by any layer of the network"),
@@ -351,9 +365,14 @@ RULES = [
     ("pipe_inputs", "pipeline", lambda s: _set(pipe(s).models[1].description.input[0], name="emb"),
      "pipeline stage 1 ('knn') reads 'emb', which no earlier stage or pipeline input produces"),
     ("pipe_types", "pipeline",
+     lambda s: pipe(s).models[1].description.input[0].type.stringType.SetInParent(),
+     "pipeline stage 1 ('knn'): input 'features' expects a stringType but pipeline stage 0 "
+     "('embed') gives a multiArrayType"),
+    ("nn_output_kind", "pipeline",
      lambda s: pipe(s).models[0].description.output[0].type.stringType.SetInParent(),
-     "pipeline stage 1 ('knn'): input 'features' expects a multiArrayType but pipeline stage 0 "
-     "('embed') gives a stringType"),
+     "pipeline stage 0 ('embed'): output 'features' is a stringType; a neural network's outputs "
+     "must be images or multi-arrays (wrap it: e.g. a pipeline stage, or declare a (1,) "
+     "multi-array)"),
     ("classifier_unnamed_label", "nn_image_classifier",
      lambda s: s.description.ClearField("predictedFeatureName"),
      "the classifier names no predictedFeatureName (its label output); Core ML refuses it: set "
