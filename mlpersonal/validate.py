@@ -678,6 +678,16 @@ def _check_knn(spec, pre: str) -> None:
         raise fail(f"{pre}kNN: numberOfDimensions must be at least 1, got {d}")
     if d > max_elements():
         raise fail(f"{pre}kNN: numberOfDimensions {d} is {_over_limit(d)}")
+    # Core ML (KNearestNeighborsClassifierValidator.cpp): every choice is spelled out
+    for owner, oneof, what in ((knn, "WeightingScheme", "a weighting scheme (uniformWeighting or "
+                                "inverseDistanceWeighting)"),
+                               (idx, "IndexType", "an index type (linearIndex or singleKdTreeIndex)"),
+                               (idx, "DistanceFunction", "a distance function (squaredEuclideanDistance)")):
+        if owner.WhichOneof(oneof) is None:
+            raise fail(f"{pre}kNN: no {oneof} set; Core ML requires {what}")
+    if knn.WhichOneof("ClassLabels") is None and knn.WhichOneof("DefaultClassLabel") is None:
+        raise fail(f"{pre}kNN: neither class labels nor a default label; Core ML requires a "
+                   "default label (defaultStringLabel or defaultInt64Label) when no labels are stored")
     samples = len(idx.floatSamples)
     which = knn.WhichOneof("ClassLabels")
     labels = len(getattr(knn, which).vector) if which else 0

@@ -394,6 +394,11 @@ RULES = [
     ("pipe_updatable_inside", "pipeline", lambda s: setattr(s, "isUpdatable", False),
      "stage 1 is updatable inside a pipeline that is not: mark the pipeline isUpdatable too (only "
      "its last stage may be updatable)"),
+    ("knn_weighting", "knn", lambda s: knn(s).ClearField("uniformWeighting") or knn(s).ClearField("inverseDistanceWeighting"),
+     "kNN: no WeightingScheme set; Core ML requires a weighting scheme (uniformWeighting or "
+     "inverseDistanceWeighting)"),
+    ("knn_index", "knn", lambda s: knn(s).nearestNeighborsIndex.ClearField("linearIndex"),
+     "kNN: no IndexType set; Core ML requires an index type (linearIndex or singleKdTreeIndex)"),
     ("pipe_outputs", "pipeline", lambda s: _add_output(s, "answer"),
      "pipeline output 'answer' is not produced by any stage"),
     ("pipe_substage", "pipeline", lambda s: knn(pipe(s).models[1]).stringClassLabels.vector.append("z"),
