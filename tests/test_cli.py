@@ -174,15 +174,19 @@ def test_inspect_pipeline_with_knn(tmp_path, capsys):
     from coremltools.models.pipeline import PipelineClassifier
 
     emb = convert(nn.Sequential(nn.Linear(4, 3)).eval(), [mp.TensorType("x", (4,))], outputs=["features"])
-    knn = KNearestNeighborsClassifierBuilder("features", "label", number_of_dimensions=3,
+    knn = KNearestNeighborsClassifierBuilder("features", "classLabel", number_of_dimensions=3,
                                              default_class_label="none", number_of_neighbors=3)
     knn.add_samples(np.eye(3, dtype=np.float32), ["a", "b", "c"])
     pipe = PipelineClassifier([("x", datatypes.Array(4))], ["a", "b", "c"])
     pipe.add_model(emb)
     pipe.add_model(knn.spec)
-    pipe.set_training_input([("x", datatypes.Array(4)), ("label", datatypes.String())])
+    pipe.set_training_input([("x", datatypes.Array(4)), ("classLabel", datatypes.String())])
     for fd in (pipe.spec.description.input[0], pipe.spec.description.trainingInput[0]):
         fd.type.CopyFrom(emb.description.input[0].type)  # Core ML: the stage's own input type
+    pipe.spec.isUpdatable, pipe.spec.specificationVersion = True, 4  # its kNN stage is
+    del pipe.spec.description.output[1:]  # the kNN gives the label only
+    pipe.spec.description.predictedProbabilitiesName = ""
+    mp.load(pipe.spec)  # a model Core ML accepts
     path = tmp_path / "p.mlmodel"
     mp.save(pipe.spec, path)
     assert main(["inspect", str(path)]) == 0
