@@ -86,7 +86,7 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
     pre = f"{where}: " if where else ""
     if _depth > MAX_PIPELINE_DEPTH:
         raise fail(f"pipelines are nested more than {MAX_PIPELINE_DEPTH} levels deep")
-    _check_description(spec.description, pre)
+    _check_description(spec.description, pre, spec.specificationVersion)
     kind = spec.WhichOneof("Type")
     if kind and kind.endswith("Classifier"):
         _check_classifier_names(spec.description, pre)
@@ -109,7 +109,34 @@ def validate(spec, *, where: str = "", _depth: int = 0) -> None:
 
 
 # --- feature descriptions ----------------------------------------------------------------------
-def _check_description(desc, pre: str) -> None:
+_FLOAT16_VERSION = 7  # iOS 16: FLOAT16 multi-arrays and GRAYSCALE_FLOAT16 images
+
+
+def _check_feature_format(fd, what: str, is_input: bool, version: int) -> None:
+    """Core ML (InterfaceValidators.cpp): a multi-array names its element type (FLOAT16 from
+    specification 7) and, as an input, its shape; an image names its colour space."""
+    kind = fd.type.WhichOneof("Type")
+    if kind == "multiArrayType":
+        m = fd.type.multiArrayType
+        if m.dataType not in (m.DOUBLE, m.FLOAT32, m.INT32, m.FLOAT16):
+            raise fail(f"{what}: no element type (dataType); Core ML wants DOUBLE, FLOAT32, "
+                       "FLOAT16 or INT32")
+        if m.dataType == m.FLOAT16 and version < _FLOAT16_VERSION:
+            raise fail(f"{what}: FLOAT16 multi-arrays need specificationVersion >= "
+                       f"{_FLOAT16_VERSION}, the model has {version}")
+        if is_input and not len(m.shape) and m.WhichOneof("ShapeFlexibility") is None:
+            raise fail(f"{what}: no shape; Core ML wants an input multi-array's shape (or its "
+                       "allowed shapes) declared")
+    elif kind == "imageType":
+        it = fd.type.imageType
+        if it.colorSpace not in (it.GRAYSCALE, it.RGB, it.BGR, it.GRAYSCALE_FLOAT16):
+            raise fail(f"{what}: no colour space; Core ML wants RGB, BGR or GRAYSCALE")
+        if it.colorSpace == it.GRAYSCALE_FLOAT16 and version < _FLOAT16_VERSION:
+            raise fail(f"{what}: GRAYSCALE_FLOAT16 images need specificationVersion >= "
+                       f"{_FLOAT16_VERSION}, the model has {version}")
+
+
+def _check_description(desc, pre: str, version: int = 1) -> None:
     for group, feats in (("input", desc.input), ("output", desc.output),
                          ("training input", desc.trainingInput)):
         seen = set()
@@ -120,6 +147,7 @@ def _check_description(desc, pre: str) -> None:
                 raise fail(f"{pre}two model {group}s are named {fd.name!r}; feature names must be unique")
             seen.add(fd.name)
             _check_feature_type(fd, f"{pre}{group} {fd.name!r}")
+            _check_feature_format(fd, f"{pre}{group} {fd.name!r}", group != "output", version)
 
 
 def _check_classifier_names(desc, pre: str) -> None:

@@ -110,6 +110,7 @@ def _custom_model_spec(class_name):
         f = group.add()
         f.name = "x" if group is spec.description.input else "y"
         f.type.multiArrayType.shape.append(4)
+        f.type.multiArrayType.dataType = f.type.multiArrayType.FLOAT32
     spec.customModel.className = class_name
     spec.customModel.parameters["code"].stringValue = class_name
     return spec
