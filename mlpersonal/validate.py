@@ -297,6 +297,35 @@ def _check_shape_mapping(spec, nn, pre: str) -> None:
                    "layer's iOS 12 form")
 
 
+#: the padding oneof a layer must set (Core ML refuses it unset)
+_PADDING_CHOICE = {"convolution": "ConvolutionPaddingType", "pooling": "PoolingPaddingType",
+                   "padding": "PaddingType"}
+#: activations Core ML allows inside recurrent layers (validateRecurrentActivationParams)
+RECURRENT_ACTIVATIONS = frozenset({"linear", "sigmoid", "tanh", "scaledTanh", "sigmoidHard", "ReLU"})
+
+
+def _check_layer_choices(layer, lk: str, params, pre: str) -> None:
+    """Core ML (NeuralNetworkLayerValidator.cpp): convolution, pooling and padding layers say how
+    they pad; LSTMs list their 3 activations (each direction), of the kinds recurrent layers take."""
+    oneof = _PADDING_CHOICE.get(lk)
+    if oneof and params.WhichOneof(oneof) is None:
+        raise fail(f"{pre}layer {layer.name!r} ({lk}) sets no padding type ({oneof}); Core ML "
+                   "requires one (e.g. valid or same)")
+    groups = {"uniDirectionalLSTM": [("activations", 3)], "gru": [("activations", None)],
+              "biDirectionalLSTM": [("activationsForwardLSTM", 3), ("activationsBackwardLSTM", 3)],
+              }.get(lk, [])
+    for field, count in groups:
+        acts = list(getattr(params, field))
+        if count is not None and len(acts) != count:
+            raise fail(f"{pre}layer {layer.name!r} ({lk}) lists {len(acts)} {field}; Core ML "
+                       f"requires {count} (gates, cell, output)")
+        bad = [a.WhichOneof("NonlinearityType") for a in acts
+               if a.WhichOneof("NonlinearityType") not in RECURRENT_ACTIVATIONS]
+        if bad:
+            raise fail(f"{pre}layer {layer.name!r} ({lk}): activation {bad[0]!r} is not one Core ML "
+                       f"runs in recurrent layers ({', '.join(sorted(RECURRENT_ACTIVATIONS))})")
+
+
 def _check_network_interface(spec, nn, kind: str, pre: str) -> None:
     """Core ML (NeuralNetworkValidator.cpp, InterfaceValidators.cpp): a network has layers and
     outputs, reads images or multi-arrays (at least one of them required), and a plain network
@@ -375,6 +404,7 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
                        f"wants {want}" + (" (the sequence and each final state, read or not)"
                                           if lk in RECURRENT_LAYER_KINDS else ""))
         params = getattr(layer, lk)
+        _check_layer_choices(layer, lk, params, pre)
         # global pooling ignores its (often zero) kernel size and stride
         _check_sizes(params, f"{pre}layer {layer.name!r}",
                      positive=not (lk == "pooling" and params.globalPooling))

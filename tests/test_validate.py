@@ -186,6 +186,17 @@ RULES = [
      "input 'x': no shape; Core ML wants an input multi-array's shape (or its allowed shapes) declared"),
     ("image_colorspace", "nn_image_classifier", lambda s: _set(s.description.input[0].type.imageType, colorSpace=0),
      "input 'image': no colour space; Core ML wants RGB, BGR or GRAYSCALE"),
+    ("conv_padding_type", "nn_image_classifier",
+     lambda s: img(s).layers[0].convolution.ClearField("valid") or img(s).layers[0].convolution.ClearField("same"),
+     "layer 'conv' (convolution) sets no padding type (ConvolutionPaddingType); Core ML requires "
+     "one (e.g. valid or same)"),
+    ("lstm_activations", "recurrent",
+     lambda s: s.neuralNetwork.layers[0].uniDirectionalLSTM.activations.pop(),
+     "layer 'lstm' (uniDirectionalLSTM) lists 2 activations; Core ML requires 3 (gates, cell, output)"),
+    ("lstm_activation_kind", "recurrent",
+     lambda s: s.neuralNetwork.layers[0].uniDirectionalLSTM.activations[0].leakyReLU.SetInParent(),
+     "layer 'lstm' (uniDirectionalLSTM): activation 'leakyReLU' is not one Core ML runs in recurrent "
+     "layers (ReLU, linear, scaledTanh, sigmoid, sigmoidHard, tanh)"),
     ("output_optional", "updatable_regressor", lambda s: _set(s.description.output[0].type, isOptional=True),
      "output 'y' is marked optional; Core ML's outputs cannot be"),
     ("input_kind", "updatable_regressor", lambda s: s.description.input[0].type.doubleType.SetInParent(),
