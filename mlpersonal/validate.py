@@ -797,7 +797,8 @@ def _type_mismatch(a, b) -> str:
         x, y = ta.multiArrayType, tb.multiArrayType
         if x.dataType != y.dataType:
             names = x.DESCRIPTOR.fields_by_name["dataType"].enum_type.values_by_number
-            return f"{names[y.dataType].name} values for {names[x.dataType].name} ones"
+            name = lambda v: names[v].name if v in names else str(v)  # noqa: E731
+            return f"{name(y.dataType)} values for {name(x.dataType)} ones"
         flex_x, flex_y = x.WhichOneof("ShapeFlexibility"), y.WhichOneof("ShapeFlexibility")
         if _rank(x) != _rank(y) or (not flex_x and not flex_y and list(x.shape) != list(y.shape)):
             return f"shape {list(y.shape)} for {list(x.shape)}"
