@@ -311,6 +311,11 @@ def _check_layer_choices(layer, lk: str, params, pre: str) -> None:
     if oneof and params.WhichOneof(oneof) is None:
         raise fail(f"{pre}layer {layer.name!r} ({lk}) sets no padding type ({oneof}); Core ML "
                    "requires one (e.g. valid or same)")
+    if lk == "upsample":
+        for field in ("scalingFactor", "fractionalScalingFactor"):
+            if len(getattr(params, field)) not in (0, 2):
+                raise fail(f"{pre}layer {layer.name!r} (upsample) lists {len(getattr(params, field))} "
+                           f"{field} values; Core ML wants 2 (height, width) or none")
     groups = {"uniDirectionalLSTM": [("activations", 3)], "gru": [("activations", None)],
               "biDirectionalLSTM": [("activationsForwardLSTM", 3), ("activationsBackwardLSTM", 3)],
               }.get(lk, [])
@@ -481,6 +486,10 @@ class _Weights:
         n = math.prod(int(d) for d in dims)
         if optional and not stored:
             return
+        if stored == ["rawValue"] and not wp.HasField("quantization"):
+            raise fail(f"{where}: rawValue without quantization parameters; Core ML reads no "
+                       "weights from it (float32 weights belong in floatValue, n-bit ones need "
+                       "their quantization message)")
         if stored == ["int8RawValue"]:
             have = len(wp.int8RawValue)
         elif wp.HasField("quantization") and stored == ["rawValue"]:

@@ -186,6 +186,12 @@ RULES = [
      "input 'x': no shape; Core ML wants an input multi-array's shape (or its allowed shapes) declared"),
     ("image_colorspace", "nn_image_classifier", lambda s: _set(s.description.input[0].type.imageType, colorSpace=0),
      "input 'image': no colour space; Core ML wants RGB, BGR or GRAYSCALE"),
+    ("raw_without_quantization", "nn_image_classifier",
+     lambda s: (img(s).layers[5].innerProduct.weights.__setattr__(
+         "rawValue", np.asarray(img(s).layers[5].innerProduct.weights.floatValue, "<f4").tobytes()),
+                img(s).layers[5].innerProduct.weights.ClearField("floatValue")),
+     "layer 'fc' (weights): rawValue without quantization parameters; Core ML reads no weights "
+     "from it (float32 weights belong in floatValue, n-bit ones need their quantization message)"),
     ("conv_padding_type", "nn_image_classifier",
      lambda s: img(s).layers[0].convolution.ClearField("valid") or img(s).layers[0].convolution.ClearField("same"),
      "layer 'conv' (convolution) sets no padding type (ConvolutionPaddingType); Core ML requires "
