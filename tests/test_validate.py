@@ -536,3 +536,16 @@ def test_a_regressor_names_its_prediction_as_core_ml_requires():
     assert mp.load(b.spec).predict({"x": np.ones(3, np.float32)})["y"].tolist() == [3.0, 3.0]
     exported = mp.convert(torch.nn.Linear(3, 1), [mp.TensorType("x", (3,))], regressor="price")
     assert exported.description.predictedFeatureName == "price"
+
+
+def test_an_upsample_lists_two_scaling_factors():
+    """Core ML (NeuralNetworkLayerValidator.cpp): scalingFactor holds (height, width) or nothing."""
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(1, 2, 2))], [("y", None)])
+    b.add_upsample("up", 2, 2, "x", "y", mode="NN")
+    assert mp.load(b.spec).predict({"x": np.ones((1, 2, 2), np.float32)})["y"].shape == (1, 4, 4)
+    del b.spec.neuralNetwork.layers[0].upsample.scalingFactor[1]
+    with pytest.raises(mp.InvalidModelError, match=r"lists 1 scalingFactor values; Core ML wants 2"):
+        mp.load(b.spec)
