@@ -1,6 +1,6 @@
 """The load-time validator: refuse a malformed spec before anything is allocated or run.
 
-``validate(spec)`` checks what Core ML's validators (NeuralNetworkValidator,
+``validate(spec)`` checks what Core ML's validators (InterfaceValidators, NeuralNetworkValidator,
 UpdatableNeuralNetworkValidator, KNNValidator, PipelineValidator) check, and bounds the sizes a
 file declares: every weight tensor must match the data actually stored (so a declared
 ``outputChannels=2**40`` is refused before anything is allocated), declared features and layer
