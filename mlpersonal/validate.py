@@ -311,6 +311,13 @@ def _check_layer_choices(layer, lk: str, params, pre: str) -> None:
     if oneof and params.WhichOneof(oneof) is None:
         raise fail(f"{pre}layer {layer.name!r} ({lk}) sets no padding type ({oneof}); Core ML "
                    "requires one (e.g. valid or same)")
+    precisions = {"convolution": ("weights", "bias"), "innerProduct": ("weights", "bias"),
+                  "embedding": ("weights", "bias"),
+                  "batchnorm": ("gamma", "beta", "mean", "variance")}.get(lk, ())
+    kinds = {storage_of(getattr(params, f)) for f in precisions if storage_of(getattr(params, f)) != "empty"}
+    if {"float32", "fp16"} <= kinds:
+        raise fail(f"{pre}layer {layer.name!r} ({lk}) mixes float32 and fp16 parameters "
+                   f"({', '.join(precisions)}); Core ML wants them all in one precision")
     if lk == "upsample":
         for field in ("scalingFactor", "fractionalScalingFactor"):
             if len(getattr(params, field)) not in (0, 2):

@@ -192,6 +192,12 @@ RULES = [
                 img(s).layers[5].innerProduct.weights.ClearField("floatValue")),
      "layer 'fc' (weights): rawValue without quantization parameters; Core ML reads no weights "
      "from it (float32 weights belong in floatValue, n-bit ones need their quantization message)"),
+    ("mixed_precision", "nn_image_classifier",
+     lambda s: (img(s).layers[5].innerProduct.bias.__setattr__(
+         "float16Value", np.asarray(img(s).layers[5].innerProduct.bias.floatValue, "<f2").tobytes()),
+                img(s).layers[5].innerProduct.bias.ClearField("floatValue")),
+     "layer 'fc' (innerProduct) mixes float32 and fp16 parameters (weights, bias); Core ML wants them "
+     "all in one precision"),
     ("conv_padding_type", "nn_image_classifier",
      lambda s: img(s).layers[0].convolution.ClearField("valid") or img(s).layers[0].convolution.ClearField("same"),
      "layer 'conv' (convolution) sets no padding type (ConvolutionPaddingType); Core ML requires "
@@ -234,7 +240,8 @@ RULES = [
     ("bn_mean", "nn_image_classifier", lambda s: img(s).layers[1].batchnorm.mean.ClearField("floatValue"),
      "layer 'bn' (mean): holds 0 values but its declared shape [4] needs 4; the model is corrupt "
      "or its weights are missing"),
-    ("fp16_count", "nn_image_classifier", lambda s: _fp16(img(s).layers[5].innerProduct.weights, 191),
+    ("fp16_count", "nn_image_classifier",
+     lambda s: (_fp16(img(s).layers[5].innerProduct.weights, 191), _fp16(img(s).layers[5].innerProduct.bias, 3)),
      "layer 'fc' (weights): holds 191 values but its declared shape [3, 64] needs 192; the model "
      "is corrupt or its weights are missing"),
     ("quant_bytes", "nn_image_classifier", lambda s: _quant(img(s).layers[5].innerProduct.weights, 95, 4),
@@ -351,7 +358,8 @@ RULES = [
     ("updatable_kind", "updatable_nn", lambda s: _set(upd(s).layers[1], isUpdatable=True),
      "layer 'relu' is marked updatable but is a 'activation' layer; only convolution, "
      "innerProduct, uniDirectionalLSTM layers can be updated"),
-    ("updatable_float", "updatable_nn", lambda s: _fp16(upd(s).layers[2].innerProduct.weights, 10),
+    ("updatable_float", "updatable_nn",
+     lambda s: (_fp16(upd(s).layers[2].innerProduct.weights, 10), _fp16(upd(s).layers[2].innerProduct.bias, 2)),
      "layer 'fc2' (weights) is updatable but stored as fp16; updatable weights must be float32 "
      "(floatValue)"),
     ("updatable_quantized", "updatable_regressor",
