@@ -90,6 +90,12 @@ def _fp16(wp, n):
     wp.float16Value = np.zeros(n, dtype="<f2").tobytes()
 
 
+def _restore(wp, field: str, dtype: str):
+    """Move ``wp``'s float values into ``field`` as ``dtype`` bytes."""
+    setattr(wp, field, np.asarray(wp.floatValue, dtype).tobytes())
+    wp.ClearField("floatValue")
+
+
 def _quant(wp, nbytes, bits=8):
     wp.Clear()
     wp.rawValue = bytes(nbytes)
@@ -187,15 +193,11 @@ RULES = [
     ("image_colorspace", "nn_image_classifier", lambda s: _set(s.description.input[0].type.imageType, colorSpace=0),
      "input 'image': no colour space; Core ML wants RGB, BGR or GRAYSCALE"),
     ("raw_without_quantization", "nn_image_classifier",
-     lambda s: (img(s).layers[5].innerProduct.weights.__setattr__(
-         "rawValue", np.asarray(img(s).layers[5].innerProduct.weights.floatValue, "<f4").tobytes()),
-                img(s).layers[5].innerProduct.weights.ClearField("floatValue")),
+     lambda s: _restore(img(s).layers[5].innerProduct.weights, "rawValue", "<f4"),
      "layer 'fc' (weights): rawValue without quantization parameters; Core ML reads no weights "
      "from it (float32 weights belong in floatValue, n-bit ones need their quantization message)"),
     ("mixed_precision", "nn_image_classifier",
-     lambda s: (img(s).layers[5].innerProduct.bias.__setattr__(
-         "float16Value", np.asarray(img(s).layers[5].innerProduct.bias.floatValue, "<f2").tobytes()),
-                img(s).layers[5].innerProduct.bias.ClearField("floatValue")),
+     lambda s: _restore(img(s).layers[5].innerProduct.bias, "float16Value", "<f2"),
      "layer 'fc' (innerProduct) mixes float32 and fp16 parameters (weights, bias); Core ML wants them "
      "all in one precision"),
     ("conv_padding_type", "nn_image_classifier",
