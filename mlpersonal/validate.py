@@ -341,7 +341,7 @@ def _check_layer_choices(layer, lk: str, params, pre: str) -> None:
 def _check_network_interface(spec, nn, kind: str, pre: str) -> None:
     """Core ML (NeuralNetworkValidator.cpp, InterfaceValidators.cpp): a network has layers and
     outputs, reads images or multi-arrays (at least one of them required), and a plain network
-    answers images or multi-arrays that its layers compute; outputs are never optional."""
+    answers images or multi-arrays; outputs are never optional."""
     desc = spec.description
     if not nn.layers:
         raise fail(f"{pre}the network has no layers; Core ML requires at least one")
@@ -359,23 +359,15 @@ def _check_network_interface(spec, nn, kind: str, pre: str) -> None:
                            "pipeline stage, or declare a (1,) multi-array)")
     if desc.input and all(f.type.isOptional for f in desc.input):
         raise fail(f"{pre}every input is optional; Core ML wants at least one required input")
-    if kind == "neuralNetwork":
-        written = {b for layer in nn.layers for b in layer.output}
-        for f in desc.output:
-            if f.name not in written:
-                raise fail(f"{pre}output {f.name!r} is not computed by any layer (Core ML does not "
-                           "pass an input through as an output: add a layer, e.g. a linear "
-                           "activation)")
 
 
 def _check_network(spec, nn, kind: str, pre: str) -> None:
     desc = spec.description
     _check_shape_mapping(spec, nn, pre)
     available = {f.name for f in desc.input}
-    producers: dict[str, str] = {}  # blob -> the layer writing it
+    producers: dict = {}  # blob -> the layer writing it
     _check_network_interface(spec, nn, kind, pre)
     names: set[str] = set()
-    kinds: dict[str, str] = {}  # blob -> kind of the layer producing it
     updatable = []
     for i, layer in enumerate(nn.layers):
         if not layer.name:
@@ -398,7 +390,7 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
             if blob in available:
                 by = producers.get(blob)
                 raise fail(f"{pre}layer {layer.name!r} writes blob {blob!r}, which "
-                           + (f"layer {by!r} already writes" if by else "is a model input")
+                           + (f"layer {by.name!r} already writes" if by else "is a model input")
                            + "; Core ML wants every blob written once: rename one")
         lo, hi = ARITY.get(lk, (0, None))
         if len(layer.input) < lo or (hi is not None and len(layer.input) > hi):
@@ -426,15 +418,19 @@ def _check_network(spec, nn, kind: str, pre: str) -> None:
         if layer.isUpdatable:
             updatable.append((layer, lk))
         available.update(layer.output)
-        producers.update((b, layer.name) for b in layer.output)
-        for o in layer.output:
-            kinds[o] = lk
+        producers.update((b, layer) for b in layer.output)
+    kinds = {b: layer.WhichOneof("layer") for b, layer in producers.items()}
     is_classifier = kind == "neuralNetworkClassifier"
     exempt = {desc.predictedFeatureName or "classLabel", desc.predictedProbabilitiesName} \
         if is_classifier else set()
+    # a plain network's outputs are computed by layers (Core ML passes no input through)
+    given = producers if kind == "neuralNetwork" else available
     for fd in desc.output:
-        if fd.name not in exempt and fd.name not in available:
-            raise fail(f"{pre}output {fd.name!r} is not produced by any layer of the network")
+        if fd.name not in exempt and fd.name not in given:
+            raise fail(f"{pre}output {fd.name!r} is " + (
+                "not computed by any layer (Core ML does not pass an input through as an output: "
+                "add a layer, e.g. a linear activation)" if given is producers
+                else "not produced by any layer of the network"))
     if is_classifier and nn.labelProbabilityLayerName and nn.labelProbabilityLayerName not in available:
         raise fail(f"{pre}labelProbabilityLayerName {nn.labelProbabilityLayerName!r} is not "
                    "produced by any layer of the network")
@@ -709,10 +705,10 @@ def _check_training_inputs(desc, target: str, is_classifier: bool, pre: str) -> 
     label = desc.predictedFeatureName
     for f in own:
         if is_classifier and f.name == label:
-            out = next((o for o in desc.output if o.name == label), None)
-            if out is not None and _type_name(out) != _type_name(f):
+            out = _output_type(desc, label)
+            if out is not None and out != _type_name(f):
                 raise fail(f"{pre}training input {label!r} is {_type_name(f)} but the classifier's "
-                           f"label output is {_type_name(out)}; declare them alike")
+                           f"label output is {out}; declare them alike")
 
 
 def updatable_weights(layer) -> list[tuple[str, object]]:
