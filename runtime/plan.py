@@ -226,7 +226,8 @@ class InferencePlan:
         return [k for k in self._sequences if k in blobs and blobs[k].ndim == 5]
 
     def _build(self, blobs):
-        """(session entry or _FAILED, this call's outputs from the session, or None on failure).
+        """(session entry or _FAILED, this call's outputs: the session's; on failure the eager
+        reference's when the probe was the whole call, else None).
 
         Traced and verified on a probe of the first :data:`PROBE_ROWS` examples (and on another
         batch size made from them), not on the whole batch: the graph has a dynamic batch axis,
@@ -305,12 +306,11 @@ class InferencePlan:
         # the graph's inputs and outputs are traced under names of our own and renamed to the
         # blob names afterwards: blob names such as "0" (models converted through onnx-coreml)
         # clash with the tracer's value names
-        names = {f"input_{i}": k for i, k in enumerate(inputs)}
-        names.update({f"output_{i}": k for i, k in enumerate(self.outputs)})
-        axes = {k: {0: "batch"} for k in names}
-        for i, k in enumerate(inputs):
-            if k in sequences:
-                axes[f"input_{i}"] = {0: "batch", 1: "sequence"}
+        traced_in = [f"input_{i}" for i in range(len(inputs))]
+        traced_out = [f"output_{i}" for i in range(len(self.outputs))]
+        names = dict(zip(traced_in + traced_out, inputs + self.outputs))
+        axes = {t: {0: "batch", 1: "sequence"} if names[t] in sequences else {0: "batch"}
+                for t in names}
         # an updatable model's weights are Parameters that require grad, which tracing cannot
         # store as constants: off for the export (the plan is rebuilt when they change)
         trained = [p for p in self._params if p.requires_grad]
@@ -320,10 +320,9 @@ class InferencePlan:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
                     _quiet_exporter():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, example, buf, dynamo=False,
-                                  input_names=[k for k in names if k.startswith("input_")],
-                                  output_names=[k for k in names if k.startswith("output_")],
-                                  dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True)
+                torch.onnx.export(module, example, buf, dynamo=False, input_names=traced_in,
+                                  output_names=traced_out, dynamic_axes=axes, opset_version=OPSET,
+                                  do_constant_folding=True)
         finally:
             for p in trained:
                 p.requires_grad_(True)
@@ -559,25 +558,24 @@ def simplify(model_bytes: bytes, rename: Optional[dict[str, str]] = None,
         v = consts.get(shape_name)
         return v is not None and v.size > 0 and int(v.reshape(-1)[0]) == 0 and 0 not in v.reshape(-1)[1:]
 
+    def set_shape(node, v: np.ndarray, suffix: str) -> None:
+        """Give Reshape ``node`` the constant shape ``v``."""
+        name = node.input[1] + suffix
+        g.initializer.append(numpy_helper.from_array(v.astype(np.int64), name))
+        consts[name] = v
+        node.input[1] = name
+
     graph_inputs = {i.name for i in g.input}
     for node in nodes:
         if node.op_type == "Reshape" and node.input[1] not in consts:
             v = shape_value(node.input[1], node.input[0])
             if v is not None and _BATCH not in v[1:]:  # 0 copies the input's axis 0 only there
-                v = np.where(v == _BATCH, 0, v)
-                name = node.input[1] + "__const"
-                g.initializer.append(numpy_helper.from_array(v.astype(np.int64), name))
-                consts[name] = v
-                node.input[1] = name
+                set_shape(node, np.where(v == _BATCH, 0, v), "__const")
         elif (node.op_type == "Reshape" and batch and same0(node.input[0]) in graph_inputs
               and not any(a.name == "allowzero" and a.i for a in node.attribute)):
             v = np.asarray(consts[node.input[1]], dtype=np.int64).reshape(-1)
             if v.size and int(v[0]) == batch and 0 not in v[1:]:
-                v = np.concatenate([[0], v[1:]])
-                name = node.input[1] + "__batch"
-                g.initializer.append(numpy_helper.from_array(v, name))
-                consts[name] = v
-                node.input[1] = name
+                set_shape(node, np.concatenate([[0], v[1:]]), "__batch")
         data = [i for i in node.input if i not in consts]
         if node.op_type in ("Add", "Sub", "Mul", "Div", "MatMul") and len(data) == 1 and node.input:
             # one tensor and constants: the tensor's rows stay rows when no constant has an
