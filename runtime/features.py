@@ -336,11 +336,11 @@ def example_lengths(feeds: dict[str, Any], sequences: set) -> Optional[list[int]
     """Each example's sequence length when every input given in mixed shapes is one of the
     ``sequences`` inputs (``(Seq, 1, C)`` tensors, or a ``(C,)`` vector: length 1) and an
     example's sequence inputs agree on their length; else None."""
-    lists = [v for k, v in feeds.items() if type(v) is list]
-    if not lists or any(k not in sequences for k, v in feeds.items() if type(v) is list):
+    lists = {k: v for k, v in feeds.items() if type(v) is list}
+    if not lists or not set(lists) <= set(sequences):
         return None
     lengths = None
-    for v in lists:
+    for v in lists.values():
         mine = [t.shape[0] if t.dim() == 3 else 1 for t in v]
         if lengths is not None and mine != lengths:
             return None

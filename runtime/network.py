@@ -14,6 +14,12 @@ from mlpersonal.errors import InvalidModelError, UnsupportedLayerError
 from .layers import LAYERS, BuildContext
 
 
+def unread_blobs(steps, keep) -> frozenset:
+    """Blobs the ``steps`` compute that none of them reads and that are not in ``keep``."""
+    read = {b for s in steps for b in s.inputs}
+    return frozenset(b for s in steps for b in s.outputs if b not in read and b not in keep)
+
+
 @dataclass
 class Step:
     name: str

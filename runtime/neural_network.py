@@ -18,7 +18,7 @@ from .features import (BGR, GRAYSCALE, array_shape, decode_outputs, describe, ex
                        plain_pixels, sequence_steps, shape_groups)
 from .layers.recurrent import sequence_lengths, stepwise
 from .model import CompiledModel, register_model_kind
-from .network import Network
+from .network import Network, unread_blobs
 
 EXACT_ARRAY_MAPPING = 1
 RANK4_IMAGE_MAPPING = 1
@@ -343,8 +343,7 @@ class NeuralNetworkModel(CompiledModel):
         if self.nd:
             return None
         if self._stepwise is None:
-            layers = {l.name: l for l in self.nn_spec.layers}
-            self._stepwise = all(stepwise(st.kind, layers[st.name]) for st in self.net.steps)
+            self._stepwise = stepwise(self.net.steps, self.nn_spec.layers)
         if not self._stepwise:
             return None
         lengths = example_lengths(feeds, {f.name for f in self._inputs if f.sequence})
@@ -356,7 +355,8 @@ class NeuralNetworkModel(CompiledModel):
         step, torch's fused LSTM where the cell state is not an output), each row's sequence
         blobs cut back to its length."""
         blobs = self.preprocess(self.layout(padded_feeds(feeds, range(n), lengths)))
-        with sequence_lengths(torch.tensor(lengths), self._unread()):
+        outputs = {f.name for f in self.spec.description.output} | {getattr(self, "_probs_blob", None)}
+        with sequence_lengths(torch.tensor(lengths), unread_blobs(self.net.steps, outputs)):
             env = self.run_blobs(blobs, n)
         keep = {name for name, _, _ in self._outputs_cache or self._output_plan()}
         if self.is_classifier:
@@ -374,13 +374,6 @@ class NeuralNetworkModel(CompiledModel):
                 row[k] = v
             parts.append(_row(self.from_blobs(row, 1), 0))
         return parts
-
-    def _unread(self) -> frozenset:
-        """Blobs the layers compute that no layer reads and no output is made of."""
-        outputs = {f.name for f in self.spec.description.output} | {getattr(self, "_probs_blob", None)}
-        read = {b for st in self.net.steps for b in st.inputs}
-        return frozenset(b for st in self.net.steps for b in st.outputs
-                         if b not in read and b not in outputs)
 
     def inference_plan(self):
         """The :class:`runtime.plan.InferencePlan` predictions use, or None (eager Network).

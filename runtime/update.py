@@ -80,6 +80,7 @@ from .features import example_lengths, feature_kind, gather_feeds, padded_feeds,
 from .layers.recurrent import sequence_lengths, stepwise
 from .model import CompiledModel, compile_spec, load
 from .native import loaded_function
+from .network import unread_blobs
 from .updating import Updater
 
 EVENTS = ("training_began", "mini_batch_end", "epoch_end")
@@ -510,8 +511,7 @@ class NeuralNetworkUpdater(Updater):
         self.plan = self._plan({self.loss.blob})
         self._dead = self._liveness(self.plan, keep=self.loss.blob)
         #: blobs the training plan computes and never reads (e.g. an LSTM's last cell state)
-        self._unread = frozenset(b for s in self.plan for b in s.outputs) - {
-            b for s in self.plan for b in s.inputs} - {self.loss.blob}
+        self._unread = unread_blobs(self.plan, {self.loss.blob})
         self.target_name, self.target_mode = self._target()
         self.device = work.device
         self._opt: Optional[optimizers.SGD | optimizers.Adam] = None
@@ -875,8 +875,7 @@ class NeuralNetworkUpdater(Updater):
         the padded loss equals the grouped one on examples of distinct lengths; else None."""
         if self.model.nd or self.feeds is None:
             return None
-        layers = {l.name: l for l in self.model.nn_spec.layers}
-        if not all(stepwise(s.kind, layers[s.name]) for s in self.plan):
+        if not stepwise(self.plan, self.model.nn_spec.layers):
             return None
         lengths = example_lengths(self.feeds, {f.name for f in self.model._described()[0] if f.sequence})
         if lengths is None or len(set(lengths)) < 2:

@@ -138,14 +138,20 @@ STEPWISE_KINDS = frozenset({
 })
 
 
-def stepwise(kind: str, layer) -> bool:
-    """Does this layer compute each step of a sequence from that step alone (or, recurrent, from
-    the steps before it)? Not: a concat along the sequence, batchnorm with its own statistics."""
-    if kind == "concat" and layer.concat.sequenceConcat:
-        return False
-    if kind == "batchnorm" and layer.batchnorm.computeMeanVar:
-        return False
-    return kind in STEPWISE_KINDS
+def stepwise(steps, layers) -> bool:
+    """Do these steps (of a Network built from the spec ``layers``) each compute every step of
+    a sequence from that step alone (or, recurrent, from the steps before it)? Not: a concat
+    along the sequence, batchnorm with its own statistics, kinds outside :data:`STEPWISE_KINDS`."""
+    by_name = {layer.name: layer for layer in layers}
+    for step in steps:
+        layer = by_name[step.name]
+        if step.kind == "concat" and layer.concat.sequenceConcat:
+            return False
+        if step.kind == "batchnorm" and layer.batchnorm.computeMeanVar:
+            return False
+        if step.kind not in STEPWISE_KINDS:
+            return False
+    return True
 
 
 def _cell_read(layer, index: int) -> bool:
