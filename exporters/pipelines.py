@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence, Union
 from mlpersonal.errors import ConversionError
 from mlpersonal.proto import Model_pb2
 from mlpersonal.specio import load_spec
+from mlpersonal.validate import type_mismatch
 
 #: Core ML 3: updatable models and linked models
 LINKED_SPECIFICATION_VERSION = 4
@@ -78,20 +79,14 @@ def _copy(spec: Model_pb2.Model) -> Model_pb2.Model:
 
 def _match_type(fd, given, stage: str) -> None:
     """Declare stage input ``fd`` as the earlier output ``given`` is declared: Core ML wants the
-    two types equal. Multi-arrays differing only in their element type (a float32 embedding read
-    as double) are aligned; anything else is an error."""
-    a, b = fd.type, given.type
-    if a.WhichOneof("Type") == b.WhichOneof("Type") == "multiArrayType":
-        x, y = a.multiArrayType, b.multiArrayType
-        if list(x.shape) == list(y.shape) or x.WhichOneof("ShapeFlexibility") or y.WhichOneof("ShapeFlexibility"):
-            x.dataType = y.dataType
-            return
-    if a.WhichOneof("Type") != b.WhichOneof("Type") or (
-            a.WhichOneof("Type") == "multiArrayType" and list(a.multiArrayType.shape) != list(b.multiArrayType.shape)):
-        raise ConversionError(f"stage {stage!r} reads {fd.name!r} as {a.WhichOneof('Type')} "
-                              f"{list(a.multiArrayType.shape) if a.HasField('multiArrayType') else ''} "
-                              f"but an earlier stage gives {b.WhichOneof('Type')} "
-                              f"{list(b.multiArrayType.shape) if b.HasField('multiArrayType') else ''}")
+    two types equal (mlpersonal.validate.type_mismatch). Multi-arrays differing in their element
+    type only (a float32 embedding read as double) are aligned; anything else is an error."""
+    if fd.type.WhichOneof("Type") == given.type.WhichOneof("Type") == "multiArrayType":
+        fd.type.multiArrayType.dataType = given.type.multiArrayType.dataType
+    why = type_mismatch(fd, given)
+    if why:
+        raise ConversionError(f"stage {stage!r} reads {fd.name!r} declared unlike the earlier "
+                              f"stage that gives it ({why}); Core ML wants one type")
 
 
 def pipeline(specs: Sequence[StageLike], names: Optional[Sequence[str]] = None,

@@ -697,7 +697,7 @@ def _check_training_inputs(desc, target: str, is_classifier: bool, pre: str) -> 
     needs plus the target; a classifier's label target has the label output's type."""
     predict = {f.name: f for f in desc.input}
     own = [f for f in desc.trainingInput
-           if f.name not in predict or _type_mismatch(predict[f.name], f)]
+           if f.name not in predict or type_mismatch(predict[f.name], f)]
     if len(desc.trainingInput) < 2 or len(own) == len(desc.trainingInput) or not own:
         raise fail(f"{pre}training inputs {[f.name for f in desc.trainingInput]} must hold at "
                    "least one prediction input (same name and type) and the loss target; Core ML "
@@ -797,7 +797,7 @@ def _type_name(fd) -> str:
     return fd.type.WhichOneof("Type") or "undefined"
 
 
-def _type_mismatch(a, b) -> str:
+def type_mismatch(a, b) -> str:
     """How feature type ``b`` differs from ``a`` where Core ML (Comparison.cpp, isEquivalent)
     tells them apart: the kind; a multi-array's data type, rank and (both fixed) shape; an
     image's size and colour space; a dictionary's key type. Empty when equivalent."""
@@ -866,7 +866,7 @@ def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
             if _type_name(given) != _type_name(fd):
                 raise fail(f"{pre}{label}: input {fd.name!r} expects a {_type_name(fd)} but "
                            f"{src} gives a {_type_name(given)}")
-            why = _type_mismatch(fd, given)
+            why = type_mismatch(fd, given)
             if why:
                 raise fail(f"{pre}{label}: input {fd.name!r} is declared unlike what {src} gives "
                            f"({why}); Core ML wants the same type on both sides")
@@ -877,7 +877,7 @@ def _check_pipeline(spec, pipe, pre: str, depth: int) -> None:
         if fd.name not in produced:
             raise fail(f"{pre}pipeline output {fd.name!r} is not produced by any stage")
         given, src = produced[fd.name]
-        why = _type_mismatch(fd, given)
+        why = type_mismatch(fd, given)
         if why:
             raise fail(f"{pre}pipeline output {fd.name!r} is declared unlike what {src} gives "
                        f"({why}); Core ML wants the same type")

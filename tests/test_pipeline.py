@@ -182,6 +182,21 @@ def test_a_stage_of_an_unsupported_kind_is_named_with_what_to_do():
     assert mp.load(b.spec).predict({"features": np.array([1.0, 2.0])})["y"].tolist() == [3.0]
 
 
+def test_exporter_aligns_element_types_and_refuses_other_mismatches(weights):
+    """exporters.pipeline: a kNN input declared float32, fed double by the embedding stage, is
+    declared double (the same data; Core ML wants one type); a shape mismatch is an error."""
+    emb, knn = embedding_spec(weights), knn_spec()
+    assert emb.description.output[0].type != knn.description.input[0].type
+    spec = pipeline([emb, knn], names=["embedding", "knn"])
+    stages = spec.pipelineClassifier.pipeline.models
+    assert stages[1].description.input[0].type == stages[0].description.output[0].type
+    mp.load(spec)
+    emb.description.output[0].type.multiArrayType.shape[0] = EMB + 1
+    with pytest.raises(mp.ConversionError, match=r"stage 'knn' reads 'embedding' declared unlike "
+                                                 r"the earlier stage that gives it \(shape"):
+        pipeline([emb, knn_spec()], names=["embedding", "knn"])
+
+
 def test_stage_wiring_errors(weights):
     spec = apple_style_pipeline(embedding_spec(weights), knn_spec())
     spec.pipelineClassifier.pipeline.models[1].description.input[0].name = "nope"
