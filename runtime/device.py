@@ -1,4 +1,4 @@
-"""compute_units -> torch device, and reduced-precision autocast on GPUs.
+"""compute_units -> torch device, and the arithmetic on it (float32, or float16 autocast on GPUs).
 
 Core ML's ``MLModelConfiguration.computeUnits`` maps to torch devices:
 
@@ -15,13 +15,16 @@ names (``"CPU_ONLY"``, ``"ComputeUnit.CPU_AND_GPU"``, ``ct.ComputeUnit.ALL``) an
 names (``"cpuOnly"``, ``"cpuAndGPU"``, ``"all"``, ``"cpuAndNeuralEngine"``).
 
 ``allow_low_precision_accumulation_on_gpu=True`` runs predictions under ``torch.autocast`` with
-float16 on cuda/mps (Core ML's flag of the same name); it has no effect on the cpu.
+float16 on cuda/mps (Core ML's flag of the same name); it has no effect on the cpu. Without it a
+cuda model computes in float32 throughout: TF32, which cuDNN uses by default for convolutions and
+LSTMs, is off while the runtime predicts or trains.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import warnings
 from typing import Any
 
@@ -84,8 +87,35 @@ def uses_low_precision(device: torch.device, allow_low_precision_accumulation_on
     return bool(allow_low_precision_accumulation_on_gpu) and torch.device(device).type in GPU_TYPES
 
 
-def autocast(device: torch.device, enabled: bool):
-    """``torch.autocast`` to float16 on ``device`` when ``enabled``; a no-op context otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16)
+def precision(device: torch.device, low: bool):
+    """The arithmetic a model runs with on ``device``: ``torch.autocast`` to float16 when ``low``
+    (on a GPU), else float32 throughout: on cuda, TF32 (cuDNN's default for convolutions and
+    LSTMs, ~1e-3 relative error) is off while the context is open. A no-op on the cpu."""
+    kind = torch.device(device).type
+    if low and kind in GPU_TYPES:
+        return torch.autocast(device_type=kind, dtype=torch.float16)
+    if kind == "cuda":
+        return _no_tf32()
+    return contextlib.nullcontext()
+
+
+_tf32_lock = threading.Lock()
+_tf32_users = [0, None]  # open contexts (any thread), the flags saved by the first
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """TF32 off in cuDNN and cuBLAS until the last open context (of any thread) closes; the
+    process's own settings come back then."""
+    with _tf32_lock:
+        if _tf32_users[0] == 0:
+            _tf32_users[1] = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _tf32_users[0] += 1
+    try:
+        yield
+    finally:
+        with _tf32_lock:
+            _tf32_users[0] -= 1
+            if _tf32_users[0] == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _tf32_users[1]

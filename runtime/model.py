@@ -13,7 +13,7 @@ from mlpersonal.proto import Model_pb2
 from mlpersonal.specio import SpecLike, check_header, load_spec, save
 from mlpersonal.validate import validate
 
-from .device import autocast, select_device, uses_low_precision
+from .device import precision, select_device, uses_low_precision
 from .batch import ArrayBatchProvider
 from .features import decode_outputs, describe, encode_inputs
 
@@ -98,12 +98,8 @@ class CompiledModel:
             out = self.forward_ready(feeds, n)
             if out is not None:
                 return decode_outputs(io[1], out, n, columns)
-            with torch.inference_mode():
-                if self.low_precision:
-                    with self.autocast():
-                        out = self.forward(feeds, n)
-                else:
-                    out = self.forward(feeds, n)
+            with torch.inference_mode(), self.precision():
+                out = self.forward(feeds, n)
             return decode_outputs(io[1], out, n, columns)
         except MLPersonalError:
             raise
@@ -125,9 +121,10 @@ class CompiledModel:
         ``NeuralNetworkModel``), or None: :meth:`forward` runs under inference mode."""
         return None
 
-    def autocast(self):
-        """float16 autocast on the model's GPU when low precision is allowed; else a no-op."""
-        return autocast(self.device, self.low_precision)
+    def precision(self):
+        """The model's arithmetic (runtime.device.precision): float16 autocast on its GPU when
+        low precision is allowed, else float32 (TF32 off on cuda); a no-op on the cpu."""
+        return precision(self.device, self.low_precision)
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike):

@@ -78,6 +78,7 @@ from . import optimizers
 from .batch import ArrayBatchProvider
 from .features import example_lengths, feature_kind, gather_feeds, padded_feeds, shape_groups
 from .layers.recurrent import sequence_lengths, stepwise
+from .device import precision
 from .model import CompiledModel, compile_spec, load
 from .native import loaded_function
 from .network import unread_blobs
@@ -279,57 +280,63 @@ class UpdateTask:
     def _run(self) -> None:
         up: Optional[Updater] = None
         values: dict = {}
-        metrics = _metrics(None, 0, 0)
+        self._latest = _metrics(None, 0, 0)  # the metrics of the last mini-batch / epoch
         try:
-            up = self._load().make_updater()
-            if self._background and up.serial:
-                _one_openmp_thread()
-            up.cancelled = self._cancel.is_set
-            self._params = up.parameters()
-            values = resolve(self._params, self._overrides)
-            up.prepare(self._data, values)
-            if not self._cancel.is_set():
-                self._emit("training_began", metrics, values, up)
-            epoch = 0
-            while epoch < up.num_epochs(values) and not self._cancel.is_set():
-                losses = []
-                steps = up.mini_batches(epoch, values)
-                for index in itertools.count():
-                    with self._step_lock:
-                        loss = next(steps, None)
-                    if loss is None:
-                        break
-                    loss = float(loss)
-                    if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"the loss became {loss} at epoch {epoch}, mini-batch {index}; lower the "
-                            "learning rate or check the training data"
-                        )
-                    losses.append(loss)
-                    metrics = _metrics(loss, epoch, index)
-                    self._emit("mini_batch_end", metrics, values, up)
-                    if self._cancel.is_set():
-                        break
-                if self._cancel.is_set():
-                    break
-                metrics = _metrics(sum(losses) / max(len(losses), 1), epoch, max(len(losses) - 1, 0))
-                self._emit("epoch_end", metrics, values, up)
-                epoch += 1
-            state = "cancelled" if self._cancel.is_set() else "completed"
-            with self._step_lock:
-                final = up.result()
-            ctx = UpdateContext(self, state, metrics, dict(values), model=final)
+            model = self._load()
+            with precision(model.device, False):  # float32 training (TF32 off on cuda)
+                up = model.make_updater()
+                if self._background and up.serial:
+                    _one_openmp_thread()
+                up.cancelled = self._cancel.is_set
+                self._params = up.parameters()
+                values = resolve(self._params, self._overrides)
+                up.prepare(self._data, values)
+                if not self._cancel.is_set():
+                    self._emit("training_began", self._latest, values, up)
+                self._epochs(up, values)
+                state = "cancelled" if self._cancel.is_set() else "completed"
+                with self._step_lock:
+                    final = up.result()
+                ctx = UpdateContext(self, state, self._latest, dict(values), model=final)
         except Exception as e:  # noqa: BLE001
             err = e if isinstance(e, MLPersonalError) else TrainingError(
                 f"training failed: {type(e).__name__}: {e}")
             if err is not e:
                 err.__cause__ = e
             state = "failed"
-            ctx = UpdateContext(self, "failed", metrics, dict(values), error=err)
+            ctx = UpdateContext(self, "failed", self._latest, dict(values), error=err)
         self._context = ctx
         self._state = state
         self._call_completion()
         self._done.set()
+
+    def _epochs(self, up: Updater, values: dict) -> None:
+        """Run the epochs until done or cancelled, emitting progress (metrics in ``_latest``)."""
+        epoch = 0
+        while epoch < up.num_epochs(values) and not self._cancel.is_set():
+            losses = []
+            steps = up.mini_batches(epoch, values)
+            for index in itertools.count():
+                with self._step_lock:
+                    loss = next(steps, None)
+                if loss is None:
+                    break
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss} at epoch {epoch}, mini-batch {index}; lower the "
+                        "learning rate or check the training data"
+                    )
+                losses.append(loss)
+                self._latest = _metrics(loss, epoch, index)
+                self._emit("mini_batch_end", self._latest, values, up)
+                if self._cancel.is_set():
+                    break
+            if self._cancel.is_set():
+                break
+            self._latest = _metrics(sum(losses) / max(len(losses), 1), epoch, max(len(losses) - 1, 0))
+            self._emit("epoch_end", self._latest, values, up)
+            epoch += 1
 
     def _call_completion(self) -> None:
         if self._completion is None:

@@ -91,13 +91,17 @@ def test_low_precision_is_a_no_op_on_cpu(rng):
 
 
 @needs_gpu
-def test_gpu_matches_cpu(rng):
+def test_gpu_matches_cpu(rng, monkeypatch):
+    """float32 on the GPU: cuDNN's TF32 default (~1e-3 off here) is off while the model runs,
+    and the process's own setting is back afterwards."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     spec = small_spec(rng)
     m = mp.load(spec, compute_units="cpu_and_gpu")
     assert m.device.type in ("cuda", "mps") and not m.low_precision
     xs = [rng.normal(size=(3, 16, 16)).astype(np.float32) for _ in range(8)]
     got = np.stack([o["y"] for o in m.predict_batch([{"x": x} for x in xs])])
-    np.testing.assert_allclose(got, np.stack([reference(spec, x) for x in xs]), atol=1e-4)
+    np.testing.assert_allclose(got, np.stack([reference(spec, x) for x in xs]), atol=1e-5)
+    assert torch.backends.cudnn.allow_tf32
 
 
 @needs_gpu
@@ -105,7 +109,7 @@ def test_low_precision_on_gpu_uses_fp16_autocast(rng):
     spec = small_spec(rng)
     m = mp.load(spec, compute_units="all", allow_low_precision_accumulation_on_gpu=True)
     assert m.low_precision
-    with m.autocast():
+    with m.precision():
         a = torch.ones(4, 4, device=m.device)
         assert (a @ a).dtype == torch.float16
     xs = [rng.normal(size=(3, 16, 16)).astype(np.float32) for _ in range(8)]

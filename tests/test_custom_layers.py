@@ -167,13 +167,14 @@ def test_numpy_evaluate_predicts_like_torch(net, rng):
 
 def _grads_through_runtime(m, examples):
     feeds = encode_inputs(m.spec.description.input, examples, m.device)
-    env = m.net(m.to_blobs(feeds))
-    probs = env["probs"].reshape(len(examples), -1)
-    target = torch.tensor([e["label"] for e in examples])
-    loss = torch.nn.functional.nll_loss(torch.log(probs), target)
-    params = m.net.named_updatable()
-    grads = torch.autograd.grad(loss, [params["conv.weights"], params["fc.weights"]])
-    return loss, grads
+    with m.precision():  # float32 on a GPU too
+        env = m.net(m.to_blobs(feeds))
+        probs = env["probs"].reshape(len(examples), -1)
+        target = torch.tensor([e["label"] for e in examples], device=m.device)
+        loss = torch.nn.functional.nll_loss(torch.log(probs), target)
+        params = m.net.named_updatable()
+        grads = torch.autograd.grad(loss, [params["conv.weights"], params["fc.weights"]])
+    return loss, [g.cpu() for g in grads]
 
 
 def test_torch_forward_passes_gradients_to_updatable_conv(net, rng):
@@ -310,7 +311,7 @@ def test_custom_model_as_pipeline_stage_forward(rng):
     feeds = encode_inputs(m.spec.description.input, [{"x": x} for x in xs], m.device)
     out = m.forward(feeds, 4)
     assert isinstance(out["y"], torch.Tensor) and tuple(out["y"].shape) == (4, 3)
-    np.testing.assert_allclose(out["y"].numpy(), 2 * xs - 1, atol=1e-6)
+    np.testing.assert_allclose(out["y"].cpu().numpy(), 2 * xs - 1, atol=1e-6)
     assert tuple(out["norm"].shape) == (4,) and out["sign"] == [
         "pos" if r.sum() > 0 else "neg" for r in 2 * xs - 1]
 

@@ -117,6 +117,7 @@ def test_search_is_exact_where_the_expansion_is_not(rng, case, gemm, monkeypatch
         model = mp.load(knn_classifier(d, number_of_neighbors=k, samples=x, labels=["a"] * n))
         dist, idx = model.kneighbors(torch.from_numpy(q))
         exact, expected = _oracle_neighbors(x, q, k)
+        dist, idx = dist.cpu(), idx.cpu()
         np.testing.assert_allclose(dist.numpy(), np.take_along_axis(exact, expected, 1), rtol=1e-6, atol=1e-9)
         # integer distances are computed exactly (ties included); elsewhere no two distances lie
         # within the refinement's 1e-7 relative error, so the order is the exact one

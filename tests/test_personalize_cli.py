@@ -59,7 +59,8 @@ def test_personalize_nn_classifier_from_png_folders(tmp_path, drawings, capsys):
     assert mine.is_updatable
     # the CLI ran exactly the update an app runs on the same drawings and overrides
     order = sorted(range(len(y)), key=lambda i: (y[i], f"{i}.png"))  # the folder reading order
-    ref = mp.load(model).update([{"image": x[i], "label": y[i]} for i in order], parameters={"epochs": 40})
+    ref = mp.load(model, compute_units="cpu_only").update(  # the CLI's default compute units
+        [{"image": x[i], "label": y[i]} for i in order], parameters={"epochs": 40})
     assert mine.spec == ref.spec
     got = [o["label"] for o in mine.predict_batch([{"image": im} for im in x])]
     acc = np.mean(np.array(got) == np.array(y))
@@ -187,7 +188,7 @@ def test_personalize_sequence_model_from_npy_folders(tmp_path, capsys):
     order = sorted(range(len(uy)), key=lambda i: (demo.ACTIVITIES[uy[i]], f"{i}.npy"))
     data = [{"motion": ux[i][: 40 + i] if uy[i] == 0 else ux[i], "label": demo.ACTIVITIES[uy[i]]}
             for i in order]
-    ref = mp.load(model).update(data)
+    ref = mp.load(model, compute_units="cpu_only").update(data)  # the CLI's default units
     assert mp.load(out).spec == ref.spec
     hits = [mp.load(out).predict({"motion": d["motion"]})["label"] == d["label"] for d in data]
     assert f"-> {100 * np.mean(hits):.1f}%" in text
