@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import mlpersonal as mp
 from examples.activity_classifier.demo import ACTIVITIES, USER, run, windows
 
 
-def test_lstm_personalization_learns_the_user_and_keeps_the_population(tmp_path):
-    r = run(tmp_path)  # defaults: every layer updatable
+@pytest.mark.parametrize("seed", [0, 1])  # seed 1: the hardest draw of users' windows seen
+def test_lstm_personalization_learns_the_user_and_keeps_the_population(tmp_path, seed):
+    r = run(tmp_path, seed=seed)  # defaults: every layer updatable
     assert r["updatable"] == "LSTM + head"
     assert r["before"]["population"] >= 0.95 and r["before"]["user"] <= 0.8  # brisk walk = "run"
     assert r["after"]["user"] >= 0.9 and r["after"]["population"] >= 0.8

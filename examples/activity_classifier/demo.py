@@ -6,7 +6,7 @@
    LSTM and the head updatable (Core ML allows updatable LSTM layers), or the head alone with
    ``--head-only``.
 3. One user walks briskly (2.5 steps/s, swinging more): the base model takes much of it for
-   running. Ten labelled windows per activity (plus five stored population windows per activity,
+   running. Ten labelled windows per activity (plus ten stored population windows per activity,
    so the model does not forget everyone else) personalize the model on "device"
    (``UpdateTask.run``); accuracy on fresh windows of this user, and of the population, before and
    after.
@@ -89,7 +89,7 @@ def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([lab == ACTIVITIES[i] for lab, i in zip(labels, y)]))
 
 
-def run(out: Path, *, per_class: int = 200, epochs: int = 12, shots: int = 10, replay: int = 5,
+def run(out: Path, *, per_class: int = 200, epochs: int = 30, shots: int = 10, replay: int = 10,
         all_layers: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     x, y = windows(POPULATION, per_class, seed)
@@ -100,8 +100,8 @@ def run(out: Path, *, per_class: int = 200, epochs: int = 12, shots: int = 10, r
     net.lstm.requires_grad_(all_layers)  # the head is updatable; the LSTM too unless --head-only
     spec = mp.convert(net, [mp.TensorType("motion", (STEPS, AXES))],
                       classifier=mp.ClassifierConfig(labels=ACTIVITIES), respect_trainable=True,
-                      update=mp.UpdateConfig(optimizer=mp.Adam(learning_rate=0.02, mini_batch_size=15),
-                                             epochs=60, epochs_range=(1, 200), shuffle=True, seed=seed))
+                      update=mp.UpdateConfig(optimizer=mp.Adam(learning_rate=0.003, mini_batch_size=15),
+                                             epochs=100, epochs_range=(1, 200), shuffle=True, seed=seed))
     out.mkdir(parents=True, exist_ok=True)
     base_path = mp.save(spec, out / "activity.mlmodel")
     model = mp.load(base_path, compute_units="cpu_only")
