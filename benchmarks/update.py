@@ -112,7 +112,7 @@ def make_data(n: int):
     return X, y, data
 
 
-def run_ours(spec, data):
+def run_ours(spec, data, compute_units: str = "cpu_only"):
     """(per-mini-batch seconds after the first epoch, end-to-end seconds per mini-batch)."""
     import mlpersonal as mp
 
@@ -121,7 +121,7 @@ def run_ours(spec, data):
     def on_mb(ctx):  # runs in the training thread: thread_time() is that thread's CPU time
         stamps.append((ctx.metrics["epoch_index"], time.perf_counter(), time.thread_time()))
 
-    model = mp.load(spec, compute_units="cpu_only")
+    model = mp.load(spec, compute_units=compute_units)
     t0 = time.perf_counter()
     task = mp.UpdateTask(model, data, progress_handlers={"mini_batch_end": on_mb})
     task.resume()
@@ -135,12 +135,14 @@ def run_ours(spec, data):
     return wall, cpu, (t1 - t0) / len(stamps)
 
 
-def _torch_setup(m: StickerCNN, updatable, optimizer: str, X, channels_last: bool):
-    """A copy of ``m`` training only the ``updatable`` submodules, its optimizer, and the images
-    (in channels_last memory format when asked, as the UpdateTask keeps them on cpu)."""
+def _torch_setup(m: StickerCNN, updatable, optimizer: str, X, channels_last: bool, device: str = "cpu"):
+    """A copy of ``m`` on ``device`` training only the ``updatable`` submodules, its optimizer,
+    and the images (in channels_last memory format when asked, as the UpdateTask keeps them on
+    cpu)."""
+    X = X.to(device)
     if channels_last:
         X = X.contiguous(memory_format=torch.channels_last)
-    m = copy.deepcopy(m)
+    m = copy.deepcopy(m).to(device)
     for p in m.parameters():
         p.requires_grad_(False)
     params = [p for name in updatable for p in getattr(m, name).parameters()]
@@ -161,15 +163,17 @@ def _torch_step(m, opt, X, y, idx) -> None:
     loss.item()
 
 
-def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False):
+def run_torch(m: StickerCNN, updatable, optimizer: str, X, y, epochs: int, channels_last=False,
+              device: str = "cpu"):
     """(wall, cpu) seconds per mini-batch after the first epoch of a plain torch loop
     (``channels_last``: the images in that memory format, as the UpdateTask keeps them on cpu)."""
-    m, opt, X = _torch_setup(m, updatable, optimizer, X, channels_last)
+    m, opt, X = _torch_setup(m, updatable, optimizer, X, channels_last, device)
+    y = y.to(device)
     n = len(X)
     wall, cpu = [], []
     t, c = time.perf_counter(), time.thread_time()
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).to(device)
         for s in range(0, n, BATCH):
             _torch_step(m, opt, X, y, perm[s:s + BATCH])
             t2, c2 = time.perf_counter(), time.thread_time()

@@ -66,6 +66,7 @@ class NeuralNetworkModel(CompiledModel):
         self._io = (self._inputs, describe(spec.description.output))
         self._outputs_cache = None  # see _output_plan
         self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
+        self._graphs = None  # runtime.cuda_graphs.CudaGraphPlan, made on the first CUDA prediction
         self._plan_lock = threading.Lock()
         self._plain = None  # see _plain_io
         self._stepwise: Optional[bool] = None  # see _pad_lengths
@@ -318,6 +319,9 @@ class NeuralNetworkModel(CompiledModel):
         blobs = self.layout(feeds)  # the plan applies the preprocessing itself
         plan = self._plan if self._plan is not None and self.use_plan else self.inference_plan()
         env = plan.run(blobs, n) if plan is not None and not torch.is_grad_enabled() else None
+        if env is None and self.device.type == "cuda" and torch.is_inference_mode_enabled():
+            graphs = self._graphs or self.cuda_graphs()
+            env = graphs.run(blobs, n) if graphs is not None else None
         if env is None:
             env = self.run_blobs(self.preprocess(blobs), n)
         return self.from_blobs(env, n)
@@ -334,7 +338,8 @@ class NeuralNetworkModel(CompiledModel):
         env = plan.run(self.layout(feeds), n, build=False)
         return None if env is None else self.from_blobs(env, n)
 
-    #: predict through runtime.plan (onnxruntime) on the CPU; False: always the eager Network
+    #: predict through runtime.plan (onnxruntime) on the CPU, runtime.cuda_graphs on cuda;
+    #: False: always the eager Network
     use_plan = True
 
     def _pad_lengths(self, feeds: dict[str, Any]) -> Optional[list[int]]:
@@ -390,16 +395,32 @@ class NeuralNetworkModel(CompiledModel):
                     if not InferencePlan.available():
                         self.use_plan = False
                         return None
-                    wanted = [f.name for f in self.spec.description.output
-                              if not (self.is_classifier
-                                      and f.name in (self._label_name, self._probs_name))]
-                    if self.is_classifier and self._probs_blob not in wanted:
-                        wanted.append(self._probs_blob)
                     self._plan = InferencePlan(
-                        self._preprocessed_env, wanted, list(self.net.params.values()),
+                        self._preprocessed_env, self._plan_outputs(), list(self.net.params.values()),
                         sequences=frozenset(f.name for f in self._inputs if f.sequence),
                         recurrent=any(s.kind in RECURRENT_LAYER_KINDS for s in self.net.steps))
         return self._plan
+
+    def cuda_graphs(self):
+        """The :class:`runtime.cuda_graphs.CudaGraphPlan` predictions on cuda use, or None (the
+        eager Network: other devices, low precision, custom layers, whose Python would run only
+        at capture)."""
+        if not self.use_plan or self.device.type != "cuda" or self.low_precision or any(
+                s.kind == "custom" for s in self.net.steps):
+            return None
+        if self._graphs is None:
+            from .cuda_graphs import CudaGraphPlan
+
+            self._graphs = CudaGraphPlan(self._preprocessed_env, self._plan_outputs())
+        return self._graphs
+
+    def _plan_outputs(self) -> list[str]:
+        """The blobs a plan hands back: the non-classifier outputs and the probability blob."""
+        wanted = [f.name for f in self.spec.description.output
+                  if not (self.is_classifier and f.name in (self._label_name, self._probs_name))]
+        if self.is_classifier and self._probs_blob not in wanted:
+            wanted.append(self._probs_blob)
+        return wanted
 
     def _preprocessed_env(self, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Preprocessing + the Network, traced together so no torch op runs beside the plan."""

@@ -117,3 +117,73 @@ def test_low_precision_on_gpu_uses_fp16_autocast(rng):
     ref = np.stack([reference(spec, x) for x in xs])
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=5e-2, rtol=1e-2)
+
+
+def test_cpu_models_never_capture_cuda_graphs(rng):
+    m = mp.load(small_spec(rng), compute_units="cpu_only")
+    m.predict({"x": rng.normal(size=(3, 16, 16)).astype(np.float32)})
+    assert m.cuda_graphs() is None and m._graphs is None
+
+
+def _lstm_classifier():
+    from test_recurrent import _classifier, _complete
+
+    torch.manual_seed(3)
+    return _complete(_classifier(torch.nn.LSTM(5, 7), torch.nn.Linear(7, 3), ["a", "b", "c"]).spec)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["cnn", "lstm"])
+def test_cuda_predictions_replay_captured_graphs_like_the_eager_network(rng, kind):
+    """One CUDA graph per input signature (batch size, sequence length); outputs equal the eager
+    network's on new inputs of every signature."""
+    spec = small_spec(rng) if kind == "cnn" else _lstm_classifier()
+    m, eager = mp.load(spec, compute_units="cpu_and_gpu"), mp.load(spec, compute_units="cpu_and_gpu")
+    eager.use_plan = False
+    shapes = [(3, 16, 16)] if kind == "cnn" else [(6, 5), (9, 5)]
+    for shape in shapes:
+        for batch in (1, 4, 1):
+            x = rng.normal(size=(batch, *shape)).astype(np.float32)
+            got = m.predict_batch(mp.ArrayBatchProvider({"x": x}))
+            want = eager.predict_batch(mp.ArrayBatchProvider({"x": x}))
+            for name in want.columns:
+                g, w = got.column(name), want.column(name)
+                if isinstance(w, list):  # class labels
+                    assert g == w
+                    continue
+                if hasattr(w, "values"):  # class probabilities
+                    g, w = g.values, w.values
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    graphs = m.cuda_graphs()
+    assert graphs.last_fallback_reason is None and len(graphs._graphs) == 2 * len(shapes)
+    assert eager._graphs is None
+
+
+@needs_cuda
+def test_a_failed_capture_runs_eagerly_with_the_reason(rng, monkeypatch):
+    def refuse(*a, **k):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    spec = small_spec(rng)
+    m = mp.load(spec, compute_units="cpu_and_gpu")
+    xs = [rng.normal(size=(3, 16, 16)).astype(np.float32) for _ in range(3)]
+    got = np.stack([o["y"] for o in m.predict_batch([{"x": x} for x in xs])])
+    np.testing.assert_allclose(got, np.stack([reference(spec, x) for x in xs]), atol=1e-5)
+    assert "capture refused" in m.cuda_graphs().last_fallback_reason and not m._graphs._graphs
+
+
+@needs_cuda
+def test_threads_sharing_a_cuda_model_get_their_own_outputs(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = small_spec(rng)
+    m = mp.load(spec, compute_units="cpu_and_gpu")
+    xs = [rng.normal(size=(4, 3, 16, 16)).astype(np.float32) for _ in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda x: m.predict_batch(mp.ArrayBatchProvider({"x": x})).column("y"), xs))
+    for x, out in zip(xs, outs):
+        np.testing.assert_allclose(out, np.stack([reference(spec, e) for e in x]), atol=1e-5)
