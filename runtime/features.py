@@ -23,7 +23,9 @@ GRAYSCALE, RGB, BGR = 10, 20, 30
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds of bool, signed/unsigned int, float (not complex)
-_ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 65552: np.float16}
+#: ArrayFeatureType.DOUBLE / FLOAT16 -> numpy (the network computes float32; FLOAT32 and INT32
+#: outputs keep what it computed)
+_OUTPUT_FLOATS = {65600: np.float64, 65552: np.float16}
 
 
 def feature_kind(fd) -> str:
@@ -38,11 +40,15 @@ class Feature:
     """One feature description read once (name, kind, declared array shape, optional), so that
     encoding and decoding do no protobuf look-ups per call; ``fd`` is the description itself."""
 
-    __slots__ = ("fd", "name", "kind", "shape", "optional", "sequence")
+    __slots__ = ("fd", "name", "kind", "shape", "optional", "sequence", "float_type")
 
     def __init__(self, fd):
         self.fd, self.name, self.kind = fd, fd.name, feature_kind(fd)
         self.shape = array_shape(fd) if self.kind == "multiArrayType" else ()
+        #: the numpy type a multi-array output comes back as when it is declared DOUBLE or
+        #: FLOAT16 (Core ML hands out MLMultiArrays of the declared type), else None
+        self.float_type = _OUTPUT_FLOATS.get(int(fd.type.multiArrayType.dataType)) \
+            if self.kind == "multiArrayType" else None
         self.optional = bool(fd.type.isOptional)
         #: a rank-1 ``(C,)`` multi-array of a rank-5 network, which also takes a sequence of
         #: vectors as ``(Seq, 1, C)`` (set by the network model)
@@ -491,6 +497,8 @@ def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int,
                 v = [float(a) for a in arr.reshape(n, -1)[:, 0].tolist()]
             elif kind == "int64Type":
                 v = [int(a) for a in arr.reshape(n, -1)[:, 0].tolist()]
+            elif f.float_type is not None and arr.dtype.kind == "f":
+                v = arr.astype(f.float_type)
             else:
                 v = arr
         elif type(v) is DictionaryColumn and not columns:

@@ -199,3 +199,30 @@ def test_from_examples_round_trips(rng):
         batch.column("y")
     with pytest.raises(IndexError):
         batch.features(3)
+
+
+def test_multiarray_outputs_come_back_as_their_declared_type():
+    """Core ML hands out MLMultiArrays of the declared data type: DOUBLE -> float64, FLOAT32 ->
+    float32, FLOAT16 -> float16 (spec 7); values are the network's float32 results."""
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3))],
+                             [("y64", datatypes.Array(3)), ("y32", datatypes.Array(3)), ("y16", datatypes.Array(3))])
+    for name in ("y64", "y32", "y16"):
+        b.add_activation(name, "SIGMOID", "x", name)
+    out = {o.name: o for o in b.spec.description.output}
+    out["y32"].type.multiArrayType.dataType = ft.ArrayFeatureType.FLOAT32
+    out["y16"].type.multiArrayType.dataType = ft.ArrayFeatureType.FLOAT16
+    b.spec.specificationVersion = 7
+    model = mp.load(b.spec, compute_units="cpu_only")
+    x = np.array([[-1.0, 0.5, 3.0], [0.0, 2.0, -4.0]], np.float32)
+    want = torch.sigmoid(torch.from_numpy(x)).numpy()
+    one = model.predict({"x": x[0]})
+    cols = model.predict_batch(mp.ArrayBatchProvider({"x": x}))
+    for name, dtype in (("y64", np.float64), ("y32", np.float32), ("y16", np.float16)):
+        assert one[name].dtype == dtype and cols.column(name).dtype == dtype
+        tol = 1e-3 if dtype == np.float16 else 1e-5  # onnxruntime's sigmoid vs torch's: 1e-6
+        np.testing.assert_allclose(cols.column(name), want, rtol=tol)
+        np.testing.assert_allclose(one[name], want[0], rtol=tol)
