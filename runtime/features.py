@@ -491,6 +491,8 @@ def decode_outputs(outputs: Sequence, batched: dict[str, Any], n: int,
         v = batched[name]
         if type(v) is list and v and isinstance(v[0], torch.Tensor):  # mixed shapes, per example
             v = [_to_array(t) for t in v]
+            if f.float_type is not None:
+                v = [a.astype(f.float_type) if a.dtype.kind == "f" else a for a in v]
         if isinstance(v, torch.Tensor):
             arr = _to_array(v)
             if kind == "doubleType":

@@ -218,8 +218,10 @@ def test_mixed_sizes_in_one_batch(base_spec, net, rng):
     m = mp.load(_ours_enumerated(base_spec))
     imgs = [_img(rng, W0, H0), _img(rng, *BIG), _img(rng, W0, H0)]
     outs = m.predict_batch([{"x": i} for i in imgs])
+    declared = {65600: np.float64, 65568: np.float32}[m.spec.description.output[0].type.multiArrayType.dataType]
     for img, o in zip(imgs, outs):
         np.testing.assert_allclose(o["out"], _ref_img(net, img), atol=1e-5)
+        assert o["out"].dtype == declared  # per-example outputs of mixed sizes too
 
 
 def test_image_of_disallowed_size_is_resized_to_default(base_spec, net, rng):
