@@ -20,6 +20,7 @@ from mlpersonal.features import ImageType, TensorType
 from mlpersonal.proto import Model_pb2, NeuralNetwork_pb2
 
 from . import ops, recurrent
+from .probe import probe_inputs
 
 _CONST = object()  # blob marker for get_attr nodes (constant tensors)
 _BATCH = 2  # batch size used to trace shapes; any op changing it is refused
@@ -204,7 +205,7 @@ def _trace(module, inputs, custom) -> fx.GraphModule:
             f"{type(module).__name__}.forward takes {len(placeholders)} input(s) "
             f"({[p.target for p in placeholders]}), but inputs= declares {len(inputs)}"
         )
-    examples = [torch.rand(_BATCH, *i.shape) for i in inputs]
+    examples = probe_inputs(module, [(_BATCH, *i.shape) for i in inputs])
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*examples)

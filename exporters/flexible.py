@@ -74,6 +74,8 @@ def _module_report(module, input_shape) -> FlexibilityReport:
     import torch
     from torch import nn
 
+    from .probe import probe_inputs
+
     fixing = (nn.Linear, nn.Bilinear, nn.Flatten, nn.Unflatten, nn.LazyLinear)
     adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveMaxPool1d)
@@ -92,10 +94,10 @@ def _module_report(module, input_shape) -> FlexibilityReport:
         module.eval()
         try:
             with torch.no_grad():
-                module(torch.zeros(shape))
+                module(*probe_inputs(module, [shape], torch.zeros))
                 order_at_default = list(order)
                 try:
-                    module(torch.zeros(*shape[:2], shape[2] * 2, shape[3] * 2))
+                    module(*probe_inputs(module, [(*shape[:2], shape[2] * 2, shape[3] * 2)], torch.zeros))
                 except Exception as e:  # noqa: BLE001 - any failure means "size is fixed"
                     probe_error = e
         finally:

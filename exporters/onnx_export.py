@@ -17,6 +17,8 @@ from mlpersonal.errors import ConversionError
 from mlpersonal.features import ImageType, TensorType
 from mlpersonal.fileio import atomic_write_bytes
 
+from .probe import probe_inputs
+
 
 def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorType]],
             path: Union[str, os.PathLike], *, opset: int = 17,
@@ -33,7 +35,7 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     if not inputs or not all(isinstance(i, (ImageType, TensorType)) for i in inputs):
         raise ConversionError("to_onnx needs inputs=[mp.ImageType(...) or mp.TensorType(...)]")
     names = [i.name for i in inputs]
-    examples = tuple(torch.rand(1, *i.shape) for i in inputs)
+    examples = probe_inputs(module, [(1, *i.shape) for i in inputs])
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

@@ -1,6 +1,7 @@
 """exporters.converter: torch modules -> specs that coremltools accepts and the runtime runs exactly
 like torch (oracle: the torch module itself, in eval mode)."""
 
+import copy
 import sys
 import types
 
@@ -609,3 +610,28 @@ def test_mobilenet_style_features_under_a_personalized_head_train_like_torch(tmp
     (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, net(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_a_module_trained_on_the_gpu_exports_where_it_is(tmp_path):
+    """convert, to_onnx and is_flexible run a cuda module on cuda examples; the written model
+    predicts like the module; the module stays on its device."""
+    import onnxruntime as ort
+
+    from exporters.flexible import is_flexible
+
+    m = _randomize(Sticker()).cuda()
+    labels = [f"c{i}" for i in range(10)]
+    inputs = [mp.ImageType("image", (1, 28, 28), color="grayscale", scale=1 / 255.0)]
+    spec = _roundtrip(convert(m, inputs, classifier=ClassifierConfig(labels=labels)), tmp_path)
+    onnx_path = mp.to_onnx(m, inputs, tmp_path / "m.onnx")
+    assert next(m.parameters()).is_cuda and is_flexible(m, (1, 28, 28)) is not None
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 28, 28)).astype(np.uint8)
+    x = torch.from_numpy(pixels[:, None] / 255.0).float()
+    with torch.no_grad():  # reference on the cpu (cuDNN may run TF32)
+        logits = copy.deepcopy(m).cpu()(x)
+    outs = mp.load(spec, compute_units="cpu_only").predict_batch([{"image": p} for p in pixels])
+    got = np.array([[o["labelProbs"][k] for k in labels] for o in outs])
+    np.testing.assert_allclose(got, torch.softmax(logits, 1).numpy(), atol=1e-5)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], logits.numpy(), atol=1e-4)
