@@ -98,10 +98,11 @@ def _save_checkpoint(module: nn.Module, folder: Path, epoch: int) -> Path:
     return atomic_write_bytes(folder / f"epoch_{epoch:03d}.pt", buf.getvalue())
 
 
-def _all_sum(values: list[float], world: int) -> list[float]:
+def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    """``values`` summed over the ranks (on ``device``: NCCL reduces only GPU tensors)."""
     if world == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -122,7 +123,7 @@ def _evaluate(module: nn.Module, ds: Dataset, loss_fn: LossFn, batch_size: int, 
             correct += float((out.argmax(1) == y).sum())
         count += len(y)
     module.train(was_training)
-    total, correct, count = _all_sum([total, correct, float(count)], world)
+    total, correct, count = _all_sum([total, correct, float(count)], world, device)
     res = {"val_loss": total / max(count, 1)}
     if classify:
         res["val_accuracy"] = correct / max(count, 1)
@@ -185,7 +186,7 @@ def fit(module: nn.Module, train_data: Dataset | tuple, *, epochs: int = 1, batc
             value = loss_fn(net(x), y)
             bad = not torch.isfinite(value)
             if world > 1:  # every rank must stop together, or the others hang in the next all-reduce
-                bad = _all_sum([float(bad)], world)[0] > 0
+                bad = _all_sum([float(bad)], world, device)[0] > 0
             if bad:
                 raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, batch {b + 1} (rank {rank}: "
                                     f"{float(value)}); check the data for NaN/inf or lower the learning "
@@ -197,7 +198,7 @@ def fit(module: nn.Module, train_data: Dataset | tuple, *, epochs: int = 1, batc
             if bar is not None:
                 bar.update()
                 bar.set_postfix(loss=f"{total / max(seen, 1):.4f}", refresh=False)
-        total, seen = _all_sum([total, float(seen)], world)
+        total, seen = _all_sum([total, float(seen)], world, device)
         rec = {"epoch": epoch + 1, "loss": total / seen}
         if val is not None:
             rec.update(_evaluate(module, val, loss_fn, max(batch_size, 256), rank, world, device))
