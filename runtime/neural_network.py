@@ -402,10 +402,10 @@ class NeuralNetworkModel(CompiledModel):
         return self._plan
 
     def cuda_graphs(self):
-        """The :class:`runtime.cuda_graphs.CudaGraphPlan` predictions on cuda use, or None (the
-        eager Network: other devices, low precision, custom layers, whose Python would run only
-        at capture)."""
-        if not self.use_plan or self.device.type != "cuda" or self.low_precision or any(
+        """The :class:`runtime.cuda_graphs.CudaGraphPlan` predictions on cuda use (float16
+        autocast included: captured under it), or None (the eager Network: other devices,
+        custom layers, whose Python would run only at capture)."""
+        if not self.use_plan or self.device.type != "cuda" or any(
                 s.kind == "custom" for s in self.net.steps):
             return None
         if self._graphs is None:

@@ -163,6 +163,20 @@ def test_cuda_predictions_replay_captured_graphs_like_the_eager_network(rng, kin
 
 
 @needs_cuda
+def test_low_precision_predictions_replay_graphs_captured_under_autocast(rng):
+    spec = small_spec(rng)
+    m = mp.load(spec, compute_units="all", allow_low_precision_accumulation_on_gpu=True)
+    eager = mp.load(spec, compute_units="all", allow_low_precision_accumulation_on_gpu=True)
+    eager.use_plan = False
+    x = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
+    for _ in range(2):
+        got = m.predict_batch(mp.ArrayBatchProvider({"x": x})).column("y")
+    np.testing.assert_array_equal(got, eager.predict_batch(mp.ArrayBatchProvider({"x": x})).column("y"))
+    np.testing.assert_allclose(got, np.stack([reference(spec, e) for e in x]), atol=5e-2, rtol=1e-2)
+    assert len(m.cuda_graphs()._graphs) == 1 and m.cuda_graphs().last_fallback_reason is None
+
+
+@needs_cuda
 def test_a_failed_capture_runs_eagerly_with_the_reason(rng, monkeypatch):
     def refuse(*a, **k):
         raise RuntimeError("capture refused")
