@@ -264,6 +264,63 @@ def softplus(ctx, node, target) -> str:
                        [np.full(channels, 1.0 / beta, np.float32), np.full(channels, beta, np.float32)])
 
 
+#: Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-z^2),
+#: t = 1 / (1 + p z), z >= 0; |error| <= 1.5e-7
+_ERF_P = 0.3275911
+_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+@register_module(nn.GELU)
+@register_function(F.gelu)
+def gelu(ctx, node, target) -> str:
+    """GELU from classic layers (Core ML's gelu layer is an iOS 14 layer, which rank-5 networks
+    with multi-array inputs cannot hold). ``approximate='tanh'``: torch's formula exactly,
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``. Exact GELU: ``0.5 x + 0.5 |x| erf(|x| /
+    sqrt(2))`` (erf is odd) with erf to 1.5e-7 (A&S 7.1.26), so the output is within ~1e-7 |x|."""
+    approx = target.approximate if isinstance(target, nn.Module) else arg(node, 1, "approximate", "none")
+    if approx not in ("none", "tanh"):
+        raise ctx.unsupported(node, f"GELU with approximate={approx!r}")
+    b, x = ctx.builder, ctx.inp(node.args[0])
+
+    def helper(suffix):
+        return _helper_layer(ctx, node, suffix)
+
+    def mul(a, c, suffix):
+        out = helper(suffix)
+        b.add_elementwise(out, [a, c], out, "MULTIPLY")
+        return out
+
+    def linear(a, alpha, beta, suffix):
+        out = helper(suffix)
+        b.add_activation(out, "LINEAR", a, out, params=[float(alpha), float(beta)])
+        return out
+
+    if approx == "tanh":
+        x3 = mul(mul(x, x, "x2"), x, "x3")
+        inner = helper("inner")
+        b.add_elementwise(inner, [x, linear(x3, 0.044715, 0.0, "cubic")], inner, "ADD")
+        th = helper("tanh")
+        b.add_activation(th, "SCALED_TANH", inner, th, params=[1.0, float(np.sqrt(2.0 / np.pi))])
+        name, out = ctx.layer(node)
+        b.add_elementwise(name, [x, linear(th, 0.5, 0.5, "gate")], out, "MULTIPLY")
+        return out
+    a = helper("abs")
+    b.add_unary(a, x, a, "abs")
+    t = helper("t")  # 1 / (1 + p |x| / sqrt(2))
+    b.add_unary(t, a, t, "inverse", scale=_ERF_P / np.sqrt(2.0), shift=1.0, epsilon=1e-45)
+    h = linear(t, _ERF_A[4], _ERF_A[3], "h4")
+    for k in (2, 1, 0):
+        h = linear(mul(h, t, f"ht{k}"), 1.0, _ERF_A[k], f"h{k}")
+    e = helper("exp")  # exp(-x^2 / 2)
+    b.add_unary(e, mul(x, x, "x2"), e, "exp", scale=-0.5)
+    erf = linear(mul(mul(h, t, "poly"), e, "tail"), -1.0, 1.0, "erf")
+    s = helper("sum")
+    b.add_elementwise(s, [x, mul(a, erf, "odd")], s, "ADD")
+    name, out = ctx.layer(node)
+    b.add_activation(name, "LINEAR", s, out, params=[0.5, 0.0])
+    return out
+
+
 def _channels(ctx, node) -> int:
     """The channel count (blob axis -3) of the node's input."""
     return int(ctx.blob_shape(ctx.shape(node.args[0]))[0])
@@ -450,6 +507,33 @@ def batchnorm(ctx, node, m) -> str:
     ctx.builder.add_batchnorm(name, c, gamma, beta, m.running_mean.detach().cpu().numpy(),
                               m.running_var.detach().cpu().numpy(), ctx.inp(node.args[0]), out,
                               epsilon=float(m.eps))
+    return out
+
+
+@register_module(nn.LayerNorm)
+def layer_norm(ctx, node, m: nn.LayerNorm) -> str:
+    """LayerNorm over every per-example axis (an MLP's (C,), a (C, L) or (C, H, W) feature map):
+    Core ML's mvn across channels (mean and variance over the whole blob, ``/ sqrt(var + eps)``),
+    then a scale layer with the elementwise gamma and beta in the blob's shape."""
+    shape = ctx.shape(node.args[0])
+    norm = tuple(int(s) for s in m.normalized_shape)
+    if norm != tuple(shape[1:]) or len(norm) > 3:
+        raise ctx.unsupported(node, f"LayerNorm over {norm} of a {tuple(shape[1:])} tensor per example "
+                                    "(only over all of its axes: Core ML's rank-5 mvn normalizes "
+                                    "the whole (C, H, W) blob)")
+    blob = ctx.blob_shape(shape)
+    b, x = ctx.builder, ctx.inp(node.args[0])
+    affine = m.weight is not None
+    mvn = _helper_layer(ctx, node, "mvn") if affine else None
+    name, out = ctx.layer(node)
+    b.add_mvn(mvn or name, x, mvn or out, across_channels=True, normalize_variance=True,
+              epsilon=float(m.eps))
+    if not affine:
+        return out
+    gamma = m.weight.detach().cpu().float().numpy().reshape(blob)
+    beta = None if m.bias is None else m.bias.detach().cpu().float().numpy().reshape(blob)
+    b.add_scale(name, gamma, beta, beta is not None, mvn, out, shape_scale=list(blob),
+                shape_bias=list(blob) if beta is not None else None)
     return out
 
 

@@ -232,6 +232,44 @@ class MoreActivations(nn.Module):
         return F.relu6(F.interpolate(y, size=(y.shape[2] * 3, y.shape[3] * 2), mode="nearest") * 4.0)
 
 
+def _random_affine(*norms: nn.LayerNorm) -> None:
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in norms:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+
+
+class TransformerMLP(nn.Module):
+    """A transformer block's MLP on a feature vector: LayerNorm, exact and tanh GELU (module and
+    function), a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(24), nn.Linear(24, 48), nn.Linear(48, 24)
+        self.act, self.head = nn.GELU(), nn.Linear(24, 6)
+        _random_affine(self.norm)
+
+    def forward(self, x):
+        h = x + self.fc2(F.gelu(self.act(self.fc1(self.norm(x))) * 2.0, approximate="tanh"))
+        return self.head(h)
+
+
+class ConvLayerNorm(nn.Module):
+    """LayerNorm over a whole (C, H, W) feature map (with and without affine parameters), GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.norm = nn.LayerNorm((8, 7, 6), eps=1e-3)
+        self.plain = nn.LayerNorm((4, 7, 6), elementwise_affine=False)
+        self.act = nn.GELU(approximate="tanh")
+        _random_affine(self.norm)
+
+    def forward(self, x):
+        return self.plain(self.conv2(self.act(self.norm(self.conv1(x)))))
+
+
 def _randomize(module):
     """Random non-trivial BatchNorm statistics/affine params; eval mode."""
     g = torch.Generator().manual_seed(1)
@@ -280,6 +318,8 @@ ARRAY_CASES = {
     "mobilenet_v3_blocks": (MobileNetV3ish, (3, 16, 16)),
     "efficientnet_blocks": (EfficientNetish, (3, 12, 12)),
     "more_activations": (MoreActivations, (3, 5, 4)),
+    "transformer_mlp": (TransformerMLP, (24,)),
+    "conv_layernorm": (ConvLayerNorm, (3, 7, 6)),
 }
 
 
@@ -292,7 +332,8 @@ def test_array_models_match_torch(case, tmp_path):
     got = np.stack([o["y"] for o in outs])
     assert got.shape == tuple(ref.shape)
     names = {layer.name for layer in _nn(spec).layers}
-    weighted = [p for p, m in cls().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    weighted = [p for p, m in cls().named_modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm))]
     assert weighted and set(weighted) <= names  # every weighted module is the layer of its path
     assert np.abs(got - ref.numpy()).max() <= 1e-5
 
@@ -410,8 +451,8 @@ def test_multiple_outputs_and_identity_output(tmp_path):
 
 
 def test_unsupported_module_names_op_and_path():
-    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.GELU()))
-    with pytest.raises(mp.UnsupportedLayerError, match=r"'1\.1'.*GELU"):
+    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Mish()))
+    with pytest.raises(mp.UnsupportedLayerError, match=r"'1\.1'.*Mish"):
         convert(m, [mp.TensorType("x", (4,))])
 
 
@@ -635,3 +676,63 @@ def test_a_module_trained_on_the_gpu_exports_where_it_is(tmp_path):
     np.testing.assert_allclose(got, torch.softmax(logits, 1).numpy(), atol=1e-5)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], logits.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_from_classic_layers_is_torchs_over_a_wide_range(approximate):
+    """Exact GELU through an erf approximation (A&S 7.1.26) and tanh GELU by its formula, from
+    iOS 11 layers only (valid in any network); through the plan and the eager network."""
+    spec = convert(nn.GELU(approximate=approximate), [mp.TensorType("x", (2001,))], regressor="y")
+    assert all(layer.WhichOneof("layer") in ("activation", "unary", "multiply", "add")
+               for layer in _nn(spec).layers)
+    z = np.linspace(-12, 12, 2001, dtype=np.float32)
+    with torch.no_grad():
+        want = F.gelu(torch.from_numpy(z), approximate=approximate).numpy()
+    for plan in (True, False):
+        m = mp.load(spec, compute_units="cpu_only")
+        m.use_plan = plan
+        got = m.predict({"x": z})["y"]
+        assert (np.abs(got - want) / np.maximum(1.0, np.abs(z))).max() <= 1e-6
+
+
+def test_layernorm_over_part_of_the_axes_is_refused_with_the_reason():
+    class LastAxis(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(6)
+
+        def forward(self, x):
+            return self.norm(x)
+
+    with pytest.raises(mp.UnsupportedLayerError, match=r"norm.*LayerNorm over \(6,\) of a \(3, 5, 6\)"):
+        convert(LastAxis(), [mp.TensorType("x", (3, 5, 6))])
+
+
+def test_updatable_layers_before_gelu_and_layernorm_train_like_torch():
+    """Core ML cannot backpropagate through the layers GELU and LayerNorm export to (the exporter
+    says so); this runtime does: every Linear updatable, SGD, equals torch.optim.SGD."""
+    torch.manual_seed(4)
+    net = TransformerMLP().eval()
+    for p in net.norm.parameters():
+        p.requires_grad_(False)
+    labels = list("abcdef")
+    with pytest.warns(RuntimeWarning, match="cannot backpropagate"):
+        spec = convert(net, [mp.TensorType("x", (24,))], classifier=ClassifierConfig(labels),
+                       respect_trainable=True,
+                       update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.1, mini_batch_size=4),
+                                              epochs=2, shuffle=False))
+    x, y = torch.randn(8, 24), torch.arange(8) % 6
+    trained = mp.load(spec, compute_units="cpu_only").update(
+        [{"x": a.numpy(), "label": labels[int(t)]} for a, t in zip(x, y)])
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        for s in range(0, 8, 4):
+            loss = F.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    layers = {l.name: l for l in _nn(trained.spec).layers}
+    for name in ("fc1", "fc2", "head"):
+        mod = getattr(net, name)
+        np.testing.assert_allclose(np.asarray(layers[name].innerProduct.weights.floatValue).reshape(mod.weight.shape),
+                                   mod.weight.detach().numpy(), atol=1e-5)
