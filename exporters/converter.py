@@ -329,6 +329,8 @@ def _sequence_inputs(gm, inputs) -> set[str]:
         sequence = isinstance(i, TensorType) and i.is_sequence
         if not readers and not sequence:
             continue
+        if not readers and not any(recurrent.is_sequence_consumer(gm, u) for u in gm.graph.nodes):
+            continue  # rank 2 in a network without recurrent modules: a (C, L) feature map
         if not sequence:
             raise ConversionError(f"input {i.name!r} feeds a recurrent module, so it is a sequence: "
                                   "declare it mp.TensorType(name, (Seq, C)) (the Seq of the trace)")
@@ -337,6 +339,16 @@ def _sequence_inputs(gm, inputs) -> set[str]:
                                   "recurrent module); in Core ML only nn.LSTM / nn.RNN may read it")
         names.add(i.name)
     return names
+
+
+def _core_ml_shape(i, seq_inputs: set) -> tuple:
+    """The declared Core ML shape of an input: ``(C,)`` for a sequence, ``(C, 1, L)`` for a
+    ``(C, L)`` feature map (the rank-5 blob torch's ``(N, C, L)`` maps to), else its own."""
+    if i.name in seq_inputs:
+        return tuple(i.shape[-1:])
+    if len(i.shape) == 2:
+        return (i.shape[0], 1, i.shape[1])
+    return tuple(i.shape)
 
 
 def _set_metadata(spec, metadata: Optional[dict]) -> None:
@@ -356,7 +368,8 @@ def _set_metadata(spec, metadata: Optional[dict]) -> None:
 
 
 def _updatable_layers(module, ctx: Context) -> list[str]:
-    """Layer names of Conv2d/Linear/LSTM modules that require grad (or are marked updatable)."""
+    """Layer names of Conv1d/Conv2d/Linear/LSTM modules that require grad (or are marked
+    updatable); a Conv1d is a convolution layer with a 1 x k kernel."""
     names: list[str] = []
     for path, m in module.named_modules():
         own = list(m.parameters(recurse=False))
@@ -364,10 +377,10 @@ def _updatable_layers(module, ctx: Context) -> list[str]:
         trainable = any(p.requires_grad for p in own)
         if not (marked or trainable):
             continue
-        if not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LSTM)):
+        if not isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear, torch.nn.LSTM)):
             raise ConversionError(
-                f"module {path!r} ({type(m).__name__}) has trainable parameters, but only Conv2d, "
-                f"Linear and LSTM layers can be updatable in Core ML; freeze it with "
+                f"module {path!r} ({type(m).__name__}) has trainable parameters, but only Conv1d, "
+                f"Conv2d, Linear and LSTM layers can be updatable in Core ML; freeze it with "
                 f"model.{path}.requires_grad_(False) (or trainers.freeze) before exporting"
             )
         layers = ctx.layers_by_path.get(path, [])
@@ -482,8 +495,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         out_nodes = _graph_outputs(gm)
         out_names = _output_names(len(out_nodes), classifier, regressor, outputs)
         seq_inputs = _sequence_inputs(gm, inputs)
-        in_features = [(i.name, datatypes.Array(*(i.shape[-1:] if i.name in seq_inputs else i.shape)))
-                       for i in inputs]
+        in_features = [(i.name, datatypes.Array(*_core_ml_shape(i, seq_inputs))) for i in inputs]
         if classifier is not None:
             n = int(np.prod(out_nodes[0].meta["tensor_meta"].shape[1:]))
             if n != len(classifier.labels):

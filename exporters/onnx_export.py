@@ -26,7 +26,8 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     """Export ``module`` (in eval mode) to ONNX at ``path`` (written atomically); returns the path.
 
     Inputs are named as declared; the batch axis is dynamic unless ``dynamic_batch=False``, and so
-    is the sequence axis of a ``(Seq, C)`` input.
+    is the sequence axis of a ``(Seq, C)`` input of a recurrent network (a rank-2 input of a
+    network without one is a ``(C, L)`` feature map of fixed size).
     Image inputs take the preprocessed tensor (``pixel * scale + bias``), like the torch module.
     """
     if isinstance(inputs, (ImageType, TensorType)):
@@ -41,7 +42,9 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     try:
         with torch.no_grad():
             out = module(*examples)
-        sequences = [i.name for i in inputs if isinstance(i, TensorType) and i.is_sequence]
+        recurrent = any(isinstance(m, torch.nn.RNNBase) for m in module.modules())
+        sequences = [i.name for i in inputs  # (Seq, C) for a recurrent net, else a (C, L) map
+                     if recurrent and isinstance(i, TensorType) and i.is_sequence]
         return _export(module, examples, names, out, path, opset, output_names, dynamic_batch,
                        sequences)
     finally:

@@ -87,32 +87,41 @@ def channel_dim(ctx, node, dim) -> None:
 
 # --- convolution / dense ------------------------------------------------------------------------
 
-def _conv_padding(ctx, node, m: nn.Conv2d) -> tuple[int, int, int, int]:
+def _conv_padding(ctx, node, m) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of a Conv2d, or of a Conv1d as a 1 x k one."""
     if m.padding_mode != "zeros":
         raise ctx.unsupported(node, f"padding_mode={m.padding_mode!r} (only 'zeros')")
-    kh, kw = m.kernel_size
-    dh, dw = m.dilation
+    one_d = isinstance(m, nn.Conv1d)
+    kh, kw = (1, m.kernel_size[0]) if one_d else m.kernel_size
+    dh, dw = (1, m.dilation[0]) if one_d else m.dilation
     if m.padding == "same":
         th, tw = dh * (kh - 1), dw * (kw - 1)
         return th // 2, th - th // 2, tw // 2, tw - tw // 2
     if m.padding == "valid":
         return 0, 0, 0, 0
-    ph, pw = pair(m.padding)
+    ph, pw = (0, int(m.padding[0])) if one_d else pair(m.padding)
     return ph, ph, pw, pw
 
 
-@register_module(nn.Conv2d)
-def conv2d(ctx, node, m: nn.Conv2d) -> str:
+@register_module(nn.Conv2d, nn.Conv1d)
+def conv2d(ctx, node, m) -> str:
+    """Conv2d; Conv1d over (N, C, L) is the same layer with a 1 x k kernel on the (C, 1, L) blob."""
+    one_d = isinstance(m, nn.Conv1d)
+    if one_d:
+        _check_rank(ctx, node, 3, "Conv1d")
     top, bottom, left, right = _conv_padding(ctx, node, m)
-    w = m.weight.detach().cpu().numpy()  # (Cout, Cin/groups, kh, kw)
+    w = m.weight.detach().cpu().numpy()  # (Cout, Cin/groups, kh, kw) or (Cout, Cin/groups, k)
+    stride, dilation = list(m.stride), list(m.dilation)
+    if one_d:
+        w, stride, dilation = w[:, :, None, :], [1, stride[0]], [1, dilation[0]]
     b = None if m.bias is None else m.bias.detach().cpu().numpy()
     name, out = ctx.layer(node)
     ctx.builder.add_convolution(
         name, kernel_channels=w.shape[1], output_channels=w.shape[0],
-        height=w.shape[2], width=w.shape[3], stride_height=m.stride[0], stride_width=m.stride[1],
+        height=w.shape[2], width=w.shape[3], stride_height=stride[0], stride_width=stride[1],
         border_mode="valid", groups=m.groups, W=np.ascontiguousarray(w.transpose(2, 3, 1, 0)),
         b=b, has_bias=b is not None, input_name=ctx.inp(node.args[0]), output_name=out,
-        dilation_factors=list(m.dilation), padding_top=top, padding_bottom=bottom,
+        dilation_factors=dilation, padding_top=top, padding_bottom=bottom,
         padding_left=left, padding_right=right,
     )
     return out
@@ -403,9 +412,47 @@ def _pool(ctx, node, kind, kernel, stride, padding, ceil_mode=False, count_inclu
     return out
 
 
+def _check_rank(ctx, node, rank: int, what: str):
+    if len(ctx.shape(node.args[0])) != rank:
+        layout = "(N, C, H, W)" if rank == 4 else "(N, C, L)"
+        raise ctx.unsupported(node, f"{what} of a tensor that is not {layout}")
+
+
 def _check_4d(ctx, node, what: str = "2-D pooling"):
-    if len(ctx.shape(node.args[0])) != 4:
-        raise ctx.unsupported(node, f"{what} of a tensor that is not (N, C, H, W)")
+    _check_rank(ctx, node, 4, what)
+
+
+def _one_d(v) -> int:
+    """The one value of a 1-D pooling argument (an int or a 1-tuple)."""
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+@register_module(nn.MaxPool1d, nn.AvgPool1d)
+def pool1d(ctx, node, m) -> str:
+    """1-D pooling over (N, C, L): a 1 x k pooling of the (C, 1, L) blob."""
+    _check_rank(ctx, node, 3, type(m).__name__)
+    if isinstance(m, nn.MaxPool1d) and (_one_d(m.dilation) != 1 or m.return_indices):
+        raise ctx.unsupported(node, "MaxPool1d with dilation or return_indices")
+    k = _one_d(m.kernel_size)
+    s = _one_d(m.stride) if m.stride not in (None, ()) else k
+    kind = "MAX" if isinstance(m, nn.MaxPool1d) else "AVERAGE"
+    return _pool(ctx, node, kind, (1, k), (1, s), (0, _one_d(m.padding)), m.ceil_mode,
+                 getattr(m, "count_include_pad", True))
+
+
+@register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+def adaptive_pool1d(ctx, node, m) -> str:
+    _check_rank(ctx, node, 3, type(m).__name__)
+    kind = "AVERAGE" if isinstance(m, nn.AdaptiveAvgPool1d) else "MAX"
+    length, size = ctx.shape(node.args[0])[2], _one_d(m.output_size)
+    if size == 1:
+        name, out = ctx.layer(node)
+        ctx.builder.add_pooling(name, 1, 1, 1, 1, kind, "VALID", ctx.inp(node.args[0]), out,
+                                is_global=True)
+        return out
+    if length % size:
+        raise ctx.unsupported(node, f"adaptive pooling from length {length} to {size} (sizes must divide)")
+    return _pool(ctx, node, kind, (1, length // size), (1, length // size), 0)
 
 
 @register_module(nn.MaxPool2d)
@@ -481,11 +528,15 @@ def adaptive_avg_pool2d_fn(ctx, node, target) -> str:
 @register_function(torch.mean)
 @register_method("mean")
 def mean(ctx, node, target) -> str:
-    """``x.mean((2, 3))`` over the spatial axes of (N, C, H, W): global average pooling."""
+    """``x.mean((2, 3))`` over the spatial axes of (N, C, H, W), ``x.mean(2)`` over the length of
+    (N, C, L): global average pooling."""
     dims = arg(node, 1, "dim")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    if len(ctx.shape(node.args[0])) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
-        raise ctx.unsupported(node, f"mean over dims {dims} (only the spatial axes (2, 3) of NCHW)")
+    rank = len(ctx.shape(node.args[0]))
+    spatial = {4: [2, 3], 3: [2]}.get(rank)
+    if spatial is None or sorted(d % rank for d in dims) != spatial:
+        raise ctx.unsupported(node, f"mean over dims {dims} (only the spatial axes (2, 3) of NCHW "
+                                    "or the length axis 2 of (N, C, L))")
     name, out = ctx.layer(node)
     ctx.builder.add_pooling(name, 1, 1, 1, 1, "AVERAGE", "VALID", ctx.inp(node.args[0]), out,
                             is_global=True)

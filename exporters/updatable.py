@@ -184,7 +184,7 @@ def _check_layer(layer, name: str) -> None:
     if kind not in UPDATABLE_KINDS:
         raise ConversionError(
             f"module {name!r} became a {kind!r} layer, which Core ML cannot update (only "
-            "convolution, fully-connected and LSTM layers: nn.Conv2d, nn.Linear, nn.LSTM). Freeze it with "
+            "convolution, fully-connected and LSTM layers: nn.Conv1d/2d, nn.Linear, nn.LSTM). Freeze it with "
             "trainers.freeze(...) or set requires_grad=False on its parameters."
         )
     for field, wp in updatable_weights(layer):

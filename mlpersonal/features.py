@@ -89,8 +89,10 @@ class ImageType:
 @dataclass(frozen=True)
 class TensorType:
     """A multi-array input: ``(C,)`` or ``(C, H, W)`` without the batch axis (rank-5 mapping), or
-    ``(Seq, C)``: a sequence of ``C``-vectors for ``nn.LSTM`` / ``nn.RNN`` (batch_first) to read;
-    its Core ML input is ``(C,)``, taking sequences of any length as ``(Seq, 1, C)``.
+    rank 2: read by ``nn.LSTM`` / ``nn.RNN`` (batch_first), ``(Seq, C)``: a sequence of
+    ``C``-vectors, whose Core ML input is ``(C,)``, taking sequences of any length as
+    ``(Seq, 1, C)``; read by other modules (``nn.Conv1d``, 1-D pooling), ``(C, L)``: a 1-D feature
+    map, whose Core ML input is ``(C, 1, L)``.
 
     Flexible shapes: ``enumerated_shapes=[(C, H, W), ...]`` or ``shape_range=[(lo, hi)] * rank``
     (``-1``: unbounded maximum).
@@ -116,7 +118,8 @@ class TensorType:
 
     @property
     def is_sequence(self) -> bool:
-        """Declared ``(Seq, C)``: a sequence of ``C``-vectors."""
+        """Declared rank 2: ``(Seq, C)`` for a recurrent module (or ``(C, L)`` for a 1-D
+        convolution; the exporters tell the two apart by what reads the input)."""
         return len(self.shape) == 2
 
 

@@ -4,6 +4,7 @@ like torch (oracle: the torch module itself, in eval mode)."""
 import copy
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -496,8 +497,8 @@ def test_bad_arguments_raise_conversion_error():
         mp.ImageType("img", (3, 8, 8), color="cmyk")
     with pytest.raises(mp.ConversionError, match="shape"):
         mp.TensorType("x", (3, 4, 5, 6))
-    with pytest.raises(mp.ConversionError, match="'x' is a sequence.*only nn.LSTM / nn.RNN"):
-        convert(MLP(), [mp.TensorType("x", (3, 20))])  # (Seq, C): for recurrent modules only
+    with pytest.raises(mp.UnsupportedLayerError, match="Linear on a tensor of rank != 2"):
+        convert(MLP(), [mp.TensorType("x", (3, 20))])  # no recurrent module: a (C, L) feature map
     with pytest.raises(mp.ConversionError, match="labels"):
         convert(MLP(), [mp.TensorType("x", (20,))], classifier=ClassifierConfig(labels=list("abc")))
     with pytest.raises(mp.ConversionError, match="declares 2"):
@@ -736,3 +737,83 @@ def test_updatable_layers_before_gelu_and_layernorm_train_like_torch():
         mod = getattr(net, name)
         np.testing.assert_allclose(np.asarray(layers[name].innerProduct.weights.floatValue).reshape(mod.weight.shape),
                                    mod.weight.detach().numpy(), atol=1e-5)
+
+
+class Motion1D(nn.Module):
+    """A 1-D CNN over (3 axes, 50 steps) sensor windows: Conv1d (padding, 'same' with an even
+    kernel, stride + dilation + groups), BatchNorm1d, Max/AvgPool1d, adaptive and mean pooling
+    over time. (torch exports 'same' with dilation as an auto_pad that onnxruntime refuses.)"""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.c1, self.bn = nn.Conv1d(3, 16, 5, padding=2), nn.BatchNorm1d(16)
+        self.p1, self.c2 = nn.MaxPool1d(2), nn.Conv1d(16, 32, 4, padding="same")
+        self.c3 = nn.Conv1d(32, 32, 3, stride=2, padding=2, dilation=2, groups=4)
+        self.p2 = nn.AvgPool1d(3, stride=1, padding=1)
+        self.gap, self.fc = nn.AdaptiveAvgPool1d(1), nn.Linear(32, classes)
+
+    def forward(self, x):
+        h = self.p1(F.relu(self.bn(self.c1(x))))
+        h = self.p2(F.relu(self.c3(F.relu(self.c2(h)))))
+        return self.fc(self.gap(h).flatten(1))
+
+
+def test_a_1d_cnn_over_sensor_windows_exports_and_personalizes_like_torch(tmp_path):
+    """A (C, L) input read by Conv1d (no recurrent module) is a 1-D feature map: Core ML input
+    (C, 1, L); predictions equal torch's through the plan and the eager network; every conv and
+    the head updatable: the update equals torch.optim.SGD; to_onnx gives a fixed (C, L) input."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(5)
+    net = _randomize(Motion1D())
+    net.bn.requires_grad_(False)
+    labels = ["walk", "run", "sit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # Core ML can backpropagate through all
+        spec = convert(net, [mp.TensorType("motion", (3, 50))], classifier=ClassifierConfig(labels),
+                       respect_trainable=True,
+                       update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.05, mini_batch_size=4),
+                                              epochs=2, shuffle=False))
+    spec = _roundtrip(spec, tmp_path)
+    assert list(spec.description.input[0].type.multiArrayType.shape) == [3, 1, 50]
+    x, y = torch.randn(8, 3, 50), torch.arange(8) % 3
+    with torch.no_grad():
+        ref = torch.softmax(net(x), 1).numpy()
+    for plan in (True, False):
+        m = mp.load(spec, compute_units="cpu_only")
+        m.use_plan = plan
+        got = m.predict_batch(mp.ArrayBatchProvider({"motion": x.numpy()[:, :, None]}))
+        np.testing.assert_allclose(got.column("labelProbs").values, ref, atol=1e-5)
+    trained = mp.load(spec, compute_units="cpu_only").update(
+        [{"motion": a.numpy()[:, None], "label": labels[int(t)]} for a, t in zip(x, y)])
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        for s in range(0, 8, 4):
+            loss = F.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    layers = {l.name: l for l in _nn(trained.spec).layers}
+    for name in ("c1", "c2", "c3"):
+        want = getattr(net, name).weight.detach().numpy()  # (Cout, Cin/g, k) = Core ML's (Cout, Cin/g, 1, k)
+        np.testing.assert_allclose(np.asarray(layers[name].convolution.weights.floatValue).reshape(want.shape),
+                                   want, atol=1e-5)
+    path = mp.to_onnx(net, [mp.TensorType("motion", (3, 50))], tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape[1:] == [3, 50]
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"motion": x.numpy()})[0], net(x).numpy(), atol=1e-5)
+
+
+def test_mean_over_time_and_adaptive_max_pool1d_match_torch(tmp_path):
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.amp = nn.Conv1d(4, 6, 3), nn.AdaptiveMaxPool1d(4)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return torch.cat([h.mean(2), self.amp(h).flatten(1), h.mean(-1, keepdim=True).flatten(1)], 1)
+
+    spec, ref, outs = _array_case(Pools(), (4, 18), tmp_path, regressor="y")
+    got = np.stack([o["y"] for o in outs])
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)

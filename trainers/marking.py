@@ -4,9 +4,9 @@
 and the marker attribute :data:`MARKER` on the module and on every submodule that owns
 parameters. With ``convert(..., respect_trainable=True)`` the exporter makes updatable exactly the
 layers whose parameters require grad or whose marker is ``True`` (a marker ``False`` wins over
-``requires_grad``). Core ML can only update convolution and fully-connected layers, so mark
-``nn.Conv2d`` / ``nn.Linear`` modules (or containers holding only those and parameter-free
-modules); the exporter refuses anything else, naming the module.
+``requires_grad``). Core ML can only update convolution, fully-connected and LSTM layers, so
+mark ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Linear`` / ``nn.LSTM`` modules (or containers holding
+only those and parameter-free modules); the exporter refuses anything else, naming the module.
 """
 
 from __future__ import annotations
