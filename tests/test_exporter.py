@@ -271,6 +271,18 @@ class ConvLayerNorm(nn.Module):
         return self.plain(self.conv2(self.act(self.norm(self.conv1(x)))))
 
 
+def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
+    """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
+    mini-batches in order (the update tasks here run unshuffled)."""
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
+    for _ in range(epochs):
+        for s in range(0, len(x), batch):
+            loss = F.cross_entropy(net(x[s:s + batch]), y[s:s + batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 def _randomize(module):
     """Random non-trivial BatchNorm statistics/affine params; eval mode."""
     g = torch.Generator().manual_seed(1)
@@ -637,13 +649,7 @@ def test_mobilenet_style_features_under_a_personalized_head_train_like_torch(tmp
                                           epochs=3, shuffle=False))
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
     trained = mp.load(spec).update([{"x": a.numpy(), "label": labels[int(t)]} for a, t in zip(x, y)])
-    opt = torch.optim.SGD(net.fc.parameters(), lr=0.5)
-    for _ in range(3):
-        for s in range(0, 8, 4):
-            loss = F.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _torch_sgd(net, x, y, lr=0.5, epochs=3)
     fc = next(l for l in _nn(trained.spec).layers if l.name == "fc")
     assert fc.isUpdatable and sum(l.isUpdatable for l in _nn(trained.spec).layers) == 1
     np.testing.assert_allclose(np.asarray(fc.innerProduct.weights.floatValue).reshape(5, 8),
@@ -725,13 +731,7 @@ def test_updatable_layers_before_gelu_and_layernorm_train_like_torch():
     x, y = torch.randn(8, 24), torch.arange(8) % 6
     trained = mp.load(spec, compute_units="cpu_only").update(
         [{"x": a.numpy(), "label": labels[int(t)]} for a, t in zip(x, y)])
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(2):
-        for s in range(0, 8, 4):
-            loss = F.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _torch_sgd(net, x, y, lr=0.1, epochs=2)
     layers = {l.name: l for l in _nn(trained.spec).layers}
     for name in ("fc1", "fc2", "head"):
         mod = getattr(net, name)
@@ -785,13 +785,7 @@ def test_a_1d_cnn_over_sensor_windows_exports_and_personalizes_like_torch(tmp_pa
         np.testing.assert_allclose(got.column("labelProbs").values, ref, atol=1e-5)
     trained = mp.load(spec, compute_units="cpu_only").update(
         [{"motion": a.numpy()[:, None], "label": labels[int(t)]} for a, t in zip(x, y)])
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(2):
-        for s in range(0, 8, 4):
-            loss = F.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _torch_sgd(net, x, y, lr=0.05, epochs=2)
     layers = {l.name: l for l in _nn(trained.spec).layers}
     for name in ("c1", "c2", "c3"):
         want = getattr(net, name).weight.detach().numpy()  # (Cout, Cin/g, k) = Core ML's (Cout, Cin/g, 1, k)
