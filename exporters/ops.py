@@ -588,6 +588,94 @@ def layer_norm(ctx, node, m: nn.LayerNorm) -> str:
     return out
 
 
+def _channel_affine(ctx, node, m, src: str) -> str:
+    """The node's output: ``src`` scaled by ``m.weight`` and shifted by ``m.bias`` per channel
+    (a scale layer), or ``src`` itself without affine parameters."""
+    if m.weight is None:
+        return src
+    c = m.weight.numel()
+    beta = None if m.bias is None else m.bias.detach().cpu().float().numpy()
+    name, out = ctx.layer(node)
+    ctx.builder.add_scale(name, m.weight.detach().cpu().float().numpy(), beta, beta is not None, src, out,
+                          shape_scale=[c], shape_bias=[c] if beta is not None else None)
+    return out
+
+
+@register_module(nn.GroupNorm)
+def group_norm(ctx, node, m: nn.GroupNorm) -> str:
+    """GroupNorm of (N, C[, H], W): the (C, H, W) blob reshaped to (G, C/G * H, W), an mvn per
+    (new) channel normalizes each group, reshaped back, then gamma/beta per channel."""
+    shape = ctx.shape(node.args[0])
+    if len(shape) < 3:
+        raise ctx.unsupported(node, "GroupNorm of a tensor without spatial axes (N, C)")
+    c, h, w = ctx.blob_shape(shape)
+    g = m.num_groups
+    src = ctx.inp(node.args[0])
+    grouped = _helper_layer(ctx, node, "groups")
+    ctx.builder.add_reshape(grouped, src, grouped, (g, c // g * h, w), 0)
+    normed = _helper_layer(ctx, node, "mvn")
+    ctx.builder.add_mvn(normed, grouped, normed, across_channels=False, normalize_variance=True,
+                        epsilon=float(m.eps))
+    if not m.affine:
+        name, out = ctx.layer(node)
+        ctx.builder.add_reshape(name, normed, out, (c, h, w), 0)
+        return out
+    back = _helper_layer(ctx, node, "chw")
+    ctx.builder.add_reshape(back, normed, back, (c, h, w), 0)
+    return _channel_affine(ctx, node, m, back)
+
+
+@register_module(nn.InstanceNorm1d, nn.InstanceNorm2d)
+def instance_norm(ctx, node, m) -> str:
+    """InstanceNorm: an mvn per channel over (H, W), then gamma/beta; with running statistics
+    (track_running_stats, eval) it normalizes like BatchNorm and is one."""
+    if m.track_running_stats and m.running_mean is not None:
+        if m.training:
+            raise ctx.unsupported(node, "InstanceNorm with running statistics in training mode")
+        return batchnorm(ctx, node, m)
+    normed = _helper_layer(ctx, node, "mvn") if m.affine else None
+    name, out = ctx.layer(node)
+    ctx.builder.add_mvn(normed or name, ctx.inp(node.args[0]), normed or out, across_channels=False,
+                        normalize_variance=True, epsilon=float(m.eps))
+    return _channel_affine(ctx, node, m, normed) if m.affine else out
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflection", "replicate": "replication"}
+
+
+def _pad(ctx, node, amounts, mode: str, value: float) -> str:
+    """Core ML's padding layer: (left, right[, top, bottom]) of the last axes; a (N, C, L)
+    tensor pads its length only."""
+    amounts = [int(a) for a in amounts]
+    rank = len(ctx.shape(node.args[0]))
+    if mode not in _PAD_MODES or len(amounts) not in (2, 4) or min(amounts) < 0 or rank not in (3, 4) \
+            or (rank == 3 and len(amounts) != 2):
+        raise ctx.unsupported(node, f"padding {amounts} in mode {mode!r} of a rank-{rank} tensor "
+                                    "(the last one or two axes of (N, C, L) / (N, C, H, W), "
+                                    "not negative; constant, reflect or replicate)")
+    left, right = amounts[:2]
+    top, bottom = amounts[2:] if len(amounts) == 4 else (0, 0)
+    name, out = ctx.layer(node)
+    ctx.builder.add_padding(name, left=left, right=right, top=top, bottom=bottom, value=float(value),
+                            input_name=ctx.inp(node.args[0]), output_name=out,
+                            padding_type=_PAD_MODES[mode])
+    return out
+
+
+@register_module(nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+                 nn.ConstantPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d)
+def pad_module(ctx, node, m) -> str:
+    name = type(m).__name__
+    mode = "reflect" if "Reflection" in name else "replicate" if "Replication" in name else "constant"
+    return _pad(ctx, node, m.padding, mode, getattr(m, "value", 0.0))
+
+
+@register_function(F.pad)
+def pad_function(ctx, node, target) -> str:
+    return _pad(ctx, node, arg(node, 1, "pad"), arg(node, 2, "mode", "constant"),
+                arg(node, 3, "value", None) or 0.0)
+
+
 # --- shape ------------------------------------------------------------------------------------
 
 @register_module(nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity)

@@ -271,6 +271,29 @@ class ConvLayerNorm(nn.Module):
         return self.plain(self.conv2(self.act(self.norm(self.conv1(x)))))
 
 
+class NormsAndPads(nn.Module):
+    """GroupNorm (affine, and one group without), InstanceNorm2d (affine; with running
+    statistics), zero / reflection / replication / constant padding (modules and F.pad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn, self.gn1 = nn.Conv2d(3, 8, 3), nn.GroupNorm(4, 8), nn.GroupNorm(1, 8, affine=False)
+        self.inn, self.inr = nn.InstanceNorm2d(8, affine=True), nn.InstanceNorm2d(8, track_running_stats=True)
+        self.zero, self.reflect = nn.ZeroPad2d((1, 2, 0, 3)), nn.ReflectionPad2d(2)
+        self.replicate = nn.ReplicationPad2d((2, 1, 1, 0))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for m in (self.gn, self.inn):
+                m.weight.copy_(torch.rand(8, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(8, generator=g) * 0.5)
+            self.inr.running_mean.copy_(torch.randn(8, generator=g))
+            self.inr.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+
+    def forward(self, x):
+        h = self.inn(self.reflect(self.gn(self.conv(self.zero(x)))))
+        return F.pad(self.gn1(self.inr(self.replicate(h))), (1, 1, 2, 2), value=0.5)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -333,6 +356,7 @@ ARRAY_CASES = {
     "more_activations": (MoreActivations, (3, 5, 4)),
     "transformer_mlp": (TransformerMLP, (24,)),
     "conv_layernorm": (ConvLayerNorm, (3, 7, 6)),
+    "norms_and_pads": (NormsAndPads, (3, 9, 10)),
 }
 
 
@@ -346,7 +370,7 @@ def test_array_models_match_torch(case, tmp_path):
     assert got.shape == tuple(ref.shape)
     names = {layer.name for layer in _nn(spec).layers}
     weighted = [p for p, m in cls().named_modules()
-                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm))]
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))]
     assert weighted and set(weighted) <= names  # every weighted module is the layer of its path
     assert np.abs(got - ref.numpy()).max() <= 1e-5
 
@@ -798,16 +822,28 @@ def test_a_1d_cnn_over_sensor_windows_exports_and_personalizes_like_torch(tmp_pa
         np.testing.assert_allclose(sess.run(None, {"motion": x.numpy()})[0], net(x).numpy(), atol=1e-5)
 
 
-def test_mean_over_time_and_adaptive_max_pool1d_match_torch(tmp_path):
+def test_1d_padding_mean_over_time_and_adaptive_max_pool1d_match_torch(tmp_path):
     class Pools(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv, self.amp = nn.Conv1d(4, 6, 3), nn.AdaptiveMaxPool1d(4)
+            self.pad = nn.ReflectionPad1d((2, 1))
 
         def forward(self, x):
-            h = torch.relu(self.conv(x))
+            h = torch.relu(self.conv(F.pad(self.pad(x), (1, 0), mode="replicate")))
             return torch.cat([h.mean(2), self.amp(h).flatten(1), h.mean(-1, keepdim=True).flatten(1)], 1)
 
     spec, ref, outs = _array_case(Pools(), (4, 18), tmp_path, regressor="y")
     got = np.stack([o["y"] for o in outs])
     np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("pad,mode", [((1, 1, 1, 1, 1, 1), "constant"), ((1, 1, 1, 1), "circular"),
+                                      ((-1, 0), "constant")])
+def test_padding_core_ml_has_no_layer_for_is_refused_with_the_reason(pad, mode):
+    class Pad(nn.Module):
+        def forward(self, x):
+            return F.pad(x, pad, mode=mode)
+
+    with pytest.raises(mp.UnsupportedLayerError, match=r"padding .* in mode"):
+        convert(Pad(), [mp.TensorType("x", (3, 6, 6))])
