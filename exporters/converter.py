@@ -296,7 +296,7 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
             continue  # python values (x.size(0), shapes): only feed reshape targets
         if ctx.is_tensor(node):
             shape = ctx.shape(node)
-            if shape[0] != _BATCH:
+            if not shape or shape[0] != _BATCH:
                 raise ctx.unsupported(node, f"an op that changes the batch axis (gives {shape})"
                                       + recurrent.state_hint(gm, node))
             if not 2 <= len(shape) <= 4:

@@ -294,6 +294,22 @@ class NormsAndPads(nn.Module):
         return F.pad(self.gn1(self.inr(self.replicate(h))), (1, 1, 2, 2), value=0.5)
 
 
+class ElementwiseMath(nn.Module):
+    """exp, log, sqrt, rsqrt, abs (function, method, builtin), reciprocal, number / tensor,
+    powers, clamp / clip with one or two bounds, F.normalize of the result."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        a = torch.exp(h.clamp(max=3.0)) + h.abs().sqrt() + torch.log(h.abs() + 1.0)
+        b = 2.0 / (h.abs() + 1.0) + torch.rsqrt(h * h + 1.0) + abs(h) ** 1.5 + torch.reciprocal(h.clamp(1.0, 4.0))
+        c = torch.clamp(h, min=-0.5) + h.clip(-1.0, 1.0) + h.pow(2)
+        return F.normalize(a + b + c, dim=1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -357,6 +373,7 @@ ARRAY_CASES = {
     "transformer_mlp": (TransformerMLP, (24,)),
     "conv_layernorm": (ConvLayerNorm, (3, 7, 6)),
     "norms_and_pads": (NormsAndPads, (3, 9, 10)),
+    "elementwise_math": (ElementwiseMath, (6,)),
 }
 
 
@@ -494,16 +511,16 @@ def test_unsupported_module_names_op_and_path():
 
 
 def test_unsupported_function_names_op():
-    class Exp(nn.Module):
+    class Erf(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
-            return torch.exp(self.fc(x))
+            return torch.erf(self.fc(x))
 
-    with pytest.raises(mp.UnsupportedLayerError, match="exp"):
-        convert(Exp(), [mp.TensorType("x", (4,))])
+    with pytest.raises(mp.UnsupportedLayerError, match="erf"):
+        convert(Erf(), [mp.TensorType("x", (4,))])
 
 
 def test_unsupported_arguments_are_refused():
@@ -847,3 +864,18 @@ def test_padding_core_ml_has_no_layer_for_is_refused_with_the_reason(pad, mode):
 
     with pytest.raises(mp.UnsupportedLayerError, match=r"padding .* in mode"):
         convert(Pad(), [mp.TensorType("x", (3, 6, 6))])
+
+
+@pytest.mark.parametrize("fn,what", [
+    (lambda x: F.normalize(x, dim=1), r"normalize with p=2.*\(3, 4, 4\)"),  # per pixel
+    (lambda x: torch.clamp(x, min=x.mean()), "changes the batch axis"),  # x.mean(): a 0-d tensor
+    (lambda x: torch.clamp(x, min=x * 0.5), "clamp except with number bounds"),
+    (lambda x: 2 ** x, "power except tensor \\*\\* number"),
+])
+def test_elementwise_math_core_ml_cannot_match_is_refused(fn, what):
+    class F1(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    with pytest.raises(mp.UnsupportedLayerError, match=what):
+        convert(F1(), [mp.TensorType("x", (3, 4, 4))])
