@@ -128,6 +128,35 @@ def conv2d(ctx, node, m) -> str:
     return out
 
 
+@register_module(nn.ConvTranspose2d, nn.ConvTranspose1d)
+def conv_transpose(ctx, node, m) -> str:
+    """A transposed convolution is Core ML's deconvolution: the full result cropped from
+    ``padding`` on, ``outputShape`` rows and columns long (torch's size, output_padding
+    included: rows past the full result hold the bias, as in torch). ConvTranspose1d: 1 x k."""
+    if m.padding_mode != "zeros":
+        raise ctx.unsupported(node, f"padding_mode={m.padding_mode!r} (only 'zeros')")
+    one_d = isinstance(m, nn.ConvTranspose1d)
+    _check_rank(ctx, node, 3 if one_d else 4, type(m).__name__)
+    w = m.weight.detach().cpu().numpy()  # (Cin, Cout/groups, kh, kw) or (Cin, Cout/groups, k)
+    stride, dilation, padding = list(m.stride), list(m.dilation), list(m.padding)
+    if one_d:
+        w, stride, dilation, padding = w[:, :, None, :], [1, stride[0]], [1, dilation[0]], [0, padding[0]]
+    out_hw = ctx.shape(node)[2:]
+    out_hw = (1, out_hw[0]) if one_d else tuple(out_hw)
+    b = None if m.bias is None else m.bias.detach().cpu().numpy()
+    name, out = ctx.layer(node)
+    ctx.builder.add_convolution(
+        name, kernel_channels=w.shape[0], output_channels=w.shape[1] * m.groups,
+        height=w.shape[2], width=w.shape[3], stride_height=stride[0], stride_width=stride[1],
+        border_mode="valid", groups=m.groups, W=np.ascontiguousarray(w.transpose(2, 3, 0, 1)),
+        b=b, has_bias=b is not None, is_deconv=True, output_shape=[int(v) for v in out_hw],
+        input_name=ctx.inp(node.args[0]), output_name=out, dilation_factors=dilation,
+        padding_top=padding[0], padding_bottom=padding[0], padding_left=padding[1],
+        padding_right=padding[1],
+    )
+    return out
+
+
 @register_module(nn.Linear)
 def linear(ctx, node, m: nn.Linear) -> str:
     if len(ctx.shape(node.args[0])) != 2:

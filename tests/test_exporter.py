@@ -310,6 +310,30 @@ class ElementwiseMath(nn.Module):
         return F.normalize(a + b + c, dim=1)
 
 
+class Transposed(nn.Module):
+    """ConvTranspose2d: stride + padding + output_padding, groups, dilation without bias, and
+    output_padding past the full result (rows holding the bias only); ConvTranspose1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.d1 = nn.ConvTranspose2d(3, 8, 3, stride=2, padding=1, output_padding=1)
+        self.d2 = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1, groups=2)
+        self.d3 = nn.ConvTranspose2d(4, 2, 3, padding=0, dilation=2, bias=False)
+        self.d4 = nn.ConvTranspose2d(2, 2, 2, stride=3, output_padding=2)
+
+    def forward(self, x):
+        return self.d4(self.d3(torch.relu(self.d2(torch.relu(self.d1(x))))))
+
+
+class Transposed1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.d = nn.ConvTranspose1d(3, 5, 5, stride=2, padding=2, output_padding=1)
+
+    def forward(self, x):
+        return self.d(x)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -374,6 +398,8 @@ ARRAY_CASES = {
     "conv_layernorm": (ConvLayerNorm, (3, 7, 6)),
     "norms_and_pads": (NormsAndPads, (3, 9, 10)),
     "elementwise_math": (ElementwiseMath, (6,)),
+    "transposed_convs": (Transposed, (3, 5, 6)),
+    "transposed_conv1d": (Transposed1d, (3, 11)),
 }
 
 
@@ -387,7 +413,8 @@ def test_array_models_match_torch(case, tmp_path):
     assert got.shape == tuple(ref.shape)
     names = {layer.name for layer in _nn(spec).layers}
     weighted = [p for p, m in cls().named_modules()
-                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))]
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
+                                  nn.ConvTranspose2d, nn.ConvTranspose1d))]
     assert weighted and set(weighted) <= names  # every weighted module is the layer of its path
     assert np.abs(got - ref.numpy()).max() <= 1e-5
 
