@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -704,6 +704,43 @@ def pad_module(ctx, node, m) -> str:
 def pad_function(ctx, node, target) -> str:
     return _pad(ctx, node, arg(node, 1, "pad"), arg(node, 2, "mode", "constant"),
                 arg(node, 3, "value", None) or 0.0)
+
+
+def _swap_channel_blocks(ctx, node, src: str, first: int, second: int, hw: tuple,
+                         last: Optional[tuple] = None) -> str:
+    """Channels ordered (first, second) -> (second, first), as classic layers: reshape to
+    (first, second, H * W), swap the first two axes (permute), reshape back (as the layer and
+    blob ``last`` when given)."""
+    b = ctx.builder
+    split = _helper_layer(ctx, node, "split")
+    b.add_reshape(split, src, split, (first, second, hw[0] * hw[1]), 0)
+    swapped = _helper_layer(ctx, node, "swap")
+    b.add_permute(swapped, (0, 2, 1, 3), split, swapped)
+    name, out = last or (_helper_layer(ctx, node, "order"),) * 2
+    b.add_reshape(name, swapped, out, (first * second, *hw), 0)
+    return out
+
+
+@register_module(nn.PixelShuffle, nn.PixelUnshuffle)
+@register_function(F.pixel_shuffle, F.pixel_unshuffle)
+def pixel_shuffle(ctx, node, target) -> str:
+    """torch orders the channels (C, r, r) where Core ML's iOS 11 DEPTH_TO_SPACE (its iOS 14
+    PIXEL_SHUFFLE cannot sit in every network) orders them (r, r, C): the channel blocks are
+    swapped around it with reshape/permute layers (no arithmetic, so exact)."""
+    shuffle = isinstance(target, nn.PixelShuffle) or target is F.pixel_shuffle
+    r = int(target.upscale_factor if isinstance(target, nn.PixelShuffle) else
+            target.downscale_factor if isinstance(target, nn.PixelUnshuffle) else arg(node, 1, "factor"))
+    _check_4d(ctx, node, "pixel shuffling")
+    c, h, w = ctx.blob_shape(ctx.shape(node.args[0]))
+    src, b = ctx.inp(node.args[0]), ctx.builder
+    if shuffle:
+        src = _swap_channel_blocks(ctx, node, src, c // (r * r), r * r, (h, w))
+        name, out = ctx.layer(node)
+        b.add_reorganize_data(name, src, out, "DEPTH_TO_SPACE", r)
+        return out
+    moved = _helper_layer(ctx, node, "s2d")
+    b.add_reorganize_data(moved, src, moved, "SPACE_TO_DEPTH", r)
+    return _swap_channel_blocks(ctx, node, moved, r * r, c, (h // r, w // r), last=ctx.layer(node))
 
 
 # --- shape ------------------------------------------------------------------------------------

@@ -334,6 +334,21 @@ class Transposed1d(nn.Module):
         return self.d(x)
 
 
+class SuperResolution(nn.Module):
+    """ESPCN-style upsampling: PixelShuffle / F.pixel_shuffle and PixelUnshuffle /
+    F.pixel_unshuffle (factors 2 and 3) between convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.shuffle = nn.Conv2d(3, 12, 3, padding=1), nn.PixelShuffle(2)
+        self.unshuffle, self.mix = nn.PixelUnshuffle(2), nn.Conv2d(12, 18, 1)
+
+    def forward(self, x):
+        h = self.shuffle(self.conv(x))
+        h = self.mix(self.unshuffle(h) + F.pixel_unshuffle(torch.relu(h), 2))
+        return F.pixel_shuffle(h, 3)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -400,6 +415,7 @@ ARRAY_CASES = {
     "elementwise_math": (ElementwiseMath, (6,)),
     "transposed_convs": (Transposed, (3, 5, 6)),
     "transposed_conv1d": (Transposed1d, (3, 11)),
+    "pixel_shuffle": (SuperResolution, (3, 4, 5)),
 }
 
 
