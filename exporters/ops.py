@@ -157,16 +157,36 @@ def conv_transpose(ctx, node, m) -> str:
     return out
 
 
+#: Core ML permute axes swapping the blob's C and W axes (torch's axis 1 and last axis)
+_SWAP_C_W = (0, 3, 2, 1)
+
+
 @register_module(nn.Linear)
 def linear(ctx, node, m: nn.Linear) -> str:
-    if len(ctx.shape(node.args[0])) != 2:
-        raise ctx.unsupported(node, "Linear on a tensor of rank != 2 (flatten it first)")
+    """Linear of (N, C) vectors: innerProduct. Of the last axis of (N, L, C) tokens or
+    (N, H, W, C) channels-last maps (whose blobs hold C on the W axis): the features swapped
+    onto the channel axis, a 1 x 1 convolution, swapped back."""
+    rank = len(ctx.shape(node.args[0]))
     w = m.weight.detach().cpu().numpy()
     b = None if m.bias is None else m.bias.detach().cpu().numpy()
-    name, out = ctx.layer(node)
-    ctx.builder.add_inner_product(name, W=w, b=b, input_channels=w.shape[1],
-                                  output_channels=w.shape[0], has_bias=b is not None,
-                                  input_name=ctx.inp(node.args[0]), output_name=out)
+    if rank == 2:
+        name, out = ctx.layer(node)
+        ctx.builder.add_inner_product(name, W=w, b=b, input_channels=w.shape[1],
+                                      output_channels=w.shape[0], has_bias=b is not None,
+                                      input_name=ctx.inp(node.args[0]), output_name=out)
+        return out
+    if rank not in (3, 4):
+        raise ctx.unsupported(node, f"Linear on a tensor of rank {rank} (2, or the last axis of 3 or 4)")
+    front = _helper_layer(ctx, node, "to_channels")
+    ctx.builder.add_permute(front, _SWAP_C_W, ctx.inp(node.args[0]), front)
+    mixed = _helper_layer(ctx, node, "pointwise")
+    name, out = ctx.layer(node)  # the convolution carries the module's name (and can be updatable)
+    ctx.builder.add_convolution(
+        name, kernel_channels=w.shape[1], output_channels=w.shape[0], height=1, width=1,
+        stride_height=1, stride_width=1, border_mode="valid", groups=1,
+        W=np.ascontiguousarray(w.T.reshape(1, 1, w.shape[1], w.shape[0])), b=b,
+        has_bias=b is not None, input_name=front, output_name=mixed)
+    ctx.builder.add_permute(_helper_layer(ctx, node, "back"), _SWAP_C_W, mixed, out)
     return out
 
 
@@ -595,13 +615,16 @@ def batchnorm(ctx, node, m) -> str:
 def layer_norm(ctx, node, m: nn.LayerNorm) -> str:
     """LayerNorm over every per-example axis (an MLP's (C,), a (C, L) or (C, H, W) feature map):
     Core ML's mvn across channels (mean and variance over the whole blob, ``/ sqrt(var + eps)``),
-    then a scale layer with the elementwise gamma and beta in the blob's shape."""
+    then a scale layer with the elementwise gamma and beta in the blob's shape. Over the last
+    axis of tokens / channels-last maps: :func:`_layer_norm_last_axis`."""
     shape = ctx.shape(node.args[0])
     norm = tuple(int(s) for s in m.normalized_shape)
+    if len(norm) == 1 and len(shape) in (3, 4) and norm[0] == shape[-1]:
+        return _layer_norm_last_axis(ctx, node, m, shape)
     if norm != tuple(shape[1:]) or len(norm) > 3:
         raise ctx.unsupported(node, f"LayerNorm over {norm} of a {tuple(shape[1:])} tensor per example "
-                                    "(only over all of its axes: Core ML's rank-5 mvn normalizes "
-                                    "the whole (C, H, W) blob)")
+                                    "(only over all of its axes, or over the last one of (N, L, C) "
+                                    "tokens / channels-last (N, H, W, C) maps)")
     blob = ctx.blob_shape(shape)
     b, x = ctx.builder, ctx.inp(node.args[0])
     affine = m.weight is not None
@@ -628,6 +651,36 @@ def _channel_affine(ctx, node, m, src: str) -> str:
     name, out = ctx.layer(node)
     ctx.builder.add_scale(name, m.weight.detach().cpu().float().numpy(), beta, beta is not None, src, out,
                           shape_scale=[c], shape_bias=[c] if beta is not None else None)
+    return out
+
+
+def _layer_norm_last_axis(ctx, node, m: nn.LayerNorm, shape) -> str:
+    """LayerNorm of each token of (N, L, C) / each pixel of channels-last (N, H, W, C): the blob
+    holds C on its W axis, so an mvn per (Core ML) channel over (H, W) normalizes each row (a
+    (H, W, C) blob is first reshaped to (H * W, 1, C)); gamma/beta scale along W."""
+    b, src = ctx.builder, ctx.inp(node.args[0])
+    blob = ctx.blob_shape(shape)
+    c = blob[2]
+    if len(shape) == 4:
+        rows = _helper_layer(ctx, node, "rows")
+        b.add_reshape(rows, src, rows, (blob[0] * blob[1], 1, c), 0)
+        src = rows
+    affine = m.weight is not None
+    last = len(shape) == 3 and not affine
+    normed = ctx.layer(node) if last else (_helper_layer(ctx, node, "mvn"),) * 2
+    b.add_mvn(normed[0], src, normed[1], across_channels=False, normalize_variance=True,
+              epsilon=float(m.eps))
+    out = normed[1]
+    if affine:
+        beta = None if m.bias is None else m.bias.detach().cpu().float().numpy().reshape(1, 1, c)
+        name, scaled = ctx.layer(node) if len(shape) == 3 else (_helper_layer(ctx, node, "affine"),) * 2
+        b.add_scale(name, m.weight.detach().cpu().float().numpy().reshape(1, 1, c), beta, beta is not None,
+                    out, scaled, shape_scale=[1, 1, c], shape_bias=[1, 1, c] if beta is not None else None)
+        out = scaled
+    if len(shape) == 4:
+        name, back = ctx.layer(node)
+        b.add_reshape(name, out, back, tuple(blob), 0)
+        out = back
     return out
 
 
@@ -767,6 +820,39 @@ def reshape(ctx, node, target) -> str:
         ctx.builder.add_flatten(name, 0, ctx.inp(src), out)  # CHANNEL_FIRST: torch order
         return out
     raise ctx.unsupported(node, f"reshape from {tuple(before)} to {tuple(after)}")
+
+
+def _blob_axes(rank: int) -> list:
+    """Torch axis of an (N, ...) tensor -> its axis in Core ML's (Seq, C, H, W): (N, C, L) has
+    C on 1 and L on W (3); (N, C, H, W) maps one to one."""
+    return [0, 1, 3] if rank == 3 else [0, 1, 2, 3]
+
+
+@register_function(torch.permute, torch.transpose)
+@register_method("permute", "transpose")
+def permute(ctx, node, target) -> str:
+    """A permutation of the non-batch axes of a rank-3 or rank-4 tensor: Core ML's permute layer
+    (e.g. NCHW <-> NHWC around channels-last LayerNorm / Linear)."""
+    rank = len(ctx.shape(node.args[0]))
+    if target in (torch.transpose, "transpose"):
+        perm = list(range(rank))
+        d0, d1 = (int(d) % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else node.args[1:] or arg(node, 1, "dims")
+        perm = [int(d) % rank for d in dims]
+    if rank not in (3, 4) or perm[0] != 0:
+        raise ctx.unsupported(node, f"permutation {perm} of a rank-{rank} tensor (the batch axis "
+                                    "stays first; ranks 3 and 4)")
+    if perm == list(range(rank)):
+        return ctx.inp(node.args[0])
+    axes, core = _blob_axes(rank), [0, 1, 2, 3]
+    for out_axis, in_axis in enumerate(perm):
+        core[axes[out_axis]] = axes[in_axis]
+    name, out = ctx.layer(node)
+    ctx.builder.add_permute(name, tuple(core), ctx.inp(node.args[0]), out)
+    return out
 
 
 @register_function(torch.cat, torch.concat)

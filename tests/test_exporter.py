@@ -349,6 +349,38 @@ class SuperResolution(nn.Module):
         return F.pixel_shuffle(h, 3)
 
 
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block: depthwise 7 x 7, then channels-last (permute) LayerNorm, Linear, GELU,
+    Linear, permuted back, residual."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c, eps=1e-6)
+        self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        _random_affine(self.norm)
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        return x + self.pw2(self.act(self.pw1(self.norm(h)))).permute(0, 3, 1, 2)
+
+
+class Mixer(nn.Module):
+    """An MLP-Mixer layer on (N, L, C) tokens: token mixing through transpose(1, 2), channel
+    mixing on the last axis, LayerNorm per token (with and without affine parameters); a head."""
+
+    def __init__(self, tokens: int = 6, channels: int = 5, classes: int = 4):
+        super().__init__()
+        self.norm1, self.tok = nn.LayerNorm(channels), nn.Linear(tokens, tokens)
+        self.norm2, self.ch = nn.LayerNorm(channels, elementwise_affine=False), nn.Linear(channels, channels)
+        self.head = nn.Linear(tokens * channels, classes)
+        _random_affine(self.norm1)
+
+    def forward(self, x):
+        x = x + self.tok(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.ch(self.norm2(x))
+        return self.head(x.flatten(1))
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -416,6 +448,8 @@ ARRAY_CASES = {
     "transposed_convs": (Transposed, (3, 5, 6)),
     "transposed_conv1d": (Transposed1d, (3, 11)),
     "pixel_shuffle": (SuperResolution, (3, 4, 5)),
+    "convnext_block": (ConvNeXtBlock, (8, 9, 10)),
+    "mlp_mixer": (Mixer, (6, 5)),
 }
 
 
@@ -593,8 +627,6 @@ def test_bad_arguments_raise_conversion_error():
         mp.ImageType("img", (3, 8, 8), color="cmyk")
     with pytest.raises(mp.ConversionError, match="shape"):
         mp.TensorType("x", (3, 4, 5, 6))
-    with pytest.raises(mp.UnsupportedLayerError, match="Linear on a tensor of rank != 2"):
-        convert(MLP(), [mp.TensorType("x", (3, 20))])  # no recurrent module: a (C, L) feature map
     with pytest.raises(mp.ConversionError, match="labels"):
         convert(MLP(), [mp.TensorType("x", (20,))], classifier=ClassifierConfig(labels=list("abc")))
     with pytest.raises(mp.ConversionError, match="declares 2"):
@@ -786,16 +818,16 @@ def test_gelu_from_classic_layers_is_torchs_over_a_wide_range(approximate):
         assert (np.abs(got - want) / np.maximum(1.0, np.abs(z))).max() <= 1e-6
 
 
-def test_layernorm_over_part_of_the_axes_is_refused_with_the_reason():
+def test_layernorm_over_some_but_not_all_or_the_last_axis_is_refused_with_the_reason():
     class LastAxis(nn.Module):
         def __init__(self):
             super().__init__()
-            self.norm = nn.LayerNorm(6)
+            self.norm = nn.LayerNorm((5, 6))
 
         def forward(self, x):
             return self.norm(x)
 
-    with pytest.raises(mp.UnsupportedLayerError, match=r"norm.*LayerNorm over \(6,\) of a \(3, 5, 6\)"):
+    with pytest.raises(mp.UnsupportedLayerError, match=r"norm.*LayerNorm over \(5, 6\) of a \(3, 5, 6\)"):
         convert(LastAxis(), [mp.TensorType("x", (3, 5, 6))])
 
 
@@ -922,3 +954,31 @@ def test_elementwise_math_core_ml_cannot_match_is_refused(fn, what):
 
     with pytest.raises(mp.UnsupportedLayerError, match=what):
         convert(F1(), [mp.TensorType("x", (3, 4, 4))])
+
+
+def test_linear_layers_on_the_last_axis_of_tokens_train_like_torch():
+    """Linear on (N, L, C) tokens exports as a 1 x 1 convolution between two permutes; the
+    convolution carries the module's name, so it can be updatable: Mixer's token and channel
+    mixing and its head, SGD, equal torch.optim.SGD."""
+    torch.manual_seed(6)
+    net = Mixer().eval()
+    net.norm1.requires_grad_(False)
+    labels = list("abcd")
+    with pytest.warns(RuntimeWarning, match="cannot backpropagate"):  # permute, mvn, add
+        spec = convert(net, [mp.TensorType("x", (6, 5))], classifier=ClassifierConfig(labels),
+                       respect_trainable=True,
+                       update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.1, mini_batch_size=4),
+                                              epochs=2, shuffle=False))
+    layers = {l.name: l for l in _nn(spec).layers}
+    assert layers["tok"].WhichOneof("layer") == "convolution" and layers["tok"].isUpdatable
+    x, y = torch.randn(8, 6, 5), torch.arange(8) % 4
+    trained = mp.load(spec, compute_units="cpu_only").update(
+        [{"x": a.numpy(), "label": labels[int(t)]} for a, t in zip(x, y)])
+    _torch_sgd(net, x, y, lr=0.1, epochs=2)
+    layers = {l.name: l for l in _nn(trained.spec).layers}
+    for name in ("tok", "ch"):
+        want = getattr(net, name).weight.detach().numpy()
+        np.testing.assert_allclose(np.asarray(layers[name].convolution.weights.floatValue).reshape(want.shape),
+                                   want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers["head"].innerProduct.weights.floatValue).reshape(4, 30),
+                               net.head.weight.detach().numpy(), atol=1e-5)
