@@ -579,18 +579,67 @@ def adaptive_avg_pool2d_fn(ctx, node, target) -> str:
 @register_method("mean")
 def mean(ctx, node, target) -> str:
     """``x.mean((2, 3))`` over the spatial axes of (N, C, H, W), ``x.mean(2)`` over the length of
-    (N, C, L): global average pooling."""
+    (N, C, L): global average pooling (Core ML backpropagates through it); other axes: a reduce."""
     dims = arg(node, 1, "dim")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
     rank = len(ctx.shape(node.args[0]))
     spatial = {4: [2, 3], 3: [2]}.get(rank)
     if spatial is None or sorted(d % rank for d in dims) != spatial:
-        raise ctx.unsupported(node, f"mean over dims {dims} (only the spatial axes (2, 3) of NCHW "
-                                    "or the length axis 2 of (N, C, L))")
+        return _reduce(ctx, node, "AVG")
     name, out = ctx.layer(node)
     ctx.builder.add_pooling(name, 1, 1, 1, 1, "AVERAGE", "VALID", ctx.inp(node.args[0]), out,
                             is_global=True)
     return out
+
+
+#: torch axes (without the batch axis) of a rank-2/3/4 tensor -> Core ML's reduce axis
+_REDUCE_AXES = {
+    2: {(1,): "C"},
+    3: {(1,): "C", (2,): "W", (1, 2): "CHW"},
+    4: {(1,): "C", (2,): "H", (3,): "W", (2, 3): "HW", (1, 2, 3): "CHW"},
+}
+
+
+def _reduce(ctx, node, mode: str) -> str:
+    """sum / mean / amax / amin over non-batch axes: Core ML's reduce layer (reduced axes kept as
+    1), reshaped to the blob of torch's result when ``keepdim=False`` drops axes."""
+    shape = ctx.shape(node.args[0])
+    rank, dims = len(shape), arg(node, 1, "dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    axis = _REDUCE_AXES.get(rank, {}).get(tuple(sorted({int(d) % rank for d in dims})))
+    if axis is None:
+        raise ctx.unsupported(node, f"{mode.lower()} over dims {dims} of a rank-{rank} tensor (the "
+                                    "non-batch axes: channels, height, width or their spatial / "
+                                    "all combinations)")
+    kept = list(ctx.blob_shape(shape))
+    for i, a in enumerate("CHW"):
+        kept[i] = 1 if a in axis else kept[i]
+    want = ctx.blob_shape(ctx.shape(node))
+    reshape = tuple(kept) != tuple(want)
+    name, out = ctx.layer(node)
+    mid = _helper_layer(ctx, node, "kept") if reshape else out
+    ctx.builder.add_reduce(name if not reshape else mid, ctx.inp(node.args[0]), mid, axis, mode)
+    if reshape:
+        ctx.builder.add_reshape(name, mid, out, tuple(want), 0)
+    return out
+
+
+@register_function(torch.sum)
+@register_method("sum")
+def reduce_sum(ctx, node, target) -> str:
+    return _reduce(ctx, node, "SUM")
+
+
+@register_function(torch.amax)
+@register_method("amax")
+def reduce_max(ctx, node, target) -> str:
+    return _reduce(ctx, node, "MAX")
+
+
+@register_function(torch.amin)
+@register_method("amin")
+def reduce_min(ctx, node, target) -> str:
+    return _reduce(ctx, node, "MIN")
 
 
 # --- normalization ----------------------------------------------------------------------------

@@ -381,6 +381,21 @@ class Mixer(nn.Module):
         return self.head(x.flatten(1))
 
 
+class Reductions(nn.Module):
+    """CBAM-style spatial attention (channel mean / amax with keepdim) and sums, means, amax,
+    amin over channels, height, width and their combinations, with and without keepdim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.spatial = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = h * torch.sigmoid(self.spatial(torch.cat([h.mean(1, keepdim=True), h.amax(1, keepdim=True)], 1)))
+        a = h.sum((2, 3)) + h.amin(dim=(2, 3)) + h.mean((1, 2, 3), keepdim=True).flatten(1)
+        return torch.cat([a, torch.sum(h, 1).mean(2), h.amax(3).sum(2)], 1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -450,6 +465,7 @@ ARRAY_CASES = {
     "pixel_shuffle": (SuperResolution, (3, 4, 5)),
     "convnext_block": (ConvNeXtBlock, (8, 9, 10)),
     "mlp_mixer": (Mixer, (6, 5)),
+    "reductions": (Reductions, (3, 6, 7)),
 }
 
 
@@ -946,6 +962,7 @@ def test_padding_core_ml_has_no_layer_for_is_refused_with_the_reason(pad, mode):
     (lambda x: torch.clamp(x, min=x.mean()), "changes the batch axis"),  # x.mean(): a 0-d tensor
     (lambda x: torch.clamp(x, min=x * 0.5), "clamp except with number bounds"),
     (lambda x: 2 ** x, "power except tensor \\*\\* number"),
+    (lambda x: x.sum((1, 3)), r"sum over dims \[1, 3\]"),
 ])
 def test_elementwise_math_core_ml_cannot_match_is_refused(fn, what):
     class F1(nn.Module):
