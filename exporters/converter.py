@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from mlpersonal.errors import ConversionError, MLPersonalError, UnsupportedLayerError
 from mlpersonal.features import ImageType, TensorType
-from mlpersonal.proto import Model_pb2, NeuralNetwork_pb2
+from mlpersonal.proto import Model_pb2
 
 from . import ops, recurrent
 from .probe import probe_inputs
