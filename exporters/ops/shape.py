@@ -1,0 +1,152 @@
+"""Padding, pixel (un)shuffle, reshape / flatten / permute, concatenation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import arg, check_4d, helper_layer, register_function, register_method, register_module
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflection", "replicate": "replication"}
+
+
+def _pad(ctx, node, amounts, mode: str, value: float) -> str:
+    """Core ML's padding layer: (left, right[, top, bottom]) of the last axes; a (N, C, L)
+    tensor pads its length only."""
+    amounts = [int(a) for a in amounts]
+    rank = len(ctx.shape(node.args[0]))
+    if mode not in _PAD_MODES or len(amounts) not in (2, 4) or min(amounts) < 0 or rank not in (3, 4) \
+            or (rank == 3 and len(amounts) != 2):
+        raise ctx.unsupported(node, f"padding {amounts} in mode {mode!r} of a rank-{rank} tensor "
+                                    "(the last one or two axes of (N, C, L) / (N, C, H, W), "
+                                    "not negative; constant, reflect or replicate)")
+    left, right = amounts[:2]
+    top, bottom = amounts[2:] if len(amounts) == 4 else (0, 0)
+    name, out = ctx.layer(node)
+    ctx.builder.add_padding(name, left=left, right=right, top=top, bottom=bottom, value=float(value),
+                            input_name=ctx.inp(node.args[0]), output_name=out,
+                            padding_type=_PAD_MODES[mode])
+    return out
+
+
+@register_module(nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+                 nn.ConstantPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d)
+def pad_module(ctx, node, m) -> str:
+    name = type(m).__name__
+    mode = "reflect" if "Reflection" in name else "replicate" if "Replication" in name else "constant"
+    return _pad(ctx, node, m.padding, mode, getattr(m, "value", 0.0))
+
+
+@register_function(F.pad)
+def pad_function(ctx, node, target) -> str:
+    return _pad(ctx, node, arg(node, 1, "pad"), arg(node, 2, "mode", "constant"),
+                arg(node, 3, "value", None) or 0.0)
+
+
+def _swap_channel_blocks(ctx, node, src: str, first: int, second: int, hw: tuple,
+                         last: Optional[tuple] = None) -> str:
+    """Channels ordered (first, second) -> (second, first), as classic layers: reshape to
+    (first, second, H * W), swap the first two axes (permute), reshape back (as the layer and
+    blob ``last`` when given)."""
+    b = ctx.builder
+    split = helper_layer(ctx, node, "split")
+    b.add_reshape(split, src, split, (first, second, hw[0] * hw[1]), 0)
+    swapped = helper_layer(ctx, node, "swap")
+    b.add_permute(swapped, (0, 2, 1, 3), split, swapped)
+    name, out = last or (helper_layer(ctx, node, "order"),) * 2
+    b.add_reshape(name, swapped, out, (first * second, *hw), 0)
+    return out
+
+
+@register_module(nn.PixelShuffle, nn.PixelUnshuffle)
+@register_function(F.pixel_shuffle, F.pixel_unshuffle)
+def pixel_shuffle(ctx, node, target) -> str:
+    """torch orders the channels (C, r, r) where Core ML's iOS 11 DEPTH_TO_SPACE (its iOS 14
+    PIXEL_SHUFFLE cannot sit in every network) orders them (r, r, C): the channel blocks are
+    swapped around it with reshape/permute layers (no arithmetic, so exact)."""
+    shuffle = isinstance(target, nn.PixelShuffle) or target is F.pixel_shuffle
+    r = int(target.upscale_factor if isinstance(target, nn.PixelShuffle) else
+            target.downscale_factor if isinstance(target, nn.PixelUnshuffle) else arg(node, 1, "factor"))
+    check_4d(ctx, node, "pixel shuffling")
+    c, h, w = ctx.blob_shape(ctx.shape(node.args[0]))
+    src, b = ctx.inp(node.args[0]), ctx.builder
+    if shuffle:
+        src = _swap_channel_blocks(ctx, node, src, c // (r * r), r * r, (h, w))
+        name, out = ctx.layer(node)
+        b.add_reorganize_data(name, src, out, "DEPTH_TO_SPACE", r)
+        return out
+    moved = helper_layer(ctx, node, "s2d")
+    b.add_reorganize_data(moved, src, moved, "SPACE_TO_DEPTH", r)
+    return _swap_channel_blocks(ctx, node, moved, r * r, c, (h // r, w // r), last=ctx.layer(node))
+
+@register_module(nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+@register_function(F.dropout, F.dropout2d, torch.dropout)
+@register_method("contiguous")
+def identity(ctx, node, target) -> str:
+    """Dropped at inference: the node's value is its input's blob."""
+    return ctx.inp(node.args[0])
+
+
+@register_module(nn.Flatten)
+@register_function(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+@register_method("view", "reshape", "flatten", "squeeze", "unsqueeze")
+def reshape(ctx, node, target) -> str:
+    """A reshape that keeps the blob (C, H, W) is free; (N, C, H, W) -> (N, -1) is flatten."""
+    src = node.args[0]
+    before, after = ctx.shape(src), ctx.shape(node)
+    if ctx.blob_shape(before) == ctx.blob_shape(after):
+        return ctx.inp(src)
+    if len(after) == 2 and len(before) > 2:
+        name, out = ctx.layer(node)
+        ctx.builder.add_flatten(name, 0, ctx.inp(src), out)  # CHANNEL_FIRST: torch order
+        return out
+    raise ctx.unsupported(node, f"reshape from {tuple(before)} to {tuple(after)}")
+
+
+def _blob_axes(rank: int) -> list:
+    """Torch axis of an (N, ...) tensor -> its axis in Core ML's (Seq, C, H, W): (N, C, L) has
+    C on 1 and L on W (3); (N, C, H, W) maps one to one."""
+    return [0, 1, 3] if rank == 3 else [0, 1, 2, 3]
+
+
+@register_function(torch.permute, torch.transpose)
+@register_method("permute", "transpose")
+def permute(ctx, node, target) -> str:
+    """A permutation of the non-batch axes of a rank-3 or rank-4 tensor: Core ML's permute layer
+    (e.g. NCHW <-> NHWC around channels-last LayerNorm / Linear)."""
+    rank = len(ctx.shape(node.args[0]))
+    if target in (torch.transpose, "transpose"):
+        perm = list(range(rank))
+        d0, d1 = (int(d) % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else node.args[1:] or arg(node, 1, "dims")
+        perm = [int(d) % rank for d in dims]
+    if rank not in (3, 4) or perm[0] != 0:
+        raise ctx.unsupported(node, f"permutation {perm} of a rank-{rank} tensor (the batch axis "
+                                    "stays first; ranks 3 and 4)")
+    if perm == list(range(rank)):
+        return ctx.inp(node.args[0])
+    axes, core = _blob_axes(rank), [0, 1, 2, 3]
+    for out_axis, in_axis in enumerate(perm):
+        core[axes[out_axis]] = axes[in_axis]
+    name, out = ctx.layer(node)
+    ctx.builder.add_permute(name, tuple(core), ctx.inp(node.args[0]), out)
+    return out
+
+
+@register_function(torch.cat, torch.concat)
+def cat(ctx, node, target) -> str:
+    tensors = list(arg(node, 0, "tensors"))
+    dim = arg(node, 1, "dim", 0)
+    rank = len(ctx.shape(node))
+    if any(len(ctx.shape(t)) != rank for t in tensors) or dim % rank != 1:
+        raise ctx.unsupported(node, f"concatenation along dim={dim} (only channels, dim=1)")
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [ctx.inp(t) for t in tensors], out, "CONCAT")
+    return out
