@@ -396,6 +396,23 @@ class Reductions(nn.Module):
         return torch.cat([a, torch.sum(h, 1).mean(2), h.amax(3).sum(2)], 1)
 
 
+class SlicesAndChunks(nn.Module):
+    """torch.chunk (a GLU), torch.split with unequal sections, slices with steps and negative
+    bounds over channels, height and width, chunk of the input along W, slicing a vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 12, 3, padding=1), nn.Linear(10, 4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        a, b = torch.chunk(h, 2, dim=1)
+        p, q, r = h.split([2, 4, 6], 1)
+        crop = torch.cat([p, r[:, 1:3], q[:, ::2]], 1)[:, :, 1:-1, 2:]
+        glu = (a * torch.sigmoid(b))[:, :, ::2, 1::3].mean((2, 3))
+        return torch.cat([crop.mean((2, 3)), glu, self.fc(x.chunk(3, dim=3)[1].flatten(1)[:, :10])], 1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -466,6 +483,7 @@ ARRAY_CASES = {
     "convnext_block": (ConvNeXtBlock, (8, 9, 10)),
     "mlp_mixer": (Mixer, (6, 5)),
     "reductions": (Reductions, (3, 6, 7)),
+    "slices_and_chunks": (SlicesAndChunks, (3, 8, 9)),
 }
 
 
@@ -963,8 +981,10 @@ def test_padding_core_ml_has_no_layer_for_is_refused_with_the_reason(pad, mode):
     (lambda x: torch.clamp(x, min=x * 0.5), "clamp except with number bounds"),
     (lambda x: 2 ** x, "power except tensor \\*\\* number"),
     (lambda x: x.sum((1, 3)), r"sum over dims \[1, 3\]"),
+    (lambda x: x[:, 0], "only slices of the non-batch axes"),
+    (lambda x: x[1:], "changes the batch axis"),
 ])
-def test_elementwise_math_core_ml_cannot_match_is_refused(fn, what):
+def test_math_reductions_and_indexing_core_ml_cannot_match_are_refused(fn, what):
     class F1(nn.Module):
         def forward(self, x):
             return fn(x)

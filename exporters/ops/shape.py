@@ -1,11 +1,13 @@
-"""Padding, pixel (un)shuffle, reshape / flatten / permute, concatenation."""
+"""Padding, pixel (un)shuffle, reshape / flatten / permute, slicing and chunks, concatenation."""
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.fx as fx
 import torch.nn.functional as F
 
 from . import arg, check_4d, helper_layer, register_function, register_method, register_module
@@ -150,3 +152,74 @@ def cat(ctx, node, target) -> str:
     name, out = ctx.layer(node)
     ctx.builder.add_elementwise(name, [ctx.inp(t) for t in tensors], out, "CONCAT")
     return out
+
+
+#: torch.chunk / torch.split (functions and methods) a getitem may read a part of
+_SPLITS = {torch.chunk: "chunk", torch.split: "split", "chunk": "chunk", "split": "split"}
+_SLICE_AXES = ("channel", "height", "width")
+
+
+def _slice_axis(ctx, node, rank: int, dim: int) -> str:
+    """Core ML's slice axis of torch axis ``dim`` (not the batch axis) of a rank-2..4 tensor."""
+    dim %= rank
+    blob_axis = {2: {1: 0}, 3: {1: 0, 2: 2}, 4: {1: 0, 2: 1, 3: 2}}[rank].get(dim)
+    if blob_axis is None:
+        raise ctx.unsupported(node, f"slicing the batch axis (dim={dim})")
+    return _SLICE_AXES[blob_axis]
+
+
+def _split_bounds(ctx, node, src) -> tuple[int, list[tuple[int, int]]]:
+    """(dim, [(start, end) of each part]) of a torch.chunk / torch.split node."""
+    kind = _SPLITS[src.target]
+    size_arg, dim = arg(src, 1, "chunks" if kind == "chunk" else "split_size_or_sections"), arg(src, 2, "dim", 0)
+    shape = ctx.shape(src.args[0])
+    n = shape[int(dim) % len(shape)]
+    if kind == "chunk":
+        step = -(-n // int(size_arg))
+        sizes = [min(step, n - s) for s in range(0, n, step)]
+    elif isinstance(size_arg, int):
+        sizes = [min(size_arg, n - s) for s in range(0, n, size_arg)]
+    else:
+        sizes = [int(v) for v in size_arg]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return int(dim), [(a, a + k) for a, k in zip(starts, sizes)]
+
+
+def _slice(ctx, node, src_blob: str, axis: str, start: int, end: int, step: int, last: bool) -> str:
+    name, out = ctx.layer(node) if last else (helper_layer(ctx, node, f"slice_{axis}"),) * 2
+    ctx.builder.add_slice(name, src_blob, out, axis, start, end, step)
+    return out
+
+
+@register_function(operator.getitem)
+def getitem(ctx, node, target) -> str:
+    """``torch.chunk(x, n, dim)[i]`` / ``torch.split(...)[i]`` and basic slicing
+    ``x[:, a:b, ::s, c:]`` of non-batch axes: Core ML's slice layer along the channel, height or
+    width axis (one per sliced axis; explicit non-negative bounds)."""
+    src, index = node.args
+    if isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and src.target in _SPLITS:
+        dim, bounds = _split_bounds(ctx, node, src)
+        rank = len(ctx.shape(src.args[0]))
+        start, end = bounds[int(index)]
+        return _slice(ctx, node, ctx.inp(src.args[0]), _slice_axis(ctx, node, rank, dim), start, end, 1, True)
+    if not ctx.is_tensor(src):
+        raise ctx.unsupported(node, "indexing a value that is not a tensor of the graph")
+    shape = ctx.shape(src)
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index or any(not isinstance(i, slice) for i in index) or not index \
+            or index[0] != slice(None) or len(index) > len(shape):
+        raise ctx.unsupported(node, f"indexing with {index} (only slices of the non-batch axes, "
+                                    "e.g. x[:, 2:5], x[:, :, ::2])")
+    cuts = []
+    for dim, sl in enumerate(index[1:], start=1):
+        start, end, step = sl.indices(shape[dim])
+        if step < 1:
+            raise ctx.unsupported(node, f"a slice with step {step} (only positive steps)")
+        if (start, end, step) != (0, shape[dim], 1):
+            cuts.append((_slice_axis(ctx, node, len(shape), dim), start, end, step))
+    blob = ctx.inp(src)
+    if not cuts:
+        return blob
+    for k, (axis, start, end, step) in enumerate(cuts):
+        blob = _slice(ctx, node, blob, axis, start, end, step, k == len(cuts) - 1)
+    return blob
