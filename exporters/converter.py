@@ -7,6 +7,7 @@ the spec; function nodes get their fx node name (``add``, ``flatten_1``).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -65,6 +66,12 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
 
+#: what python size arithmetic in a traced forward may use (Context.value)
+_SHAPE_ARITHMETIC = {operator.getitem: operator.getitem, operator.add: operator.add,
+                     operator.sub: operator.sub, operator.mul: operator.mul,
+                     operator.floordiv: operator.floordiv, operator.neg: operator.neg}
+
+
 class Context:
     """What converters in :mod:`exporters.ops` use to read the graph and emit layers."""
 
@@ -93,6 +100,23 @@ class Context:
         if not self.is_tensor(a):
             raise self.unsupported(self.node, f"a non-tensor operand {a!r}")
         return tuple(a.meta["tensor_meta"].shape)
+
+    def value(self, a):
+        """A python argument whose parts may be computed from shapes in the graph
+        (``F.pad(u, (0, s.shape[3] - u.shape[3]))``): evaluated from the traced shapes."""
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.value(v) for v in a)
+        if not isinstance(a, fx.Node) or self.is_tensor(a):
+            return a
+        args = [self.value(v) for v in a.args]
+        if a.op == "call_function" and a.target is getattr and args[1] == "shape":
+            return tuple(self.shape(a.args[0]))
+        if a.op == "call_method" and a.target == "size":
+            shape = tuple(self.shape(a.args[0]))
+            return shape if len(args) < 2 else shape[args[1]]
+        if a.op == "call_function" and a.target in _SHAPE_ARITHMETIC:
+            return _SHAPE_ARITHMETIC[a.target](*args)
+        raise self.unsupported(self.node, f"an argument computed by {a.target} ({a.name})")
 
     @staticmethod
     def blob_shape(shape: Sequence[int]) -> tuple[int, int, int]:

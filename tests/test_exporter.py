@@ -413,6 +413,31 @@ class SlicesAndChunks(nn.Module):
         return torch.cat([crop.mean((2, 3)), glu, self.fc(x.chunk(3, dim=3)[1].flatten(1)[:, :10])], 1)
 
 
+class TinyUNet(nn.Module):
+    """A U-Net: conv blocks with BatchNorm, max-pool down, ConvTranspose2d up, F.pad to the skip
+    connection's size (odd input sizes), channel concatenation, a 1 x 1 head."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.down1, self.down2, self.pool = block(3, 8), block(8, 16), nn.MaxPool2d(2)
+        self.bottom, self.up1 = block(16, 16), nn.ConvTranspose2d(16, 16, 2, stride=2)
+        self.dec1, self.up2 = block(32, 8), nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.dec2, self.head = block(16, 8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        s1 = self.down1(x)
+        s2 = self.down2(self.pool(s1))
+        u = self.up1(self.bottom(self.pool(s2)))
+        u = F.pad(u, (0, s2.shape[3] - u.shape[3], 0, s2.shape[2] - u.shape[2]))
+        u = self.up2(self.dec1(torch.cat([u, s2], 1)))
+        u = F.pad(u, (0, s1.shape[3] - u.shape[3], 0, s1.shape[2] - u.shape[2]))
+        return self.head(self.dec2(torch.cat([u, s1], 1)))
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -484,6 +509,7 @@ ARRAY_CASES = {
     "mlp_mixer": (Mixer, (6, 5)),
     "reductions": (Reductions, (3, 6, 7)),
     "slices_and_chunks": (SlicesAndChunks, (3, 8, 9)),
+    "unet": (TinyUNet, (3, 13, 11)),
 }
 
 

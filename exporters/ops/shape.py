@@ -45,7 +45,7 @@ def pad_module(ctx, node, m) -> str:
 
 @register_function(F.pad)
 def pad_function(ctx, node, target) -> str:
-    return _pad(ctx, node, arg(node, 1, "pad"), arg(node, 2, "mode", "constant"),
+    return _pad(ctx, node, ctx.value(arg(node, 1, "pad")), arg(node, 2, "mode", "constant"),
                 arg(node, 3, "value", None) or 0.0)
 
 
