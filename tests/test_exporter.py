@@ -438,6 +438,21 @@ class TinyUNet(nn.Module):
         return self.head(self.dec2(torch.cat([u, s1], 1)))
 
 
+class Decoder(nn.Module):
+    """An autoencoder's decoder: Linear -> Unflatten to a feature map -> ConvTranspose2d; then
+    reshapes across ranks (view / reshape / unflatten / flatten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.unflatten = nn.Linear(10, 60), nn.Unflatten(1, (4, 3, 5))
+        self.up = nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, z):
+        h = self.up(torch.relu(self.unflatten(self.fc(z))))
+        t = h.reshape(h.shape[0], 12, 10)
+        return torch.cat([t.view(-1, 6, 4, 5).flatten(1), t.unflatten(1, (3, 4)).flatten(1)], 1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -510,6 +525,7 @@ ARRAY_CASES = {
     "reductions": (Reductions, (3, 6, 7)),
     "slices_and_chunks": (SlicesAndChunks, (3, 8, 9)),
     "unet": (TinyUNet, (3, 13, 11)),
+    "decoder_reshapes": (Decoder, (10,)),
 }
 
 

@@ -93,20 +93,24 @@ def identity(ctx, node, target) -> str:
     return ctx.inp(node.args[0])
 
 
-@register_module(nn.Flatten)
+@register_module(nn.Flatten, nn.Unflatten)
 @register_function(torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
-@register_method("view", "reshape", "flatten", "squeeze", "unsqueeze")
+@register_method("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten")
 def reshape(ctx, node, target) -> str:
-    """A reshape that keeps the blob (C, H, W) is free; (N, C, H, W) -> (N, -1) is flatten."""
+    """A reshape that keeps the blob (C, H, W) is free; (N, C, H, W) -> (N, -1) is flatten; any
+    other per-example reshape (e.g. a decoder's (N, C*H*W) -> (N, C, H, W)) is Core ML's reshape
+    layer: the blobs hold every shape's elements in torch's order, so channel-first reshaping
+    matches torch's view."""
     src = node.args[0]
     before, after = ctx.shape(src), ctx.shape(node)
     if ctx.blob_shape(before) == ctx.blob_shape(after):
         return ctx.inp(src)
+    name, out = ctx.layer(node)
     if len(after) == 2 and len(before) > 2:
-        name, out = ctx.layer(node)
         ctx.builder.add_flatten(name, 0, ctx.inp(src), out)  # CHANNEL_FIRST: torch order
-        return out
-    raise ctx.unsupported(node, f"reshape from {tuple(before)} to {tuple(after)}")
+    else:
+        ctx.builder.add_reshape(name, ctx.inp(src), out, tuple(ctx.blob_shape(after)), 0)
+    return out
 
 
 def _blob_axes(rank: int) -> list:
