@@ -453,6 +453,22 @@ class Decoder(nn.Module):
         return torch.cat([t.view(-1, 6, 4, 5).flatten(1), t.unflatten(1, (3, 4)).flatten(1)], 1)
 
 
+class Extremes(nn.Module):
+    """torch.max / min(x, dim)[0] (values, keepdim or not), elementwise torch.maximum /
+    torch.min(a, b), negation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        pooled = torch.max(h, dim=1, keepdim=True)[0] + h.min(1, keepdim=True)[0]
+        rows = torch.max(h, 3)[0].amax(2, keepdim=True)  # (N, C, H) -> (N, C, 1)
+        return torch.cat([pooled.flatten(1), rows.flatten(1),
+                          (torch.maximum(h, -h) + torch.min(h, h * 0.5)).mean((2, 3))], 1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -526,6 +542,7 @@ ARRAY_CASES = {
     "slices_and_chunks": (SlicesAndChunks, (3, 8, 9)),
     "unet": (TinyUNet, (3, 13, 11)),
     "decoder_reshapes": (Decoder, (10,)),
+    "extremes": (Extremes, (3, 5, 6)),
 }
 
 

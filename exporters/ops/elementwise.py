@@ -173,3 +173,27 @@ def normalize(ctx, node, target) -> str:
     name, out = ctx.layer(node)
     ctx.builder.add_l2_normalize(name, ctx.inp(node.args[0]), out, epsilon=1e-24)
     return out
+
+
+@register_function(torch.maximum, torch.minimum, torch.max, torch.min)
+@register_method("maximum", "minimum", "max", "min")
+def extreme(ctx, node, target) -> str:
+    """The elementwise max / min of two same-shaped tensors: Core ML's max / min layers.
+    (``torch.max(x, dim)`` gives a tuple; its values, ``[0]``, convert as a reduce.)"""
+    a, b = node.args[0], arg(node, 1, "other")
+    name_ = getattr(target, "__name__", target)
+    if not (ctx.is_tensor(a) and ctx.is_tensor(b)) or ctx.shape(a) != ctx.shape(b):
+        raise ctx.unsupported(node, f"{name_} except of two tensors of one shape (or torch.{name_}"
+                                    "(x, dim)[0], the values along an axis)")
+    name, out = ctx.layer(node)
+    add = ctx.builder.add_elementwise
+    add(name, [ctx.inp(a), ctx.inp(b)], out, "MAX" if name_ in ("max", "maximum") else "MIN")
+    return out
+
+
+@register_function(operator.neg, torch.neg, torch.negative)
+@register_method("neg", "negative")
+def negate(ctx, node, target) -> str:
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [ctx.inp(node.args[0])], out, "MULTIPLY", alpha=-1.0)
+    return out

@@ -140,7 +140,7 @@ def mean(ctx, node, target) -> str:
     rank = len(ctx.shape(node.args[0]))
     spatial = {4: [2, 3], 3: [2]}.get(rank)
     if spatial is None or sorted(d % rank for d in dims) != spatial:
-        return _reduce(ctx, node, "AVG")
+        return reduce_axes(ctx, node, "AVG")
     name, out = ctx.layer(node)
     ctx.builder.add_pooling(name, 1, 1, 1, 1, "AVERAGE", "VALID", ctx.inp(node.args[0]), out,
                             is_global=True)
@@ -155,11 +155,13 @@ _REDUCE_AXES = {
 }
 
 
-def _reduce(ctx, node, mode: str) -> str:
+def reduce_axes(ctx, node, mode: str, src=None, dims=None) -> str:
     """sum / mean / amax / amin over non-batch axes: Core ML's reduce layer (reduced axes kept as
-    1), reshaped to the blob of torch's result when ``keepdim=False`` drops axes."""
-    shape = ctx.shape(node.args[0])
-    rank, dims = len(shape), arg(node, 1, "dim")
+    1), reshaped to the blob of torch's result when ``keepdim=False`` drops axes. ``src`` and
+    ``dims`` default to the node's first two arguments."""
+    src = node.args[0] if src is None else src
+    shape = ctx.shape(src)
+    rank, dims = len(shape), arg(node, 1, "dim") if dims is None else dims
     dims = [dims] if isinstance(dims, int) else list(dims or [])
     axis = _REDUCE_AXES.get(rank, {}).get(tuple(sorted({int(d) % rank for d in dims})))
     if axis is None:
@@ -173,7 +175,7 @@ def _reduce(ctx, node, mode: str) -> str:
     reshape = tuple(kept) != tuple(want)
     name, out = ctx.layer(node)
     mid = helper_layer(ctx, node, "kept") if reshape else out
-    ctx.builder.add_reduce(name if not reshape else mid, ctx.inp(node.args[0]), mid, axis, mode)
+    ctx.builder.add_reduce(name if not reshape else mid, ctx.inp(src), mid, axis, mode)
     if reshape:
         ctx.builder.add_reshape(name, mid, out, tuple(want), 0)
     return out
@@ -182,16 +184,16 @@ def _reduce(ctx, node, mode: str) -> str:
 @register_function(torch.sum)
 @register_method("sum")
 def reduce_sum(ctx, node, target) -> str:
-    return _reduce(ctx, node, "SUM")
+    return reduce_axes(ctx, node, "SUM")
 
 
 @register_function(torch.amax)
 @register_method("amax")
 def reduce_max(ctx, node, target) -> str:
-    return _reduce(ctx, node, "MAX")
+    return reduce_axes(ctx, node, "MAX")
 
 
 @register_function(torch.amin)
 @register_method("amin")
 def reduce_min(ctx, node, target) -> str:
-    return _reduce(ctx, node, "MIN")
+    return reduce_axes(ctx, node, "MIN")

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import arg, check_4d, helper_layer, register_function, register_method, register_module
+from .pooling import reduce_axes
 
 
 _PAD_MODES = {"constant": "constant", "reflect": "reflection", "replicate": "replication"}
@@ -158,6 +159,8 @@ def cat(ctx, node, target) -> str:
     return out
 
 
+#: torch.max / torch.min with a dim (functions and methods): their [0] is a reduction
+_ARG_REDUCTIONS = {torch.max: "MAX", torch.min: "MIN", "max": "MAX", "min": "MIN"}
 #: torch.chunk / torch.split (functions and methods) a getitem may read a part of
 _SPLITS = {torch.chunk: "chunk", torch.split: "split", "chunk": "chunk", "split": "split"}
 _SLICE_AXES = ("channel", "height", "width")
@@ -199,8 +202,14 @@ def _slice(ctx, node, src_blob: str, axis: str, start: int, end: int, step: int,
 def getitem(ctx, node, target) -> str:
     """``torch.chunk(x, n, dim)[i]`` / ``torch.split(...)[i]`` and basic slicing
     ``x[:, a:b, ::s, c:]`` of non-batch axes: Core ML's slice layer along the channel, height or
-    width axis (one per sliced axis; explicit non-negative bounds)."""
+    width axis (one per sliced axis; explicit non-negative bounds). ``torch.max(x, dim)[0]`` (the
+    values; min too): a reduce."""
     src, index = node.args
+    if isinstance(src, fx.Node) and src.target in _ARG_REDUCTIONS and index == 0:
+        dim = arg(src, 1, "dim")
+        if not isinstance(dim, int):
+            raise ctx.unsupported(node, f"{src.target}(...)[0] without an integer dim")
+        return reduce_axes(ctx, node, _ARG_REDUCTIONS[src.target], src.args[0], dim)
     if isinstance(src, fx.Node) and src.op in ("call_function", "call_method") and src.target in _SPLITS:
         dim, bounds = _split_bounds(ctx, node, src)
         rank = len(ctx.shape(src.args[0]))
