@@ -469,6 +469,20 @@ class Extremes(nn.Module):
                           (torch.maximum(h, -h) + torch.min(h, h * 0.5)).mean((2, 3))], 1)
 
 
+class Shrinks(nn.Module):
+    """Softsign, Mish, Hardshrink, Softshrink, Tanhshrink (modules and functions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.acts = nn.ModuleList([nn.Softsign(), nn.Mish(), nn.Hardshrink(0.3), nn.Softshrink(0.4),
+                                   nn.Tanhshrink()])
+
+    def forward(self, x):
+        h = self.fc(x) * 3.0
+        return torch.cat([a(h) for a in self.acts] + [F.mish(h), F.hardshrink(h), F.softshrink(h, 0.2)], 1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -543,6 +557,7 @@ ARRAY_CASES = {
     "unet": (TinyUNet, (3, 13, 11)),
     "decoder_reshapes": (Decoder, (10,)),
     "extremes": (Extremes, (3, 5, 6)),
+    "shrinks": (Shrinks, (8,)),
 }
 
 
@@ -675,8 +690,8 @@ def test_multiple_outputs_and_identity_output(tmp_path):
 
 
 def test_unsupported_module_names_op_and_path():
-    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Mish()))
-    with pytest.raises(mp.UnsupportedLayerError, match=r"'1\.1'.*Mish"):
+    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Threshold(0.1, 20.0)))
+    with pytest.raises(mp.UnsupportedLayerError, match=r"'1\.1'.*Threshold"):
         convert(m, [mp.TensorType("x", (4,))])
 
 

@@ -250,3 +250,80 @@ def upsample(ctx, node, target) -> str:
         ctx.builder.add_resize_bilinear(name, ctx.inp(node.args[0]), out, oh, ow,
                                         mode="STRICT_ALIGN_ENDPOINTS_MODE")
     return out
+
+
+@register_module(nn.Softsign)
+@register_function(F.softsign)
+def softsign(ctx, node, target) -> str:
+    return _activation(ctx, node, "SOFTSIGN")
+
+
+@register_module(nn.Mish)
+@register_function(F.mish)
+def mish(ctx, node, target) -> str:
+    """``x * tanh(softplus(x))``: softplus, tanh, multiply (torch's softplus threshold of 20 is
+    where the two differ by less than exp(-20))."""
+    x, b = ctx.inp(node.args[0]), ctx.builder
+    soft = helper_layer(ctx, node, "softplus")
+    b.add_activation(soft, "SOFTPLUS", x, soft)
+    gate = helper_layer(ctx, node, "tanh")
+    b.add_activation(gate, "TANH", soft, gate)
+    name, out = ctx.layer(node)
+    b.add_elementwise(name, [x, gate], out, "MULTIPLY")
+    return out
+
+
+def _difference(ctx, node, a: str, b: str) -> str:
+    """The node's output ``a - b`` (Core ML's classic layers add; ``b`` is negated first)."""
+    negated = helper_layer(ctx, node, "negated")
+    ctx.builder.add_elementwise(negated, [b], negated, "MULTIPLY", alpha=-1.0)
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [a, negated], out, "ADD")
+    return out
+
+
+def _odd_pair(ctx, node, kind: str, params) -> str:
+    """``f(x) - f(-x)`` for a classic activation ``f`` (the shrink functions are odd)."""
+    x, b = ctx.inp(node.args[0]), ctx.builder
+    pos = helper_layer(ctx, node, "pos")
+    b.add_activation(pos, kind, x, pos, params=params)
+    flipped = helper_layer(ctx, node, "flip")
+    b.add_elementwise(flipped, [x], flipped, "MULTIPLY", alpha=-1.0)
+    neg = helper_layer(ctx, node, "neg")
+    b.add_activation(neg, kind, flipped, neg, params=params)
+    return _difference(ctx, node, pos, neg)
+
+
+@register_module(nn.Hardshrink)
+@register_function(F.hardshrink)
+def hardshrink(ctx, node, target) -> str:
+    """``x`` where ``|x| > lambda``, else 0: thresholded ReLU of x minus that of -x."""
+    lam = target.lambd if isinstance(target, nn.Module) else arg(node, 1, "lambd", 0.5)
+    return _odd_pair(ctx, node, "THRESHOLDEDRELU", float(lam))
+
+
+@register_module(nn.Softshrink)
+@register_function(F.softshrink)
+def softshrink(ctx, node, target) -> str:
+    """``x - lambda`` above lambda, ``x + lambda`` below -lambda, else 0:
+    ``relu(x - lambda) - relu(-x - lambda)`` (a linear shift into a ReLU, on both sides)."""
+    lam = float(target.lambd if isinstance(target, nn.Module) else arg(node, 1, "lambd", 0.5))
+    x, b = ctx.inp(node.args[0]), ctx.builder
+    parts = []
+    for sign, suffix in ((1.0, "pos"), (-1.0, "neg")):
+        shifted = helper_layer(ctx, node, f"{suffix}_shift")
+        b.add_activation(shifted, "LINEAR", x, shifted, params=[sign, -lam])
+        part = helper_layer(ctx, node, suffix)
+        b.add_activation(part, "RELU", shifted, part)
+        parts.append(part)
+    return _difference(ctx, node, *parts)
+
+
+@register_module(nn.Tanhshrink)
+@register_function(F.tanhshrink)
+def tanhshrink(ctx, node, target) -> str:
+    """``x - tanh(x)``."""
+    x, b = ctx.inp(node.args[0]), ctx.builder
+    th = helper_layer(ctx, node, "tanh")
+    b.add_activation(th, "TANH", x, th)
+    return _difference(ctx, node, x, th)
