@@ -483,6 +483,22 @@ class Shrinks(nn.Module):
         return torch.cat([a(h) for a in self.acts] + [F.mish(h), F.hardshrink(h), F.softshrink(h, 0.2)], 1)
 
 
+class Broadcasts(nn.Module):
+    """expand / expand_as over height and width, repeat along the channels, argmax over the
+    channels (a segmentation class map) and over the height, .float()."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        s = h.mean((2, 3), keepdim=True)
+        r = torch.cat([h.repeat(1, 2, 1, 1), s.expand_as(h) * h + s.expand(-1, -1, 5, 6)], 1)
+        classes = torch.argmax(r, dim=1, keepdim=True).float()
+        return torch.cat([r, classes, r.argmax(2).float().unsqueeze(2).expand(-1, -1, 5, -1)], 1)
+
+
 def _torch_sgd(net, x, y, lr: float, epochs: int, batch: int = 4) -> None:
     """The reference: torch.optim.SGD on ``net``'s trainable parameters, cross-entropy,
     mini-batches in order (the update tasks here run unshuffled)."""
@@ -558,6 +574,7 @@ ARRAY_CASES = {
     "decoder_reshapes": (Decoder, (10,)),
     "extremes": (Extremes, (3, 5, 6)),
     "shrinks": (Shrinks, (8,)),
+    "broadcasts": (Broadcasts, (3, 5, 6)),
 }
 
 

@@ -181,19 +181,24 @@ def reduce_axes(ctx, node, mode: str, src=None, dims=None) -> str:
     return out
 
 
-@register_function(torch.sum)
-@register_method("sum")
-def reduce_sum(ctx, node, target) -> str:
-    return reduce_axes(ctx, node, "SUM")
+def _reduction(mode: str):
+    def convert(ctx, node, target) -> str:
+        return reduce_axes(ctx, node, mode)
+    return convert
 
 
-@register_function(torch.amax)
-@register_method("amax")
-def reduce_max(ctx, node, target) -> str:
-    return reduce_axes(ctx, node, "MAX")
+for _mode, _fn, _method in (("SUM", torch.sum, "sum"), ("MAX", torch.amax, "amax"),
+                            ("MIN", torch.amin, "amin")):
+    register_method(_method)(register_function(_fn)(_reduction(_mode)))
 
 
-@register_function(torch.amin)
-@register_method("amin")
-def reduce_min(ctx, node, target) -> str:
-    return reduce_axes(ctx, node, "MIN")
+@register_function(torch.argmax)
+@register_method("argmax")
+def argmax(ctx, node, target) -> str:
+    """``argmax`` over channels, height or width: Core ML's reduce ARGMAX (the index as a float
+    in the blob; a segmentation head's class map)."""
+    dim = arg(node, 1, "dim")
+    rank = len(ctx.shape(node.args[0]))
+    if not isinstance(dim, int) or len(_REDUCE_AXES.get(rank, {}).get(((int(dim) % rank),), "")) != 1:
+        raise ctx.unsupported(node, f"argmax over dim={dim} (one of the channel, height or width axes)")
+    return reduce_axes(ctx, node, "ARGMAX", dims=int(dim))

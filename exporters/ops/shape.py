@@ -88,9 +88,10 @@ def pixel_shuffle(ctx, node, target) -> str:
 
 @register_module(nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 @register_function(F.dropout, F.dropout2d, torch.dropout)
-@register_method("contiguous")
+@register_method("contiguous", "float")
 def identity(ctx, node, target) -> str:
-    """Dropped at inference: the node's value is its input's blob."""
+    """Dropped at inference (dropout), or a no-op on Core ML's float blobs (contiguous, float):
+    the node's value is its input's blob."""
     return ctx.inp(node.args[0])
 
 
@@ -236,3 +237,36 @@ def getitem(ctx, node, target) -> str:
     for k, (axis, start, end, step) in enumerate(cuts):
         blob = _slice(ctx, node, blob, axis, start, end, step, k == len(cuts) - 1)
     return blob
+
+
+@register_method("expand", "expand_as")
+def expand(ctx, node, target) -> str:
+    """Broadcasting a (C, 1, 1) / (C, 1, W) / (C, H, 1) blob over height and width: Core ML's
+    nearest upsampling by the whole new size (copies, so exact)."""
+    before, after = ctx.shape(node.args[0]), ctx.shape(node)
+    if len(before) != len(after) or before[:2] != after[:2] or len(after) not in (3, 4):
+        raise ctx.unsupported(node, f"expanding {tuple(before)} to {tuple(after)} (only height / "
+                                    "width axes of size 1)")
+    (_, h, w), (_, oh, ow) = ctx.blob_shape(before), ctx.blob_shape(after)
+    if (h not in (1, oh)) or (w not in (1, ow)):
+        raise ctx.unsupported(node, f"expanding {tuple(before)} to {tuple(after)}")
+    if (h, w) == (oh, ow):
+        return ctx.inp(node.args[0])
+    name, out = ctx.layer(node)
+    ctx.builder.add_upsample(name, oh // h, ow // w, ctx.inp(node.args[0]), out, mode="NN")
+    return out
+
+
+@register_method("repeat")
+def repeat(ctx, node, target) -> str:
+    """``x.repeat(1, k, 1[, 1])``: k copies along the channels (a concat layer)."""
+    reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    reps = [int(r) for r in ctx.value(list(reps))]
+    rank = len(ctx.shape(node.args[0]))
+    if len(reps) != rank or reps[0] != 1 or any(r != 1 for r in reps[2:]):
+        raise ctx.unsupported(node, f"repeat {reps} (only along the channels, e.g. x.repeat(1, k, 1, 1))")
+    if reps[1] == 1:
+        return ctx.inp(node.args[0])
+    name, out = ctx.layer(node)
+    ctx.builder.add_elementwise(name, [ctx.inp(node.args[0])] * reps[1], out, "CONCAT")
+    return out
