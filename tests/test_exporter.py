@@ -465,7 +465,7 @@ class Extremes(nn.Module):
         h = self.conv(x)
         pooled = torch.max(h, dim=1, keepdim=True)[0] + h.min(1, keepdim=True)[0]
         rows = torch.max(h, 3)[0].amax(2, keepdim=True)  # (N, C, H) -> (N, C, 1)
-        return torch.cat([pooled.flatten(1), rows.flatten(1),
+        return torch.cat([pooled.flatten(1), rows.flatten(1), F.adaptive_max_pool2d(h, (5, 3)).flatten(1),
                           (torch.maximum(h, -h) + torch.min(h, h * 0.5)).mean((2, 3))], 1)
 
 
@@ -1048,7 +1048,9 @@ def test_1d_padding_mean_over_time_and_adaptive_max_pool1d_match_torch(tmp_path)
 
         def forward(self, x):
             h = torch.relu(self.conv(F.pad(self.pad(x), (1, 0), mode="replicate")))
-            return torch.cat([h.mean(2), self.amp(h).flatten(1), h.mean(-1, keepdim=True).flatten(1)], 1)
+            pooled = F.max_pool1d(h, 3, 2, 1) + F.avg_pool1d(h, 3, 2, 1, count_include_pad=False)
+            return torch.cat([h.mean(2), self.amp(h).flatten(1), h.mean(-1, keepdim=True).flatten(1),
+                              pooled.flatten(1)], 1)
 
     spec, ref, outs = _array_case(Pools(), (4, 18), tmp_path, regressor="y")
     got = np.stack([o["y"] for o in outs])

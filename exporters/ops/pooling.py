@@ -45,6 +45,21 @@ def pool1d(ctx, node, m) -> str:
                  getattr(m, "count_include_pad", True))
 
 
+@register_function(F.max_pool1d, torch.max_pool1d, F.avg_pool1d, torch.avg_pool1d)
+def pool1d_fn(ctx, node, target) -> str:
+    """``F.max_pool1d(x, k, stride, padding, dilation, ceil_mode)`` /
+    ``F.avg_pool1d(x, k, stride, padding, ceil_mode, count_include_pad)``: as the modules."""
+    is_max = target in (F.max_pool1d, torch.max_pool1d)
+    k = arg(node, 1, "kernel_size")
+    stride = arg(node, 2, "stride", None)
+    module = (nn.MaxPool1d(k, stride, arg(node, 3, "padding", 0), arg(node, 4, "dilation", 1),
+                           arg(node, 6, "return_indices", False), arg(node, 5, "ceil_mode", False))
+              if is_max else
+              nn.AvgPool1d(k, stride, arg(node, 3, "padding", 0), arg(node, 4, "ceil_mode", False),
+                           arg(node, 5, "count_include_pad", True)))
+    return pool1d(ctx, node, module)
+
+
 @register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 def adaptive_pool1d(ctx, node, m) -> str:
     check_rank(ctx, node, 3, type(m).__name__)
@@ -128,6 +143,13 @@ def adaptive_max_pool2d(ctx, node, m) -> str:
 @register_function(F.adaptive_avg_pool2d)
 def adaptive_avg_pool2d_fn(ctx, node, target) -> str:
     return _adaptive(ctx, node, "AVERAGE", arg(node, 1, "output_size"))
+
+
+@register_function(F.adaptive_max_pool2d)
+def adaptive_max_pool2d_fn(ctx, node, target) -> str:
+    if arg(node, 2, "return_indices", False):
+        raise ctx.unsupported(node, "adaptive_max_pool2d with return_indices")
+    return _adaptive(ctx, node, "MAX", arg(node, 1, "output_size"))
 
 
 @register_function(torch.mean)
