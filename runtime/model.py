@@ -9,6 +9,7 @@ import torch
 
 from mlpersonal.errors import InvalidModelError, MLPersonalError, UnsupportedLayerError
 from mlpersonal.proto import Model_pb2
+from mlpersonal.registry import registrar
 from mlpersonal.specio import SpecLike, check_header, load_spec, save
 from mlpersonal.validate import validate
 
@@ -24,13 +25,8 @@ _RUN_ERRORS = (RuntimeError, ValueError, LookupError, ZeroDivisionError, Overflo
 MODEL_KINDS: dict[str, Callable[..., "CompiledModel"]] = {}
 
 
-def register_model_kind(*kinds: str):
-    def deco(cls):
-        for k in kinds:
-            MODEL_KINDS[k] = cls
-        return cls
-
-    return deco
+#: ``@register_model_kind("neuralNetwork", ...)``: the class compiling those spec kinds
+register_model_kind = registrar(MODEL_KINDS)
 
 
 class CompiledModel:

@@ -17,34 +17,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mlpersonal.registry import registrar
+
 Converter = Callable[..., str]
 MODULES: dict[type, Converter] = {}
 FUNCTIONS: dict[object, Converter] = {}
 METHODS: dict[str, Converter] = {}
 
 
-def register_module(*types: type):
-    def deco(fn):
-        for t in types:
-            MODULES[t] = fn
-        return fn
-    return deco
-
-
-def register_function(*fns):
-    def deco(fn):
-        for f in fns:
-            FUNCTIONS[f] = fn
-        return fn
-    return deco
-
-
-def register_method(*names: str):
-    def deco(fn):
-        for n in names:
-            METHODS[n] = fn
-        return fn
-    return deco
+#: ``@register_module(nn.Conv2d, ...)``, ``@register_function(F.relu, ...)``,
+#: ``@register_method("relu", ...)``: a converter for those targets
+register_module, register_function, register_method = map(registrar, (MODULES, FUNCTIONS, METHODS))
 
 
 def lookup(node, target) -> Converter | None:

@@ -18,20 +18,14 @@ import torch
 
 from mlpersonal.codecs import decode
 from mlpersonal.errors import InvalidModelError, UnsupportedLayerError
+from mlpersonal.registry import registrar
 
 Builder = Callable[..., Callable]
 LAYERS: dict[str, Builder] = {}
 
 
-def register(*kinds: str) -> Callable[[Builder], Builder]:
-    """Register ``fn`` as the builder for the given layer kinds (``WhichOneof('layer')`` names)."""
-
-    def deco(fn: Builder) -> Builder:
-        for k in kinds:
-            LAYERS[k] = fn
-        return fn
-
-    return deco
+#: ``@register("convolution", ...)``: the builder for those layer kinds (``WhichOneof('layer')``)
+register = registrar(LAYERS)
 
 
 class BuildContext:
