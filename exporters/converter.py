@@ -348,12 +348,13 @@ def _sequence_inputs(gm, inputs) -> set[str]:
     modules; the Core ML input is ``(C,)`` and takes ``(Seq, 1, C)`` (exporters.recurrent)."""
     names = set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    recurrent_net = recurrent.has_recurrent_module(gm)
     for node, i in zip(placeholders, inputs):
         readers = [u for u in node.users if recurrent.is_sequence_consumer(gm, u)]
         sequence = isinstance(i, TensorType) and i.is_sequence
         if not readers and not sequence:
             continue
-        if not readers and not any(recurrent.is_sequence_consumer(gm, u) for u in gm.graph.nodes):
+        if not readers and not recurrent_net:
             continue  # rank 2 in a network without recurrent modules: a (C, L) feature map
         if not sequence:
             raise ConversionError(f"input {i.name!r} feeds a recurrent module, so it is a sequence: "

@@ -18,6 +18,7 @@ from mlpersonal.features import ImageType, TensorType
 from mlpersonal.fileio import atomic_write_bytes
 
 from .probe import probe_inputs
+from .recurrent import has_recurrent_module
 
 
 def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorType]],
@@ -42,9 +43,8 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     try:
         with torch.no_grad():
             out = module(*examples)
-        recurrent = any(isinstance(m, torch.nn.RNNBase) for m in module.modules())
-        sequences = [i.name for i in inputs  # (Seq, C) for a recurrent net, else a (C, L) map
-                     if recurrent and isinstance(i, TensorType) and i.is_sequence]
+        recurrent = has_recurrent_module(module)  # (Seq, C) inputs then, else (C, L) maps
+        sequences = [i.name for i in inputs if recurrent and isinstance(i, TensorType) and i.is_sequence]
         return _export(module, examples, names, out, path, opset, output_names, dynamic_batch,
                        sequences)
     finally:

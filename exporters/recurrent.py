@@ -76,6 +76,12 @@ def _getitems(node) -> dict[int, object] | None:
     return out
 
 
+def has_recurrent_module(module: nn.Module) -> bool:
+    """Whether ``module`` holds an nn.LSTM / nn.RNN / nn.GRU: then a rank-2 input is a (Seq, C)
+    sequence; without one it is a (C, L) feature map (converter and to_onnx alike)."""
+    return any(isinstance(m, RECURRENT) for m in module.modules())
+
+
 def is_sequence_consumer(gm, node) -> bool:
     """Whether fx ``node`` calls a recurrent module (which takes a sequence)."""
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), RECURRENT)
