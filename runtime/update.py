@@ -278,7 +278,6 @@ class UpdateTask:
         self._apply_pending(values)
 
     def _run(self) -> None:
-        up: Optional[Updater] = None
         values: dict = {}
         self._latest = _metrics(None, 0, 0)  # the metrics of the last mini-batch / epoch
         try:
