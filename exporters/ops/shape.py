@@ -115,6 +115,14 @@ def reshape(ctx, node, target) -> str:
     return out
 
 
+def _varargs(node, name: str) -> tuple:
+    """The sizes after the tensor of ``x.permute(0, 2, 1)`` / ``x.permute((0, 2, 1))`` /
+    ``torch.permute(x, dims=...)`` (repeat alike)."""
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        return tuple(node.args[1])
+    return tuple(node.args[1:]) or tuple(arg(node, 1, name))
+
+
 def _blob_axes(rank: int) -> list:
     """Torch axis of an (N, ...) tensor -> its axis in Core ML's (Seq, C, H, W): (N, C, L) has
     C on 1 and L on W (3); (N, C, H, W) maps one to one."""
@@ -132,9 +140,7 @@ def permute(ctx, node, target) -> str:
         d0, d1 = (int(d) % rank for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1")))
         perm[d0], perm[d1] = perm[d1], perm[d0]
     else:
-        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
-            else node.args[1:] or arg(node, 1, "dims")
-        perm = [int(d) % rank for d in dims]
+        perm = [int(d) % rank for d in _varargs(node, "dims")]
     if rank not in (3, 4) or perm[0] != 0:
         raise ctx.unsupported(node, f"permutation {perm} of a rank-{rank} tensor (the batch axis "
                                     "stays first; ranks 3 and 4)")
@@ -260,8 +266,7 @@ def expand(ctx, node, target) -> str:
 @register_method("repeat")
 def repeat(ctx, node, target) -> str:
     """``x.repeat(1, k, 1[, 1])``: k copies along the channels (a concat layer)."""
-    reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-    reps = [int(r) for r in ctx.value(list(reps))]
+    reps = [int(r) for r in ctx.value(list(_varargs(node, "repeats")))]
     rank = len(ctx.shape(node.args[0]))
     if len(reps) != rank or reps[0] != 1 or any(r != 1 for r in reps[2:]):
         raise ctx.unsupported(node, f"repeat {reps} (only along the channels, e.g. x.repeat(1, k, 1, 1))")
