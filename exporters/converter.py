@@ -20,7 +20,7 @@ from mlpersonal.errors import ConversionError, MLPersonalError, UnsupportedLayer
 from mlpersonal.features import ImageType, TensorType
 from mlpersonal.proto import Model_pb2
 
-from . import ops, recurrent
+from . import ndops, ops, recurrent
 from .probe import probe_inputs
 
 _CONST = object()  # blob marker for get_attr nodes (constant tensors)
@@ -69,14 +69,19 @@ class _Tracer(fx.Tracer):
 #: what python size arithmetic in a traced forward may use (Context.value)
 _SHAPE_ARITHMETIC = {operator.getitem: operator.getitem, operator.add: operator.add,
                      operator.sub: operator.sub, operator.mul: operator.mul,
-                     operator.floordiv: operator.floordiv, operator.neg: operator.neg}
+                     operator.floordiv: operator.floordiv, operator.neg: operator.neg,
+                     operator.truediv: operator.truediv, operator.pow: operator.pow}
 
 
 class Context:
     """What converters in :mod:`exporters.ops` use to read the graph and emit layers."""
 
-    def __init__(self, gm: fx.GraphModule, builder, reserved: set[str], classifier_node=None):
+    def __init__(self, gm: fx.GraphModule, builder, reserved: set[str], classifier_node=None,
+                 nd: bool = False):
         self.gm = gm
+        #: ND mode (EXACT_ARRAY_MAPPING, exporters.ndops): blobs have the per-example torch shape
+        self.nd = nd
+        self._constants: dict[fx.Node, torch.Tensor] = {}
         self.builder = builder
         self.blobs: dict[fx.Node, Any] = {}
         self.used_blobs: set[str] = set(reserved)
@@ -100,6 +105,37 @@ class Context:
         if not self.is_tensor(a):
             raise self.unsupported(self.node, f"a non-tensor operand {a!r}")
         return tuple(a.meta["tensor_meta"].shape)
+
+    def is_constant(self, a) -> bool:
+        """Whether tensor node ``a`` was folded: a parameter/buffer, or computed from them alone."""
+        return isinstance(a, fx.Node) and self.blobs.get(a) is _CONST
+
+    def constant(self, a) -> torch.Tensor:
+        """The value of folded tensor node ``a`` (evaluated once, from the module's tensors and the
+        traced shapes)."""
+        if a not in self._constants:
+            if a.op == "get_attr":
+                value = self.gm
+                for part in a.target.split("."):
+                    value = getattr(value, part)
+            else:
+                def ev(v):
+                    if isinstance(v, (list, tuple)):
+                        return type(v)(ev(x) for x in v)
+                    if isinstance(v, fx.Node):
+                        return self.constant(v) if self.is_tensor(v) else self.value(v)
+                    return v
+
+                args, kwargs = ev(tuple(a.args)), {k: ev(v) for k, v in a.kwargs.items()}
+                with torch.no_grad():
+                    if a.op == "call_module":
+                        value = self.gm.get_submodule(a.target)(*args, **kwargs)
+                    elif a.op == "call_method":
+                        value = getattr(args[0], a.target)(*args[1:], **kwargs)
+                    else:
+                        value = a.target(*args, **kwargs)
+            self._constants[a] = value.detach() if isinstance(value, torch.Tensor) else value
+        return self._constants[a]
 
     def value(self, a):
         """A python argument whose parts may be computed from shapes in the graph
@@ -316,20 +352,24 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
         if node.op == "output":
             continue
         target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
-        if node.op != "call_module" and not ctx.is_tensor(node):
+        if node.op != "call_module" and not ctx.is_tensor(node) and not (ctx.nd and _tensors(node)):
             continue  # python values (x.size(0), shapes): only feed reshape targets
+        fn = custom.get(type(target)) if node.op == "call_module" else custom.get(target)
+        if ctx.nd and fn is None and ctx.is_tensor(node) and _folds(ctx, node):
+            ctx.blobs[node] = _CONST  # computed from constants alone: operands read its value
+            continue
         if ctx.is_tensor(node):
             shape = ctx.shape(node)
             if not shape or shape[0] != _BATCH:
                 raise ctx.unsupported(node, f"an op that changes the batch axis (gives {shape})"
                                       + recurrent.state_hint(gm, node))
-            if not 2 <= len(shape) <= 4:
-                raise ctx.unsupported(node, f"a tensor of rank {len(shape)} (2 to 4 supported)")
-        fn = custom.get(type(target)) if node.op == "call_module" else custom.get(target)
+            low, high = (2, 6) if ctx.nd else (2, 4)
+            if not low <= len(shape) <= high:
+                raise ctx.unsupported(node, f"a tensor of rank {len(shape)} ({low} to {high} supported)")
         if fn is not None:
             ctx.blobs[node] = _custom_layer(ctx, node, target, fn)
             continue
-        conv = ops.lookup(node, target)
+        conv = _lookup(ctx, node, target)
         if conv is None:
             raise UnsupportedLayerError(
                 f"{describe(gm, node)} has no Core ML conversion; add one to exporters.ops or "
@@ -341,6 +381,41 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
             raise
         except Exception as e:  # noqa: BLE001 -- a builder/argument problem: say where
             raise ConversionError(f"{describe(gm, node)}: conversion failed: {type(e).__name__}: {e}") from e
+
+
+def _folds(ctx: Context, node) -> bool:
+    """Whether ``node`` reads no graph input, only constants (and python values)."""
+    return all(ctx.is_constant(a) if ctx.is_tensor(a) else not _tensors(a) for a in node.all_input_nodes)
+
+
+def _tensors(node) -> bool:
+    """Whether ``node`` gives several tensors (torch.chunk / split)."""
+    meta = node.meta.get("tensor_meta")
+    return isinstance(meta, (tuple, list)) and any(isinstance(m, TensorMetadata) for m in meta)
+
+
+def _lookup(ctx: Context, node, target):
+    """The converter of ``node``: in ND mode ndops' own, else a per-element one of exporters.ops."""
+    if not ctx.nd:
+        return ops.lookup(node, target)
+    conv = ndops.lookup(node, target)
+    if conv is None:
+        shared = ops.lookup(node, target)
+        conv = shared if shared in ndops.elementwise.SHARED else None
+    return conv
+
+
+def needs_nd(gm: fx.GraphModule) -> bool:
+    """Whether the graph holds an op only ND mode expresses (attention, a product of two
+    activations): :func:`convert` then writes an EXACT_ARRAY_MAPPING network."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ndops.ND_ONLY_MODULES):
+            return True
+        if node.op == "call_function" and node.target in ndops.ND_ONLY_FUNCTIONS:
+            return True
+        if node.op == "call_method" and node.target in ndops.ND_ONLY_METHODS:
+            return True
+    return False
 
 
 def _sequence_inputs(gm, inputs) -> set[str]:
@@ -364,6 +439,20 @@ def _sequence_inputs(gm, inputs) -> set[str]:
                                   "recurrent module); in Core ML only nn.LSTM / nn.RNN may read it")
         names.add(i.name)
     return names
+
+
+def _check_nd_inputs(gm, inputs) -> None:
+    """ND mode takes multi-array inputs of fixed shapes, read by no recurrent module."""
+    for i in inputs:
+        if isinstance(i, ImageType):
+            raise ConversionError(f"input {i.name!r}: an image input in a network with attention "
+                                  "(ND mode) is not supported yet; declare it mp.TensorType")
+        if i.is_flexible:
+            raise ConversionError(f"input {i.name!r}: flexible shapes in a network with attention "
+                                  "(ND mode) are not supported yet; export one fixed shape")
+    if recurrent.has_recurrent_module(gm):
+        raise ConversionError("a network with both attention and LSTM/RNN layers cannot be exported "
+                              "yet (recurrent layers need the rank-5 mode, attention the ND mode)")
 
 
 def _core_ml_shape(i, seq_inputs: set) -> tuple:
@@ -486,7 +575,8 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
             outputs: Optional[Sequence[str]] = None,
             respect_trainable: bool = False, update=None, metadata: Optional[dict] = None,
             minimum_spec_version: int = 4,
-            custom_conversion_functions: Optional[dict[Any, Callable]] = None) -> Model_pb2.Model:
+            custom_conversion_functions: Optional[dict[Any, Callable]] = None,
+            exact_shapes: Optional[bool] = None) -> Model_pb2.Model:
     """Export ``module`` (in eval mode) as a Core ML NeuralNetwork spec.
 
     ``custom_conversion_functions`` maps a module type (or a function) to ``fn(module_or_fn)``
@@ -495,6 +585,11 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     grad become updatable (``update``: an :class:`exporters.updatable.UpdateConfig`). Layers
     prepared by ``trainers.prepare_qat`` are stored with their learned n-bit weights
     (:func:`exporters.quantized.apply_qat_weights`), so the spec predicts what the module does.
+
+    ``exact_shapes``: None (default) writes iOS 11-12 layers on rank-5 blobs unless the module
+    holds attention or a product of two activations, which only Core ML 3's ND layers express
+    (EXACT_ARRAY_MAPPING: each blob has its torch shape without the batch axis,
+    :mod:`exporters.ndops`); True / False force one mode.
     """
     from coremltools.models import datatypes
     from coremltools.models.neural_network import NeuralNetworkBuilder
@@ -517,20 +612,30 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         root = _Root(module)  # layer named after the class, e.g. "linear"
     try:
         gm = _trace(root, inputs, custom)
+        nd = needs_nd(gm) if exact_shapes is None else bool(exact_shapes)
         out_nodes = _graph_outputs(gm)
         out_names = _output_names(len(out_nodes), classifier, regressor, outputs)
-        seq_inputs = _sequence_inputs(gm, inputs)
-        in_features = [(i.name, datatypes.Array(*_core_ml_shape(i, seq_inputs))) for i in inputs]
+        if nd:
+            _check_nd_inputs(gm, inputs)
+            seq_inputs: set[str] = set()
+            in_features = [(i.name, datatypes.Array(*i.shape)) for i in inputs]
+        else:
+            seq_inputs = _sequence_inputs(gm, inputs)
+            in_features = [(i.name, datatypes.Array(*_core_ml_shape(i, seq_inputs))) for i in inputs]
         if classifier is not None:
-            n = int(np.prod(out_nodes[0].meta["tensor_meta"].shape[1:]))
+            scores = tuple(out_nodes[0].meta["tensor_meta"].shape[1:])
+            n = int(np.prod(scores))
             if n != len(classifier.labels):
                 raise ConversionError(f"the module gives {n} class scores but ClassifierConfig has "
                                       f"{len(classifier.labels)} labels")
+            if nd and len(scores) != 1:
+                raise ConversionError(f"a classifier's scores must be (N, classes); the module gives "
+                                      f"{(_BATCH, *scores)}: flatten them")
             out_features = [(classifier.probabilities_name, datatypes.Array(n))]
             mode = "classifier"
         else:
             out_features = [(name, datatypes.Array(*(node.meta["tensor_meta"].shape[-1:]
-                                                     if recurrent.is_sequence_output(gm, node)
+                                                     if not nd and recurrent.is_sequence_output(gm, node)
                                                      else node.meta["tensor_meta"].shape[1:])))
                             for name, node in zip(out_names, out_nodes)]
             mode = "regressor" if regressor is not None else None
@@ -540,8 +645,9 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         if len(set(names)) != len(names):
             raise ConversionError(f"input and output names must all differ, got {names}")
         reserved = set(names)
-        builder = NeuralNetworkBuilder(in_features, out_features, mode=mode, use_float_arraytype=True)
-        ctx = Context(gm, builder, reserved, out_nodes[0] if classifier is not None else None)
+        builder = NeuralNetworkBuilder(in_features, out_features, mode=mode, use_float_arraytype=True,
+                                       disable_rank5_shape_mapping=nd)
+        ctx = Context(gm, builder, reserved, out_nodes[0] if classifier is not None else None, nd=nd)
         ctx.sequences.update(seq_inputs)
         _emit(ctx, gm, inputs, custom)
     finally:
@@ -553,7 +659,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     if classifier is not None:
         blob = out_blobs[0]
         prod = _producer(nn_spec, blob)
-        if prod is not None and prod.WhichOneof("layer") == "softmax":
+        if prod is not None and prod.WhichOneof("layer") == "softmax":  # ND mode: scores are (C,)
             _rename_blob(nn_spec, blob, classifier.probabilities_name)
         else:
             name = ctx.new_blob("softmax")

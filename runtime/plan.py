@@ -80,7 +80,12 @@ OPSET = 17
 
 #: ops whose output has their first input's axis 0 (shape-preserving or per-example)
 _KEEP_AXIS0 = {"Relu", "Sigmoid", "Tanh", "Softmax", "LeakyRelu", "Elu", "Conv", "MaxPool",
-               "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization"}
+               "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization",
+               "Sqrt", "Erf", "Exp", "Log", "Abs", "Neg", "Reciprocal", "Cast", "Identity"}
+#: elementwise ops with numpy broadcasting (see simplify: rows stay rows)
+_BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+#: reductions whose output keeps axis 0 unless they reduce over it
+_REDUCE_OPS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"}
 
 _FAILED = object()  # cache marker: this signature runs eagerly
 _BATCH = np.iinfo(np.int64).min  # simplify(): "the batch size" inside a computed Reshape shape
@@ -239,18 +244,29 @@ class InferencePlan:
             probe = {k: v[:PROBE_ROWS] for k, v in blobs.items()}
             seqs = self._seq_inputs(probe)
             # the trace runs the network on the probe: its outputs are the eager reference
-            model, eager = self._export(probe, seqs)
+            model, eager, raw = self._export(probe, seqs)
             threads = max(1, torch.get_num_threads())
             sess = ort_session(model, threads)
             names = [i.name for i in sess.get_inputs()]
-            start = time.perf_counter()
-            got = self._verify(sess, names, probe, eager)  # the answer when the probe is the call
-            row_seconds = (time.perf_counter() - start) / len(next(iter(probe.values())))
             other = _other_batch(probe)
             # its rows are the probe's rows: their eager outputs, reordered the same way (a
             # network whose rows are not independent fails this check and runs eagerly)
             other_eager = _other_batch(eager)
-            self._verify(sess, names, other, other_eager)
+            start = time.perf_counter()
+            try:
+                got = self._verify(sess, names, probe, eager)  # the answer when the probe is the call
+                row_seconds = (time.perf_counter() - start) / len(next(iter(probe.values())))
+                self._verify(sess, names, other, other_eager)
+            except Exception as failure:  # noqa: BLE001 - shapes traced at the probe's batch size?
+                try:
+                    model = self._batch_generic(raw, probe, other, seqs)
+                except ValueError:
+                    raise failure from None
+                sess = ort_session(model, threads)
+                start = time.perf_counter()
+                got = self._verify(sess, names, probe, eager)
+                row_seconds = (time.perf_counter() - start) / len(next(iter(probe.values())))
+                self._verify(sess, names, other, other_eager)
             if seqs:  # the same session must serve another length (an unrolled loop cannot)
                 longer = _other_length(probe, seqs)
                 try:
@@ -295,10 +311,19 @@ class InferencePlan:
                 raise ValueError(f"output {name!r} differs from eager by {diff:.3g}")
         return checked
 
-    def _export(self, blobs, sequences=()) -> tuple[bytes, dict]:
+    def _batch_generic(self, raw: bytes, probe, other, sequences) -> bytes:
+        """The tidied model of trace ``raw`` (of ``probe``) with the constants that depend on the
+        batch size computed from it: traced again at ``other``'s size, the two graphs compared
+        (:func:`batch_generic`). Raises when they differ otherwise."""
+        _, _, raw2 = self._export(other, sequences)
+        sizes = [_export_copy(next(iter(b.values()))).shape[0] for b in (probe, other)]
+        merged = batch_generic(raw, raw2, *sizes)
+        return simplify(merged)
+
+    def _export(self, blobs, sequences=()) -> tuple[bytes, dict, bytes]:
         """The traced, tidied ONNX model of ``run`` for these input blobs (``sequences``: inputs
-        whose axis 1, the sequence length, stays open too) and the outputs the traced run
-        computed for them."""
+        whose axis 1, the sequence length, stays open too), the outputs the traced run computed
+        for them, and the trace before tidying (renamed to blob names)."""
         inputs = list(blobs)
         example = tuple(_export_copy(blobs[k]) for k in inputs)
         module = _Traced(self._run, inputs, self.outputs)
@@ -327,8 +352,9 @@ class InferencePlan:
             for p in trained:
                 p.requires_grad_(True)
         rows = len(next(iter(blobs.values())))
-        model = simplify(buf.getvalue(), rename=names, batch=example[0].shape[0])
-        return model, {k: v[:rows] for k, v in module.seen.items()}
+        raw = simplify(buf.getvalue(), rename=names, tidy=False)
+        model = simplify(raw, batch=example[0].shape[0])
+        return model, {k: v[:rows] for k, v in module.seen.items()}, raw
 
 
 _SYMBOLICS_ADDED = False
@@ -341,6 +367,8 @@ def _quiet_exporter():
     - ``aten::_unsafe_view`` (what ``reshape`` of a non-contiguous tensor becomes under
       ``torch.func.vmap``, e.g. an ND model's transpose -> reshapeStatic, the Keras flatten of
       TensorFlow-converted models) exports as an ONNX Reshape, like ``view``;
+    - ``aten::_softmax`` (softmax under vmap: an ND model's softmaxND, attention) exports as an
+      ONNX Softmax over that axis;
     - a failing export does not print its TorchScript graph (~90 lines) to stdout: torch's
       ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling
       it, so the exporter's log is always on; the graph goes to this module's debug log.
@@ -350,6 +378,7 @@ def _quiet_exporter():
         from torch.onnx import register_custom_op_symbolic, symbolic_opset9
 
         register_custom_op_symbolic("aten::_unsafe_view", symbolic_opset9.view, 9)
+        register_custom_op_symbolic("aten::_softmax", _softmax_symbolic, 13)
         _SYMBOLICS_ADDED = True
     original = torch._C._jit_onnx_log
     torch._C._jit_onnx_log = lambda *parts: log.debug("torch.onnx: %s", " ".join(map(str, parts)))
@@ -357,6 +386,12 @@ def _quiet_exporter():
         yield
     finally:
         torch._C._jit_onnx_log = original
+
+
+def _softmax_symbolic(g, x, dim, half_to_float):
+    from torch.onnx import symbolic_helper
+
+    return g.op("Softmax", x, axis_i=symbolic_helper._get_const(dim, "i", "dim"))
 
 
 def _trim_heap() -> None:
@@ -459,9 +494,9 @@ def _other_length(blobs, sequences):
 
 
 def _other_batch(blobs):
-    """The batch reversed plus its first example again: another size, other data per row (of
-    input blobs, or of the outputs they give)."""
-    return {k: torch.cat([v.flip(0), v[:1]]) for k, v in blobs.items()}
+    """The batch reversed plus its first example again (twice for one example, which is traced
+    as two): another size, other data per row (of input blobs, or of the outputs they give)."""
+    return {k: torch.cat([v.flip(0), v[:1]] + ([v[:1]] if len(v) == 1 else [])) for k, v in blobs.items()}
 
 
 # --- graph tidying --------------------------------------------------------------------------
@@ -485,8 +520,56 @@ def _rename(g, names: dict[str, str]) -> None:
         v.name = moves.get(v.name, v.name)
 
 
+def batch_generic(first: bytes, second: bytes, b1: int, b2: int) -> bytes:
+    """Trace ``first`` (at batch size ``b1``) with each constant that differs from its twin in
+    trace ``second`` (of the same network at ``b2``) computed from the batch size: an element
+    ``k * b1`` there and ``k * b2`` here becomes ``k * B``, ``B`` the first input's axis 0.
+    Under ``torch.func.vmap`` (ND models) a batched matmul traces its broadcast and reshape
+    shapes as such constants (``(B * heads, L, d)``). Raises ValueError when the traces differ
+    in another way."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m1, m2 = onnx.load_from_string(first), onnx.load_from_string(second)
+    g1, g2 = m1.graph, m2.graph
+    if [n.op_type for n in g1.node] != [n.op_type for n in g2.node] or len(g1.initializer) != len(g2.initializer):
+        raise ValueError("the traces at two batch sizes differ in structure")
+    for i1, i2 in zip(g1.initializer, g2.initializer):
+        if not np.array_equal(numpy_helper.to_array(i1), numpy_helper.to_array(i2)):
+            raise ValueError(f"initializer {i1.name!r} depends on the batch size")
+    batch = "__batch_size"
+    nodes = [helper.make_node("Shape", [g1.input[0].name], [batch], start=0, end=1)]
+    for n1, n2 in zip(g1.node, g2.node):
+        if n1 == n2:
+            nodes.append(n1)
+            continue
+        if n1.op_type != "Constant":
+            raise ValueError(f"node {n1.name!r} differs between the traces")
+        v1, v2 = (numpy_helper.to_array(n.attribute[0].t) for n in (n1, n2))
+        out = n1.output[0]
+        k = (v2.astype(np.int64) - v1) // (b2 - b1) if v1.dtype == np.int64 and v1.shape == v2.shape else None
+        if k is None or v1.ndim > 1 or not np.array_equal(v2 - v1, k * (b2 - b1)) \
+                or not np.array_equal(v1[k != 0], k[k != 0] * b1):
+            raise ValueError(f"constant {out!r} depends on the batch size otherwise than k * B")
+        flat = k.reshape(-1)
+        const = np.where(flat != 0, 0, v1.reshape(-1))
+        nodes += [helper.make_node("Constant", [], [out + "__k"], value=numpy_helper.from_array(flat)),
+                  helper.make_node("Constant", [], [out + "__c"], value=numpy_helper.from_array(const)),
+                  helper.make_node("Mul", [batch, out + "__k"], [out + "__kb"]),
+                  helper.make_node("Add", [out + "__kb", out + "__c"], [out + "__v" if v1.ndim == 0 else out])]
+        if v1.ndim == 0:  # a scalar
+            nodes += [helper.make_node("Constant", [], [out + "__s"],
+                                       value=numpy_helper.from_array(np.zeros(0, np.int64))),
+                      helper.make_node("Reshape", [out + "__v", out + "__s"], [out])]
+    if len(nodes) == len(g1.node) + 1:
+        raise ValueError("no constant depends on the batch size")
+    del g1.node[:]
+    g1.node.extend(nodes)
+    return m1.SerializeToString()
+
+
 def simplify(model_bytes: bytes, rename: Optional[dict[str, str]] = None,
-             batch: Optional[int] = None) -> bytes:
+             batch: Optional[int] = None, tidy: bool = True) -> bytes:
     """Remove what tracing leaves that blocks onnxruntime's fusions or its dynamic batch axis;
     semantics unchanged (``rename``: graph value names to replace first, e.g. traced input
     names by blob names; ``batch``: the batch size the graph was traced at).
@@ -507,6 +590,7 @@ def simplify(model_bytes: bytes, rename: Optional[dict[str, str]] = None,
     - ``ReduceMean`` over the last two axes of a 4-D tensor becomes ``GlobalAveragePool``.
 
     The plan's verification against the eager Network guards these rewrites too.
+    ``tidy=False``: only the renaming.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -514,6 +598,8 @@ def simplify(model_bytes: bytes, rename: Optional[dict[str, str]] = None,
     model = onnx.load_from_string(model_bytes)
     if rename:
         _rename(model.graph, rename)
+    if not tidy:
+        return model.SerializeToString()
     model = onnx.shape_inference.infer_shapes(model)
     g = model.graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
@@ -577,14 +663,20 @@ def simplify(model_bytes: bytes, rename: Optional[dict[str, str]] = None,
             if v.size and int(v[0]) == batch and 0 not in v[1:]:
                 set_shape(node, np.concatenate([[0], v[1:]]), "__batch")
         data = [i for i in node.input if i not in consts]
-        if node.op_type in ("Add", "Sub", "Mul", "Div", "MatMul") and len(data) == 1 and node.input:
-            # one tensor and constants: the tensor's rows stay rows when no constant has an
-            # axis 0 of its own to broadcast against (lower rank, or size 1 there)
+        if node.op_type in _BROADCAST_OPS | {"MatMul"} and data and node.input:
+            # tensors sharing axis 0 (same rank) and constants: rows stay rows when no constant
+            # has an axis 0 of its own to broadcast against (lower rank, or size 1 there)
             others = [consts[i] for i in node.input if i in consts]
             rank = ranks.get(data[0], 0)
-            if all(c.ndim < rank or (c.ndim and c.shape[0] == 1) for c in others) and (
-                    node.op_type != "MatMul" or (node.input[0] == data[0] and rank >= 2)):
+            shared = len({same0(d) for d in data}) == 1 and all(ranks.get(d, -1) == rank for d in data)
+            if shared and all(c.ndim < rank or (c.ndim and c.shape[0] == 1) for c in others) and (
+                    node.op_type != "MatMul" or (node.input[0] == data[0] and rank >= 2
+                                                 and (len(data) == 1 or rank >= 3))):
                 rep[node.output[0]] = same0(data[0])
+        if node.op_type in _REDUCE_OPS and node.input and ranks.get(node.input[0]):
+            axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+            if axes and 0 not in [a % ranks[node.input[0]] for a in axes]:
+                rep[node.output[0]] = same0(node.input[0])
         keeps0 = (node.op_type in _KEEP_AXIS0
                   or (node.op_type == "Transpose"
                       and next((list(a.ints)[:1] for a in node.attribute if a.name == "perm"), [0]) == [0])

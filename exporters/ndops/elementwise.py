@@ -1,0 +1,120 @@
+"""Arithmetic with numpy broadcasting, softmax, GELU, LayerNorm; the per-element converters of
+:mod:`exporters.ops` (ReLU, sigmoid, exp, clamp, ...) serve ND mode unchanged (:data:`SHARED`)."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops import activation as act5
+from ..ops import elementwise as elem5
+from . import arg, axis, example_shape, operand, register_function, register_method, register_module
+
+#: rank-5 converters that emit only per-element layers (activation, unary, scalar add/multiply
+#: with alpha), which Core ML applies to a blob of any rank: ND mode uses them as they are
+SHARED = frozenset({
+    act5.relu, act5.sigmoid, act5.tanh, act5.leaky_relu, act5.elu, act5.hardtanh, act5.hardsigmoid,
+    act5.hardswish, act5.silu, act5.softplus, act5.softsign, act5.mish, act5.hardshrink,
+    act5.softshrink, act5.tanhshrink, elem5.power, elem5.clamp, elem5.negate,
+}) | {ops.FUNCTIONS[f] for f in (torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.reciprocal)}
+
+_BROADCASTABLE = {"add": "add_add_broadcastable", "sub": "add_subtract_broadcastable",
+                  "mul": "add_multiply_broadcastable", "div": "add_divide_broadcastable"}
+
+
+def _binary(ctx, node, kind: str) -> str:
+    """``a op b`` with numpy broadcasting over one example's axes; constants and numbers become
+    loadConstantND blobs."""
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1 or (len(node.args) > 2 and node.args[2] != 1):
+        raise ctx.unsupported(node, f"{kind} with alpha != 1")
+    if kind == "div" and node.kwargs.get("rounding_mode"):
+        raise ctx.unsupported(node, "division with a rounding_mode")
+    live = [t for t in (a, b) if ctx.is_tensor(t) and not ctx.is_constant(t)]
+    rank = len(ctx.shape(node))
+    if any(len(ctx.shape(t)) != rank for t in live):
+        raise ctx.unsupported(node, f"{kind} of tensors of different ranks (torch would align the "
+                                    "batch axis with another one); unsqueeze the smaller one")
+    blobs = [operand(ctx, node, t) for t in (a, b)]
+    name, out = ctx.layer(node)
+    getattr(ctx.builder, _BROADCASTABLE[kind])(name, blobs, out)
+    return out
+
+
+@register_function(operator.add, operator.iadd, torch.add)
+@register_method("add", "add_")
+def add(ctx, node, target) -> str:
+    return _binary(ctx, node, "add")
+
+
+@register_function(operator.sub, operator.isub, torch.sub)
+@register_method("sub", "sub_")
+def sub(ctx, node, target) -> str:
+    return _binary(ctx, node, "sub")
+
+
+@register_function(operator.mul, operator.imul, torch.mul)
+@register_method("mul", "mul_")
+def mul(ctx, node, target) -> str:
+    return _binary(ctx, node, "mul")
+
+
+@register_function(operator.truediv, operator.itruediv, torch.div)
+@register_method("div", "div_")
+def div(ctx, node, target) -> str:
+    return _binary(ctx, node, "div")
+
+
+@register_module(nn.Softmax)
+@register_function(F.softmax, torch.softmax)
+@register_method("softmax")
+def softmax(ctx, node, target) -> str:
+    dim = target.dim if isinstance(target, nn.Module) else arg(node, 1, "dim")
+    if dim is None:
+        raise ctx.unsupported(node, "softmax without dim")
+    name, out = ctx.layer(node)
+    if len(example_shape(ctx, node)) == 1:  # the classic layer: what Core ML's loss reads
+        ctx.builder.add_softmax(name, ctx.inp(node.args[0]), out)
+    else:
+        ctx.builder.add_softmax_nd(name, ctx.inp(node.args[0]), out, axis(ctx, node, node.args[0], dim))
+    return out
+
+
+@register_module(nn.GELU)
+@register_function(F.gelu)
+def gelu(ctx, node, target) -> str:
+    approx = target.approximate if isinstance(target, nn.Module) else arg(node, 1, "approximate", "none")
+    name, out = ctx.layer(node)
+    gelu_layer(ctx, name, ctx.inp(node.args[0]), out, approx)
+    return out
+
+
+def gelu_layer(ctx, name: str, src: str, out: str, approximate: str = "none") -> None:
+    modes = {"none": "EXACT", "tanh": "TANH_APPROXIMATION"}
+    if approximate not in modes:
+        raise ctx.unsupported(ctx.node, f"GELU approximate={approximate!r}")
+    ctx.builder.add_gelu(name, src, out, modes[approximate])
+
+
+@register_module(nn.LayerNorm)
+def layer_norm(ctx, node, m: nn.LayerNorm) -> str:
+    name, out = ctx.layer(node)
+    layer_norm_layer(ctx, node, m, name, ctx.inp(node.args[0]), out, example_shape(ctx, node.args[0]))
+    return out
+
+
+def layer_norm_layer(ctx, node, m: nn.LayerNorm, name: str, src: str, out: str, shape) -> None:
+    """Core ML's layerNormalization over the trailing ``m.normalized_shape`` axes."""
+    norm = tuple(int(s) for s in m.normalized_shape)
+    if tuple(shape[len(shape) - len(norm):]) != norm or len(norm) > len(shape):
+        raise ctx.unsupported(node, f"LayerNorm over {norm} of a {tuple(shape)} example")
+    gamma = (m.weight.detach().cpu().float().numpy() if m.weight is not None
+             else np.ones(norm, np.float32)).reshape(norm)
+    beta = (m.bias.detach().cpu().float().numpy() if getattr(m, "bias", None) is not None
+            else np.zeros(norm, np.float32)).reshape(norm)
+    ctx.builder.add_layer_normalization(name, src, out, list(norm), gamma, beta, eps=float(m.eps))

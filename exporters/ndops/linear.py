@@ -1,0 +1,50 @@
+"""nn.Linear over the last axis, and matrix products (``@``, matmul, bmm, x @ W)."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import example_shape, operand, register_function, register_method, register_module
+
+
+def dense(ctx, name: str, src: str, weight: torch.Tensor, bias, out: str, rank: int) -> None:
+    """``src @ weight.T + bias`` over the last axis of a rank-``rank`` example: an innerProduct
+    (which can be updatable) up to rank 3, a batchedMatmul with weights above."""
+    w = weight.detach().cpu().float().numpy()
+    b = None if bias is None else bias.detach().cpu().float().numpy()
+    cout, cin = w.shape
+    if rank <= 3:
+        ctx.builder.add_inner_product(name, w, b, cin, cout, b is not None, src, out)
+    else:
+        ctx.builder.add_batched_mat_mul(name, [src], out, weight_matrix_rows=cin,
+                                        weight_matrix_columns=cout, W=np.ascontiguousarray(w.T), bias=b)
+
+
+@register_module(nn.Linear)
+def linear(ctx, node, m: nn.Linear) -> str:
+    name, out = ctx.layer(node)
+    dense(ctx, name, ctx.inp(node.args[0]), m.weight, m.bias, out, len(example_shape(ctx, node.args[0])))
+    return out
+
+
+@register_function(operator.matmul, torch.matmul, torch.bmm)
+@register_method("matmul", "bmm", "__matmul__")
+def matmul(ctx, node, target) -> str:
+    """A product of two activations (batchedMatmul, numpy broadcasting over leading axes), or of
+    an activation and a constant matrix ``W`` (a batchedMatmul with weights)."""
+    a, b = node.args[0], node.args[1]
+    name, out = ctx.layer(node)
+    if ctx.is_constant(b) and not ctx.is_constant(a) and len(ctx.shape(b)) == 2:
+        w = ctx.constant(b)
+        dense(ctx, name, ctx.inp(a), w.t(), None, out, len(example_shape(ctx, a)))
+        return out
+    for t in (a, b):
+        if len(example_shape(ctx, t)) < 2:
+            raise ctx.unsupported(node, "a matrix product with a vector operand (per example); "
+                                        "unsqueeze it to a matrix")
+    ctx.builder.add_batched_mat_mul(name, [operand(ctx, node, a), operand(ctx, node, b)], out)
+    return out

@@ -1,0 +1,244 @@
+"""Attention and transformer encoders export in ND mode (EXACT_ARRAY_MAPPING, Core ML 3 layers):
+predictions equal the torch module's, heads personalize like torch.optim.SGD, refusals say why."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mlpersonal as mp
+from exporters.converter import ClassifierConfig, convert
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import coremltools as ct
+
+LABELS = list("abcde")
+
+
+class Encoder(nn.Module):
+    """Tokens (L, E) + a learned position table -> nn.TransformerEncoder -> mean over tokens ->
+    class scores."""
+
+    def __init__(self, e=16, heads=4, length=6, classes=5, norm_first=False, activation="relu",
+                 layers=2, final_norm=False, causal=False):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, length, e) * 0.1)
+        layer = nn.TransformerEncoderLayer(e, heads, 32, dropout=0.1, activation=activation,
+                                           batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(e) if final_norm else None,
+                                             enable_nested_tensor=False)
+        self.causal = causal
+        if causal:
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length))
+        self.head = nn.Linear(e, classes)
+
+    def forward(self, x):
+        h = self.encoder(x + self.pos, mask=self.mask if self.causal else None)
+        return self.head(h.mean(dim=1))
+
+
+class ClassToken(nn.Module):
+    """A ViT-style head: a learned class token in front of the tokens, one MultiheadAttention
+    block (its weights an output too), the class token's state classifies."""
+
+    def __init__(self, e=12, heads=3, classes=5):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, e))
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=True)
+        self.norm = nn.LayerNorm(e)
+        self.head = nn.Linear(e, classes)
+
+    def forward(self, x):
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        a, w = self.attn(t, t, t)
+        h = self.norm(t + a)
+        return self.head(h[:, 0]), w
+
+
+class HandWritten(nn.Module):
+    """Attention written out: q @ k^T / sqrt(d), softmax, @ v, heads by view/transpose; and
+    F.scaled_dot_product_attention with a causal mask."""
+
+    def __init__(self, e=8, heads=2):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(e, 3 * e), nn.Linear(e, e), heads
+
+    def forward(self, x):
+        n, length, e = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        split = [t.view(n, length, self.heads, e // self.heads).transpose(1, 2) for t in (q, k, v)]
+        s = (split[0] @ split[1].transpose(-2, -1)) / (e // self.heads) ** 0.5
+        a = F.softmax(s, dim=-1) @ split[2]
+        c = F.scaled_dot_product_attention(*split, is_causal=True)
+        y = (a + c).transpose(1, 2).reshape(n, length, e)
+        return F.gelu(self.out(y), approximate="tanh") * torch.sigmoid(y)
+
+
+def _probs(outs):
+    return np.array([[o["labelProbs"][c] for c in LABELS] for o in outs])
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"norm_first": True, "activation": "gelu", "final_norm": True}, {"causal": True, "layers": 1},
+], ids=["post_norm_relu", "pre_norm_gelu_final_norm", "causal_mask"])
+def test_transformer_encoder_classifier_predicts_like_torch(kw, tmp_path):
+    torch.manual_seed(0)
+    net = Encoder(**kw).eval()
+    spec = convert(net, [mp.TensorType("x", (6, 16))], classifier=ClassifierConfig(LABELS))
+    nn_spec = spec.neuralNetworkClassifier
+    assert nn_spec.arrayInputShapeMapping == 1  # EXACT_ARRAY_MAPPING
+    assert spec.specificationVersion >= 4
+    kinds = {layer.WhichOneof("layer") for layer in nn_spec.layers}
+    assert {"batchedMatmul", "softmaxND", "layerNormalization", "innerProduct"} <= kinds
+    ct.models.MLModel(spec)  # coremltools accepts it
+    path = tmp_path / "enc.mlmodel"
+    mp.save(spec, path)
+    model = mp.load(path)
+    x = torch.randn(7, 6, 16)
+    with torch.no_grad():
+        ref = F.softmax(net(x), -1).numpy()
+    outs = model.predict_batch([{"x": a.numpy()} for a in x])
+    assert np.abs(_probs(outs) - ref).max() <= 1e-5
+    assert [o["label"] for o in outs] == [LABELS[i] for i in ref.argmax(1)]
+    names = {layer.name for layer in nn_spec.layers}
+    assert {"encoder.layers.0.linear1", "encoder.layers.0.self_attn.out_proj", "head"} <= names
+
+
+def test_class_token_and_multihead_attention_weights_match_torch(tmp_path):
+    torch.manual_seed(1)
+    net = ClassToken().eval()
+    spec = convert(net, [mp.TensorType("x", (5, 12))], outputs=["scores", "weights"])
+    ct.models.MLModel(spec)
+    x = torch.randn(4, 5, 12)
+    with torch.no_grad():
+        scores, weights = net(x)
+    outs = mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])
+    got_s = np.stack([o["scores"] for o in outs])
+    got_w = np.stack([o["weights"] for o in outs])
+    assert got_s.shape == (4, 5) and got_w.shape == (4, 6, 6)
+    assert np.abs(got_s - scores.numpy()).max() <= 1e-5
+    assert np.abs(got_w - weights.numpy()).max() <= 1e-6
+
+
+def test_hand_written_attention_and_sdpa_match_torch(tmp_path):
+    torch.manual_seed(2)
+    net = HandWritten().eval()
+    spec = convert(net, [mp.TensorType("x", (7, 8))], outputs=["y"])
+    ct.models.MLModel(spec)
+    x = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def _sgd(net, x, y, lr, epochs, batch):
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
+    for _ in range(epochs):
+        for s in range(0, len(x), batch):
+            loss = F.cross_entropy(net(x[s:s + batch]), y[s:s + batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("trainable", [("head",), ("head", "encoder.layers.1.linear2")])
+def test_personalizing_a_frozen_encoder_trains_like_torch(trainable):
+    """Frozen encoder, updatable head (and a feed-forward layer inside the encoder): the update
+    task equals torch.optim.SGD on the same layers."""
+    torch.manual_seed(3)
+    net = Encoder().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for path in trainable:
+        net.get_submodule(path).requires_grad_(True)
+    spec = convert(net, [mp.TensorType("x", (6, 16))], classifier=ClassifierConfig(LABELS),
+                   respect_trainable=True,
+                   update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.05, mini_batch_size=4),
+                                          epochs=3, shuffle=False))
+    layers = {layer.name: layer for layer in spec.neuralNetworkClassifier.layers}
+    assert all(layers[p].isUpdatable for p in trainable)
+    x, y = torch.randn(8, 6, 16), torch.arange(8) % 5
+    trained = mp.load(spec, compute_units="cpu_only").update(
+        [{"x": a.numpy(), "label": LABELS[int(t)]} for a, t in zip(x, y)])
+    _sgd(net, x, y, lr=0.05, epochs=3, batch=4)
+    got = {layer.name: layer for layer in trained.spec.neuralNetworkClassifier.layers}
+    for path in trainable:
+        mod = net.get_submodule(path)
+        w = np.asarray(got[path].innerProduct.weights.floatValue).reshape(mod.weight.shape)
+        np.testing.assert_allclose(w, mod.weight.detach().numpy(), atol=1e-5)
+    with torch.no_grad():
+        ref = F.softmax(net(x), -1).numpy()
+    assert np.abs(_probs(trained.predict_batch([{"x": a.numpy()} for a in x])) - ref).max() <= 1e-5
+
+
+def test_exact_shapes_forces_the_nd_mode_for_an_mlp():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    classic = convert(net, [mp.TensorType("x", (6,))], outputs=["y"])
+    nd = convert(net, [mp.TensorType("x", (6,))], outputs=["y"], exact_shapes=True)
+    assert classic.neuralNetwork.arrayInputShapeMapping == 0
+    assert nd.neuralNetwork.arrayInputShapeMapping == 1
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    for spec in (classic, nd):
+        got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+        assert np.abs(got - ref).max() <= 1e-5
+
+
+class _Bad(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.make(self, x)
+
+
+@pytest.mark.parametrize("make,what", [
+    (lambda s, x: s.attn(x, x, x, key_padding_mask=x[:, :, 0])[0], "key_padding_mask"),
+    (lambda s, x: s.attn(x, x, x, attn_mask=torch.zeros(4, 5, 5))[0], "shared by every example"),
+    (lambda s, x: x @ torch.ones(8), "vector operand"),
+    (lambda s, x: F.scaled_dot_product_attention(x, x, x, dropout_p=0.5), "dropout"),
+])
+def test_attention_core_ml_cannot_express_is_refused_with_the_reason(make, what):
+    with pytest.raises(mp.UnsupportedLayerError, match=what):
+        convert(_Bad(make).eval(), [mp.TensorType("x", (5, 8))])
+
+
+def test_batch_first_false_is_refused_with_the_fix():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(mp.MLPersonalError, match="batch"):
+        convert(Seq().eval(), [mp.TensorType("x", (5, 8))])
+
+
+@pytest.mark.parametrize("first", [1, 4])
+def test_attention_predicts_through_the_compiled_plan_at_any_batch_size(first):
+    """Under vmap a batched matmul traces its shapes at the probe's batch size ((B * heads, L,
+    d)); the plan computes them from the batch size instead (runtime.plan.batch_generic), so the
+    onnxruntime session serves every batch size, whatever size came first."""
+    torch.manual_seed(6)
+    net = Encoder(norm_first=True, activation="gelu").eval()
+    model = mp.load(convert(net, [mp.TensorType("x", (6, 16))], outputs=["y"]), compute_units="cpu_only")
+    for n in (first, 9, 1):
+        x = torch.randn(n, 6, 16)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
+        assert np.abs(got - ref).max() <= 1e-5
+        plan = model.inference_plan()
+        assert plan.last_fallback_reason is None
+        assert len(plan._sessions) == 1 and all(type(s).__name__ == "_Signature" for s in plan._sessions.values())
