@@ -265,7 +265,7 @@ def _trace(module, inputs, custom) -> fx.GraphModule:
             f"{type(module).__name__}.forward takes {len(placeholders)} input(s) "
             f"({[p.target for p in placeholders]}), but inputs= declares {len(inputs)}"
         )
-    examples = probe_inputs(module, [(_BATCH, *i.shape) for i in inputs])
+    examples = probe_inputs(module, [(_BATCH, *i.shape) for i in inputs], inputs=inputs)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*examples)
@@ -451,8 +451,16 @@ def _check_nd_inputs(gm, inputs) -> None:
             raise ConversionError(f"input {i.name!r}: flexible shapes in a network with attention "
                                   "(ND mode) are not supported yet; export one fixed shape")
     if recurrent.has_recurrent_module(gm):
-        raise ConversionError("a network with both attention and LSTM/RNN layers cannot be exported "
-                              "yet (recurrent layers need the rank-5 mode, attention the ND mode)")
+        raise ConversionError("a network with both attention (or nn.Embedding) and LSTM/RNN layers "
+                              "cannot be exported yet (recurrent layers need the rank-5 mode, "
+                              "attention and embeddings the ND mode)")
+
+
+def _set_int_inputs(spec, inputs) -> None:
+    """Token-id inputs (``TensorType(dtype="int32")``) are INT32 multi-arrays."""
+    for fd in spec.description.input:
+        if any(i.name == fd.name and getattr(i, "dtype", "float32") == "int32" for i in inputs):
+            fd.type.multiArrayType.dataType = fd.type.multiArrayType.INT32
 
 
 def _core_ml_shape(i, seq_inputs: set) -> tuple:
@@ -613,6 +621,10 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     try:
         gm = _trace(root, inputs, custom)
         nd = needs_nd(gm) if exact_shapes is None else bool(exact_shapes)
+        ints = [i.name for i in inputs if getattr(i, "dtype", "float32") == "int32"]
+        if ints and not nd:
+            raise ConversionError(f"token-id inputs {ints} are read in ND mode only (nn.Embedding); "
+                                  "leave exact_shapes unset or True")
         out_nodes = _graph_outputs(gm)
         out_names = _output_names(len(out_nodes), classifier, regressor, outputs)
         if nd:
@@ -696,6 +708,7 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
 
     spec = builder.spec
     spec.specificationVersion = max(int(spec.specificationVersion), minimum_spec_version, 4)
+    _set_int_inputs(spec, inputs)
     for fd in spec.description.input:
         if fd.name in ctx.state_inputs:
             fd.type.isOptional = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -37,7 +38,7 @@ def to_onnx(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     if not inputs or not all(isinstance(i, (ImageType, TensorType)) for i in inputs):
         raise ConversionError("to_onnx needs inputs=[mp.ImageType(...) or mp.TensorType(...)]")
     names = [i.name for i in inputs]
-    examples = probe_inputs(module, [(1, *i.shape) for i in inputs])
+    examples = probe_inputs(module, [(1, *i.shape) for i in inputs], inputs=inputs)
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -65,8 +66,11 @@ def _export(module, examples, names, out, path, opset, output_names, dynamic_bat
     with tempfile.TemporaryDirectory() as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(module, examples, str(tmp_file), input_names=names, output_names=outs,
-                              opset_version=opset, dynamic_axes=dynamic, dynamo=False)
+            with warnings.catch_warnings():  # torch's own modules (MultiheadAttention) check
+                # python values while traced; the user's code keeps its warnings
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.")
+                torch.onnx.export(module, examples, str(tmp_file), input_names=names, output_names=outs,
+                                  opset_version=opset, dynamic_axes=dynamic, dynamo=False)
         except Exception as e:  # noqa: BLE001
             raise ConversionError(f"ONNX export of {type(module).__name__} failed: {e}") from e
         atomic_write_bytes(path, tmp_file.read_bytes())

@@ -17,8 +17,12 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 def probe_inputs(module: torch.nn.Module, shapes: Sequence[Sequence[int]],
-                 fill: Callable[..., torch.Tensor] = torch.rand) -> tuple[torch.Tensor, ...]:
+                 fill: Callable[..., torch.Tensor] = torch.rand,
+                 inputs: Sequence = ()) -> tuple[torch.Tensor, ...]:
     """One ``fill(*shape)`` tensor per shape on ``module``'s device (a model trained on a GPU
-    exports as it is)."""
+    exports as it is); for ``inputs`` (the declared input types) of ``dtype="int32"``: token ids
+    0 and 1 (int64, what nn.Embedding reads)."""
     device = module_device(module)
-    return tuple(fill(*shape, device=device) for shape in shapes)
+    ints = [getattr(i, "dtype", "float32") == "int32" for i in inputs] + [False] * len(shapes)
+    return tuple(torch.randint(0, 2, tuple(shape), device=device) if ints[k] else fill(*shape, device=device)
+                 for k, shape in enumerate(shapes))

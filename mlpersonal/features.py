@@ -96,16 +96,23 @@ class TensorType:
 
     Flexible shapes: ``enumerated_shapes=[(C, H, W), ...]`` or ``shape_range=[(lo, hi)] * rank``
     (``-1``: unbounded maximum).
+
+    ``dtype="int32"``: token ids (``(L,)`` read by ``nn.Embedding``), a Core ML INT32 multi-array;
+    the module is traced on ids 0 and 1.
     """
 
     name: str
     shape: tuple = field(default=())
     enumerated_shapes: Optional[Sequence[tuple]] = None
     shape_range: Optional[Sequence[tuple]] = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         _check_name(self.name)
         object.__setattr__(self, "shape", _check_shape(self.name, self.shape, (1, 2, 3)))
+        if self.dtype not in ("float32", "int32"):
+            raise ConversionError(f"input {self.name!r}: dtype must be 'float32' or 'int32' (token "
+                                  f"ids), got {self.dtype!r}")
         if self.is_sequence and self.is_flexible:
             raise ConversionError(f"input {self.name!r}: a (Seq, C) sequence takes any length "
                                   "already; it has no enumerated_shapes or shape_range")

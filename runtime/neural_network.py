@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mlpersonal.errors import InvalidModelError
+from mlpersonal.errors import InvalidInputError, InvalidModelError
 from mlpersonal.validate import RECURRENT_LAYER_KINDS
 
 from .batch import ArrayBatchProvider, DictionaryColumn
@@ -64,6 +64,7 @@ class NeuralNetworkModel(CompiledModel):
             for f in self._inputs:
                 f.sequence = f.kind == "multiArrayType" and len(f.shape) == 1
         self._io = (self._inputs, describe(spec.description.output))
+        self._token_inputs = _token_inputs(self.nn_spec, inputs)
         self._outputs_cache = None  # see _output_plan
         self._plan = None  # runtime.plan.InferencePlan, made on the first CPU prediction
         self._graphs = None  # runtime.cuda_graphs.CudaGraphPlan, made on the first CUDA prediction
@@ -291,6 +292,8 @@ class NeuralNetworkModel(CompiledModel):
                 a = plain_arrays(a, first.shape) if steps else None
             if a is None or not np.isfinite(a).all():
                 return None
+            if name in self._token_inputs:
+                self._check_ids({name: a})
             if steps > 1:  # (B, Seq, C, 1, 1), as layout() does
                 blobs[name] = a.reshape(n, steps, -1, 1, 1)
             else:
@@ -312,7 +315,23 @@ class NeuralNetworkModel(CompiledModel):
             return [{first: lab, second: p} for lab, p in zip(labels, probs.tolist())]
         return [{first: p, second: lab} for lab, p in zip(labels, probs.tolist())]
 
+    def _check_ids(self, feeds: dict[str, Any]) -> None:
+        """Token ids an embedding layer reads must be whole numbers inside its vocabulary."""
+        for name, (vocab, layer) in self._token_inputs.items():
+            v = feeds.get(name)
+            for i, t in enumerate(v if type(v) is list else [v]):
+                if t is None:
+                    continue
+                t = torch.as_tensor(t)
+                if t.numel() and (bool((t != t.floor()).any()) or float(t.min()) < 0 or float(t.max()) >= vocab):
+                    raise InvalidInputError(
+                        f"feature {name!r} holds token ids outside 0..{vocab - 1} or not whole numbers "
+                        f"(min {float(t.min()):g}, max {float(t.max()):g}); layer {layer!r} looks them "
+                        f"up in a vocabulary of {vocab}: map unknown tokens to an id it has")
+
     def forward(self, feeds: dict[str, Any], n: int) -> dict[str, Any]:
+        if self._token_inputs:
+            self._check_ids(feeds)
         for v in feeds.values():
             if type(v) is list and v and isinstance(v[0], torch.Tensor):
                 return self._forward_each(feeds, n)  # mixed flexible shapes
@@ -335,6 +354,8 @@ class NeuralNetworkModel(CompiledModel):
         for v in feeds.values():
             if type(v) is list:
                 return None
+        if self._token_inputs:
+            self._check_ids(feeds)
         env = plan.run(self.layout(feeds), n, build=False)
         return None if env is None else self.from_blobs(env, n)
 
@@ -472,3 +493,26 @@ class NeuralNetworkModel(CompiledModel):
             else:
                 merged[k] = [v[0] for v in vals]
         return merged
+
+
+#: layers that pass token ids on unchanged (an embedding's input made from a model input)
+_ID_PASSING = frozenset({"expandDims", "squeeze", "reshapeStatic", "rankPreservingReshape",
+                         "flattenTo2D", "reshape", "flatten"})
+
+
+def _token_inputs(nn_spec, inputs: list[str]) -> dict[str, tuple[int, str]]:
+    """Model inputs an embedding / embeddingND layer reads (through reshapes):
+    name -> (vocabulary size, layer name), the smallest vocabulary when several read one."""
+    producer = {o: layer for layer in nn_spec.layers for o in layer.output}
+    found: dict[str, tuple[int, str]] = {}
+    for layer in nn_spec.layers:
+        kind = layer.WhichOneof("layer")
+        if kind not in ("embedding", "embeddingND") or not layer.input:
+            continue
+        vocab = int(layer.embedding.inputDim if kind == "embedding" else layer.embeddingND.vocabSize)
+        blob = layer.input[0]
+        while blob in producer and producer[blob].WhichOneof("layer") in _ID_PASSING:
+            blob = producer[blob].input[0]
+        if blob in inputs and (blob not in found or vocab < found[blob][0]):
+            found[blob] = (vocab, layer.name)
+    return found

@@ -368,7 +368,8 @@ def _quiet_exporter():
       ``torch.func.vmap``, e.g. an ND model's transpose -> reshapeStatic, the Keras flatten of
       TensorFlow-converted models) exports as an ONNX Reshape, like ``view``;
     - ``aten::_softmax`` (softmax under vmap: an ND model's softmaxND, attention) exports as an
-      ONNX Softmax over that axis;
+      ONNX Softmax over that axis; ``aten::_to_copy`` (a dtype cast under vmap: an embedding's
+      token ids) as an ONNX Cast;
     - a failing export does not print its TorchScript graph (~90 lines) to stdout: torch's
       ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of calling
       it, so the exporter's log is always on; the graph goes to this module's debug log.
@@ -379,6 +380,7 @@ def _quiet_exporter():
 
         register_custom_op_symbolic("aten::_unsafe_view", symbolic_opset9.view, 9)
         register_custom_op_symbolic("aten::_softmax", _softmax_symbolic, 13)
+        register_custom_op_symbolic("aten::_to_copy", _to_copy_symbolic, 13)
         _SYMBOLICS_ADDED = True
     original = torch._C._jit_onnx_log
     torch._C._jit_onnx_log = lambda *parts: log.debug("torch.onnx: %s", " ".join(map(str, parts)))
@@ -392,6 +394,19 @@ def _softmax_symbolic(g, x, dim, half_to_float):
     from torch.onnx import symbolic_helper
 
     return g.op("Softmax", x, axis_i=symbolic_helper._get_const(dim, "i", "dim"))
+
+
+#: torch ScalarType index -> ONNX TensorProto type (uint8, int8, int16, int32, int64, float16,
+#: float32, float64, bool)
+_ONNX_TYPES = {0: 2, 1: 3, 2: 5, 3: 6, 4: 7, 5: 10, 6: 1, 7: 11, 11: 9}
+
+
+def _to_copy_symbolic(g, x, dtype, *rest):
+    from torch.onnx import symbolic_helper
+
+    if symbolic_helper._is_none(dtype):
+        return x
+    return g.op("Cast", x, to_i=_ONNX_TYPES[symbolic_helper._get_const(dtype, "i", "dtype")])
 
 
 def _trim_heap() -> None:

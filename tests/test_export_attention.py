@@ -156,10 +156,15 @@ def test_personalizing_a_frozen_encoder_trains_like_torch(trainable):
         p.requires_grad_(False)
     for path in trainable:
         net.get_submodule(path).requires_grad_(True)
-    spec = convert(net, [mp.TensorType("x", (6, 16))], classifier=ClassifierConfig(LABELS),
-                   respect_trainable=True,
-                   update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.05, mini_batch_size=4),
-                                          epochs=3, shuffle=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = convert(net, [mp.TensorType("x", (6, 16))], classifier=ClassifierConfig(LABELS),
+                       respect_trainable=True,
+                       update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.05, mini_batch_size=4),
+                                              epochs=3, shuffle=False))
+    # Core ML backpropagates through none of an encoder's layers: said when one is updatable
+    said = [str(w.message) for w in caught if "cannot backpropagate" in str(w.message)]
+    assert len(said) == (len(trainable) > 1) and (not said or "layerNormalization" in said[0])
     layers = {layer.name: layer for layer in spec.neuralNetworkClassifier.layers}
     assert all(layers[p].isUpdatable for p in trainable)
     x, y = torch.randn(8, 6, 16), torch.arange(8) % 5
@@ -242,3 +247,112 @@ def test_attention_predicts_through_the_compiled_plan_at_any_batch_size(first):
         plan = model.inference_plan()
         assert plan.last_fallback_reason is None
         assert len(plan._sessions) == 1 and all(type(s).__name__ == "_Signature" for s in plan._sessions.values())
+
+
+def test_the_same_attention_models_export_to_onnx(tmp_path):
+    import onnxruntime as ort
+
+    for cls, shape in ((Encoder, (6, 16)), (ClassToken, (5, 12)), (HandWritten, (7, 8))):
+        torch.manual_seed(7)
+        net = cls().eval()
+        path = tmp_path / f"{cls.__name__}.onnx"
+        mp.to_onnx(net, [mp.TensorType("x", shape)], path)
+        x = torch.randn(3, *shape)
+        with torch.no_grad():
+            ref = net(x)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            assert np.abs(g - r.numpy()).max() <= 1e-5
+
+
+class TextClassifier(nn.Module):
+    """Token ids (L,) -> nn.Embedding + positions -> a transformer encoder layer -> mean -> head."""
+
+    def __init__(self, vocab=40, e=16, length=8, classes=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, e, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, length, e) * 0.1)
+        self.block = nn.TransformerEncoderLayer(e, 2, 32, batch_first=True)
+        self.head = nn.Linear(e, classes)
+
+    def forward(self, ids):
+        return self.head(self.block(self.embed(ids) + self.pos).mean(dim=1))
+
+
+class BagOfWords(nn.Module):
+    """fastText-style: the mean of the token embeddings, a linear classifier."""
+
+    def __init__(self, vocab=30, e=8, classes=5):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, e), nn.Linear(e, classes)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("cls", [TextClassifier, BagOfWords])
+def test_token_id_inputs_predict_and_personalize_like_torch(cls, tmp_path):
+    torch.manual_seed(8)
+    net = cls().eval()
+    vocab = net.embed.num_embeddings
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.head.requires_grad_(True)
+    spec = convert(net, [mp.TensorType("ids", (8,), dtype="int32")], classifier=ClassifierConfig(LABELS),
+                   respect_trainable=True,
+                   update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.1, mini_batch_size=4),
+                                          epochs=2, shuffle=False))
+    fd = spec.description.input[0]
+    assert fd.type.multiArrayType.dataType == fd.type.multiArrayType.INT32
+    assert spec.neuralNetworkClassifier.arrayInputShapeMapping == 1
+    ct.models.MLModel(spec)
+    mp.save(spec, tmp_path / "text.mlmodel")
+    model = mp.load(tmp_path / "text.mlmodel", compute_units="cpu_only")
+    ids = torch.randint(0, vocab, (9, 8))
+    with torch.no_grad():
+        ref = F.softmax(net(ids), -1).numpy()
+    outs = model.predict_batch([{"ids": a.numpy().astype(np.int32)} for a in ids])
+    assert np.abs(_probs(outs) - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None  # onnxruntime ran it
+    y = torch.arange(8) % 5
+    trained = model.update([{"ids": a.numpy().astype(np.int32), "label": LABELS[int(t)]}
+                            for a, t in zip(ids[:8], y)])
+    _sgd(net, ids[:8], y, lr=0.1, epochs=2, batch=4)
+    w = np.asarray({l.name: l for l in trained.spec.neuralNetworkClassifier.layers}["head"]
+                   .innerProduct.weights.floatValue).reshape(net.head.weight.shape)
+    np.testing.assert_allclose(w, net.head.weight.detach().numpy(), atol=1e-5)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_with_the_fix():
+    torch.manual_seed(9)
+    model = mp.load(convert(BagOfWords().eval(), [mp.TensorType("ids", (8,), dtype="int32")],
+                            outputs=["y"]), compute_units="cpu_only")
+    ok = np.arange(8, dtype=np.int32)
+    model.predict({"ids": ok})
+    for bad in (np.full(8, 30, np.int32), np.full(8, -1, np.int32), ok + np.float32(0.5)):
+        with pytest.raises(mp.InvalidInputError, match="vocabulary of 30"):
+            model.predict({"ids": bad})
+        with pytest.raises(mp.InvalidInputError, match="vocabulary of 30"):
+            model.predict_batch([{"ids": ok}, {"ids": bad}])
+
+
+def test_token_inputs_need_the_nd_mode_and_a_known_dtype():
+    with pytest.raises(mp.ConversionError, match="dtype"):
+        mp.TensorType("ids", (8,), dtype="int64")
+    with pytest.raises(mp.ConversionError, match="ND mode"):
+        convert(BagOfWords().eval(), [mp.TensorType("ids", (8,), dtype="int32")], exact_shapes=False)
+
+
+def test_a_text_classifier_exports_to_onnx_with_integer_ids(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(10)
+    net = TextClassifier().eval()
+    mp.to_onnx(net, [mp.TensorType("ids", (8,), dtype="int32")], tmp_path / "t.onnx")
+    ids = torch.randint(0, 40, (3, 8))
+    with torch.no_grad():
+        ref = net(ids).numpy()
+    got = ort.InferenceSession(str(tmp_path / "t.onnx")).run(None, {"ids": ids.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-5

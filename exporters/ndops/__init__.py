@@ -1,8 +1,8 @@
 """The op-mapping registry of ND networks (``EXACT_ARRAY_MAPPING``, Core ML 3 layers).
 
 A network holding attention (``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)``,
-``F.scaled_dot_product_attention``) or a product of two activations (``q @ k.transpose(-2, -1)``)
-has no rank-5 form: :func:`exporters.converter.convert` then writes it in ND mode, where each
+``F.scaled_dot_product_attention``), a product of two activations (``q @ k.transpose(-2, -1)``)
+or an ``nn.Embedding`` of token ids has no rank-5 form: :func:`exporters.converter.convert` then writes it in ND mode, where each
 blob has exactly the per-example shape of its torch tensor (the torch shape without the batch
 axis) and Core ML 3's ND layers (batchedMatmul, softmaxND, transpose, reshapeStatic, ...) apply.
 
@@ -36,7 +36,7 @@ register_module, register_function, register_method = map(registrar, (MODULES, F
 
 #: ops only ND mode can express: a graph holding one is exported in ND mode
 ND_ONLY_MODULES: tuple = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
-                          torch.nn.TransformerEncoder)
+                          torch.nn.TransformerEncoder, torch.nn.Embedding)
 ND_ONLY_FUNCTIONS = {torch.nn.functional.scaled_dot_product_attention, torch.matmul, torch.bmm,
                      operator.matmul}
 ND_ONLY_METHODS = {"matmul", "bmm", "__matmul__"}

@@ -1,4 +1,4 @@
-"""nn.Linear over the last axis, and matrix products (``@``, matmul, bmm, x @ W)."""
+"""nn.Linear over the last axis, matrix products (``@``, matmul, bmm, x @ W), nn.Embedding."""
 
 from __future__ import annotations
 
@@ -47,4 +47,21 @@ def matmul(ctx, node, target) -> str:
             raise ctx.unsupported(node, "a matrix product with a vector operand (per example); "
                                         "unsqueeze it to a matrix")
     ctx.builder.add_batched_mat_mul(name, [operand(ctx, node, a), operand(ctx, node, b)], out)
+    return out
+
+
+@register_module(nn.Embedding)
+def embedding(ctx, node, m: nn.Embedding) -> str:
+    """Token ids ``(...)`` -> ``(..., E)``: expandDims to ``(..., 1)`` (what Core ML's embeddingND
+    reads), then the lookup; weights stored ``(E, vocab)``."""
+    if m.max_norm is not None:
+        raise ctx.unsupported(node, "nn.Embedding(max_norm=...) (it renormalizes rows while looking up)")
+    src = node.args[0]
+    expanded = ctx.new_blob(f"{node.name}_ids")
+    ctx.used_layers.add(expanded)
+    ctx.builder.add_expand_dims(expanded, ctx.inp(src), expanded, [-1])
+    name, out = ctx.layer(node)
+    w = m.weight.detach().cpu().float().numpy()
+    ctx.builder.add_embedding_nd(name, expanded, out, m.num_embeddings, m.embedding_dim,
+                                 np.ascontiguousarray(w.T))
     return out

@@ -62,10 +62,9 @@ def expand_dims(layer, ctx):
 
     def f(x):
         rank = x.dim() + len(axes)
-        shape = list(x.shape)
-        for a in sorted(a % rank for a in axes):
-            shape.insert(a, 1)
-        return x.reshape(shape)
+        for a in sorted(a % rank for a in axes):  # ascending: each lands where the output has it
+            x = x.unsqueeze(a)
+        return x
 
     return f
 
