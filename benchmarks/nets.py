@@ -74,8 +74,31 @@ def small_resnet() -> nn.Module:
     return net
 
 
+class _Tokens(nn.Module):
+    """A small transformer classifier over (16 tokens, 64 features): positions, two encoder layers
+    (4 heads, feed-forward 128, GELU, pre-norm), mean over tokens, FC 64->10, softmax. Its spec
+    comes from mlpersonal's exporter (ND layers), not from the classic-layer helper below."""
+
+    exported = True
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 16, 64) * 0.1)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return torch.softmax(self.head(self.encoder(x + self.pos).mean(1)), dim=1)
+
+
+def token_transformer() -> nn.Module:
+    return _Tokens()
+
+
 NETS = {"sticker_cnn": (sticker_cnn, (1, 28, 28)), "mnist_cnn": (mnist_cnn, (1, 28, 28)),
-        "small_resnet": (small_resnet, (3, 32, 32))}
+        "small_resnet": (small_resnet, (3, 32, 32)), "transformer": (token_transformer, (16, 64))}
 
 
 def _np(t):
@@ -145,6 +168,11 @@ def to_spec(module: nn.Module, input_shape, labels=None, input_name: str = "x"):
     from coremltools.models.neural_network import NeuralNetworkBuilder
 
     module.eval()
+    if getattr(module, "exported", False):
+        import mlpersonal as mp
+
+        config = mp.ClassifierConfig(list(labels), predicted_feature_name="label", probabilities_name="probs")
+        return mp.convert(module, [mp.TensorType(input_name, tuple(input_shape))], classifier=config), "probs"
     # the builder needs the final blob name up front: emit into a scratch builder first
     feats = [(input_name, datatypes.Array(*input_shape))]
     scratch = NeuralNetworkBuilder(feats, [("out", None)])
