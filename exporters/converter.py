@@ -441,6 +441,43 @@ def _sequence_inputs(gm, inputs) -> set[str]:
     return names
 
 
+def _nd_class_probabilities(ctx: Context, nn_spec, scores: str, prod, probs: str, classes: int) -> None:
+    """An ND classifier's probabilities: a classic softmax (the only loss input Core ML's update
+    validator accepts; in ND mode it wants rank >= 3 and normalizes axis -3). A final Linear on a
+    ``(E,)`` vector reads it as ``(1, E, 1, 1)`` instead, so its innerProduct gives ``(1, C, 1, 1)``
+    and the path from it to the loss holds only layers Core ML backpropagates through; other
+    scores are reshaped to ``(C, 1, 1)``. The module's own final softmax(ND) is replaced."""
+    def readers(blob):
+        return [layer for layer in nn_spec.layers if blob in layer.input]
+
+    if prod is not None and prod.WhichOneof("layer") == "softmaxND" and not readers(scores):
+        nn_spec.layers.remove(prod)
+        scores = prod.input[0]
+        prod = _producer(nn_spec, scores)
+    shapes = {blob: tuple(ctx.shape(node)[1:]) for node, blob in ctx.blobs.items()
+              if isinstance(blob, str) and ctx.is_tensor(node)}
+    if (prod is not None and prod.WhichOneof("layer") == "innerProduct" and len(readers(scores)) == 0
+            and len(shapes.get(prod.input[0], ())) == 1 and len(readers(prod.input[0])) == 1):
+        src, width = prod.input[0], shapes[prod.input[0]][0]
+        column = ctx.new_blob(f"{src}_nchw")
+        ctx.used_layers.add(column)
+        ctx.builder.add_reshape_static(column, src, column, [1, width, 1, 1])
+        layers = list(nn_spec.layers)
+        moved = layers.pop()  # the reshape, just appended: run it right before the Linear
+        layers.insert(next(i for i, layer in enumerate(layers) if layer.name == prod.name), moved)
+        del nn_spec.layers[:]
+        nn_spec.layers.extend(layers)
+        _producer(nn_spec, scores).input[0] = column
+    else:
+        column = ctx.new_blob(f"{scores}_column")
+        ctx.used_layers.add(column)
+        ctx.builder.add_reshape_static(column, scores, column, [classes, 1, 1])
+        scores = column
+    name = ctx.new_blob("softmax")
+    ctx.used_layers.add(name)
+    ctx.builder.add_softmax(name, scores, probs)
+
+
 def _check_nd_inputs(gm, inputs) -> None:
     """ND mode takes multi-array inputs of fixed shapes, read by no recurrent module."""
     for i in inputs:
@@ -671,7 +708,10 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
     if classifier is not None:
         blob = out_blobs[0]
         prod = _producer(nn_spec, blob)
-        if prod is not None and prod.WhichOneof("layer") == "softmax":  # ND mode: scores are (C,)
+        if nd:
+            _nd_class_probabilities(ctx, nn_spec, blob, prod, classifier.probabilities_name,
+                                    len(classifier.labels))
+        elif prod is not None and prod.WhichOneof("layer") == "softmax":
             _rename_blob(nn_spec, blob, classifier.probabilities_name)
         else:
             name = ctx.new_blob("softmax")

@@ -106,6 +106,12 @@ def test_transformer_encoder_classifier_predicts_like_torch(kw, tmp_path):
     assert [o["label"] for o in outs] == [LABELS[i] for i in ref.argmax(1)]
     names = {layer.name for layer in nn_spec.layers}
     assert {"encoder.layers.0.linear1", "encoder.layers.0.self_attn.out_proj", "head"} <= names
+    # Core ML's loss reads a classic softmax, which in ND mode wants rank >= 3: the head reads
+    # its (E,) input as (1, E, 1, 1), so its scores are (1, C, 1, 1) and nothing but the softmax
+    # stands between it and the loss
+    last, head = nn_spec.layers[-1], next(l for l in nn_spec.layers if l.name == "head")
+    assert last.WhichOneof("layer") == "softmax" and list(last.input) == list(head.output)
+    assert [l.reshapeStatic.targetShape for l in nn_spec.layers if l.output[0] == head.input[0]] == [[1, 16, 1, 1]]
 
 
 def test_class_token_and_multihead_attention_weights_match_torch(tmp_path):

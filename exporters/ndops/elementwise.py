@@ -78,10 +78,7 @@ def softmax(ctx, node, target) -> str:
     if dim is None:
         raise ctx.unsupported(node, "softmax without dim")
     name, out = ctx.layer(node)
-    if len(example_shape(ctx, node)) == 1:  # the classic layer: what Core ML's loss reads
-        ctx.builder.add_softmax(name, ctx.inp(node.args[0]), out)
-    else:
-        ctx.builder.add_softmax_nd(name, ctx.inp(node.args[0]), out, axis(ctx, node, node.args[0], dim))
+    ctx.builder.add_softmax_nd(name, ctx.inp(node.args[0]), out, axis(ctx, node, node.args[0], dim))
     return out
 
 

@@ -20,8 +20,8 @@ def inner_product(layer, ctx):
     def fc(x):
         if x.dim() <= 3:
             return F.linear(x, w, b)
-        lead = x.shape[:-3]
-        return F.linear(x.reshape(*lead, -1), w, b).reshape(*lead, cout, 1, 1)
+        # no x.shape read: traced under vmap (ND models' plan) a shape is no list of ints
+        return F.linear(x.flatten(-3), w, b)[..., None, None]
 
     return fc
 
