@@ -361,9 +361,81 @@ def _check_network_interface(spec, nn, kind: str, pre: str) -> None:
         raise fail(f"{pre}every input is optional; Core ML wants at least one required input")
 
 
+#: ND mode (NeuralNetworkLayerValidator.cpp validateRankCount): kind -> (min rank, max rank or
+#: None, input rank == output rank), checked on a layer's first input and output where their rank
+#: is known (model inputs and outputs, the layers' optional inputTensor/outputTensor ranks)
+ND_RANKS = {
+    "innerProduct": (1, 5, True), "softmax": (3, None, True), "convolution": (4, None, True),
+    "pooling": (4, None, True), "batchnorm": (3, None, True), "mvn": (3, None, True),
+    "embeddingND": (2, 5, True), "flatten": (3, None, False), "uniDirectionalLSTM": (5, 5, False),
+    "reshape": (5, 5, False), "permute": (5, 5, False), "concat": (3, None, False),
+    "sequenceRepeat": (5, None, True), "unary": (0, None, True),
+}
+#: activations with a rank rule of their own in ND mode (per-channel parameters)
+_ND_CHANNEL_ACTIVATIONS = {"PReLU", "parametricSoftplus"}
+
+
+def nd_interpretation(nn) -> bool:
+    """Whether Core ML reads the network in ND mode: a layer added in iOS 13, or either input
+    shape mapping other than rank 5 (validateNeuralNetworkTopLevel)."""
+    return (nn.arrayInputShapeMapping != 0 or nn.imageInputShapeMapping != 0
+            or any(not ios12_layer(layer) for layer in nn.layers))
+
+
+def _check_nd_ranks(spec, nn, pre: str) -> None:
+    """Core ML's rank rules of ND mode. Ranks are not inferred from layer to layer: they are
+    known for model inputs (the shape's length; images 4 with RANK4_IMAGE_MAPPING, else 5),
+    multi-array outputs declaring a shape, and blobs a layer gives an inputTensor/outputTensor
+    rank (which must agree wherever the blob appears)."""
+    ranks: dict[str, int] = {}
+    for f in spec.description.input:
+        t = f.type.WhichOneof("Type")
+        if t == "multiArrayType":
+            ranks[f.name] = len(f.type.multiArrayType.shape) if nn.arrayInputShapeMapping else 5
+        elif t == "imageType":
+            ranks[f.name] = 4 if nn.imageInputShapeMapping else 5
+    for f in spec.description.output:
+        if f.type.WhichOneof("Type") == "multiArrayType" and len(f.type.multiArrayType.shape):
+            ranks[f.name] = len(f.type.multiArrayType.shape)
+    for layer in nn.layers:
+        for blobs, tensors, side in ((layer.input, layer.inputTensor, "input"),
+                                     (layer.output, layer.outputTensor, "output")):
+            if not len(tensors):
+                continue
+            if len(tensors) != len(blobs):
+                raise fail(f"{pre}layer {layer.name!r} lists {len(tensors)} {side}Tensor ranks for "
+                           f"{len(blobs)} {side}s; Core ML wants one per {side}")
+            for blob, t in zip(blobs, tensors):
+                if len(t.dimValue) and t.rank != len(t.dimValue):
+                    raise fail(f"{pre}layer {layer.name!r}: {side} {blob!r} has rank {t.rank} but "
+                               f"{len(t.dimValue)} dimValue entries")
+                if ranks.setdefault(blob, int(t.rank)) != int(t.rank):
+                    raise fail(f"{pre}blob {blob!r} has rank {ranks[blob]} elsewhere but rank {t.rank} "
+                               f"at layer {layer.name!r}; Core ML wants one rank per blob")
+        lk = layer.WhichOneof("layer")
+        rule = ND_RANKS.get(lk)
+        if lk == "activation" and layer.activation.WhichOneof("NonlinearityType") in _ND_CHANNEL_ACTIVATIONS:
+            rule = (3, None, True)
+        if rule is None or not layer.input:
+            continue
+        lo, hi, same = rule
+        got = [(side, ranks.get(blob)) for side, blob in (("input", layer.input[0]), ("output", layer.output[0]))]
+        for side, r in got:
+            if r is not None and (r < lo or (hi is not None and r > hi)):
+                want = f"exactly {lo}" if lo == hi else (f"{lo} to {hi}" if hi else f"at least {lo}")
+                raise fail(f"{pre}layer {layer.name!r} ({lk}) has a rank-{r} {side}; in ND mode "
+                           f"(EXACT_ARRAY_MAPPING or Core ML 3 layers) Core ML wants rank {want}"
+                           + (": reshape the scores to (C, 1, 1) first" if lk == "softmax" else ""))
+        if same and got[0][1] is not None and got[1][1] is not None and got[0][1] != got[1][1]:
+            raise fail(f"{pre}layer {layer.name!r} ({lk}) turns a rank-{got[0][1]} input into a "
+                       f"rank-{got[1][1]} output; Core ML wants the same rank")
+
+
 def _check_network(spec, nn, kind: str, pre: str) -> None:
     desc = spec.description
     _check_shape_mapping(spec, nn, pre)
+    if nd_interpretation(nn):
+        _check_nd_ranks(spec, nn, pre)
     available = {f.name for f in desc.input}
     producers: dict = {}  # blob -> the layer writing it
     _check_network_interface(spec, nn, kind, pre)

@@ -559,3 +559,42 @@ def test_an_upsample_lists_two_scaling_factors():
     del b.spec.neuralNetwork.layers[0].upsample.scalingFactor[1]
     with pytest.raises(mp.InvalidModelError, match=r"lists 1 scalingFactor values; Core ML wants 2"):
         mp.load(b.spec)
+
+
+# --- ND mode rank rules (NeuralNetworkLayerValidator.cpp validateRankCount) ---------------------
+def _nd_spec(shape, build):
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    b = NeuralNetworkBuilder([("x", datatypes.Array(*shape))], [("y", None)],
+                             disable_rank5_shape_mapping=True)
+    build(b)
+    return b.spec
+
+
+def test_nd_rank_rules_refuse_what_core_ml_refuses():
+    softmax = _nd_spec((4, 5), lambda b: b.add_softmax("sm", "x", "y"))  # classic: rank >= 3
+    with pytest.raises(mp.InvalidModelError, match=r"layer 'sm' \(softmax\) has a rank-2 input; "
+                                                   r"in ND mode .* rank at least 3"):
+        validate(softmax)
+    emb = _nd_spec((6,), lambda b: b.add_embedding_nd("e", "x", "y", 10, 3, np.ones((3, 10), np.float32)))
+    with pytest.raises(mp.InvalidModelError, match=r"\(embeddingND\) has a rank-1 input; .* rank 2 to 5"):
+        validate(emb)
+
+    def mismatch(b):
+        b.add_activation("a", "RELU", "x", "h")
+        b.add_activation("c", "RELU", "h", "y")
+    spec = _nd_spec((4, 5), mismatch)
+    spec.neuralNetwork.layers[0].outputTensor.add(rank=2)
+    spec.neuralNetwork.layers[1].inputTensor.add(rank=3)
+    with pytest.raises(mp.InvalidModelError, match="blob 'h' has rank 2 elsewhere but rank 3"):
+        validate(spec)
+
+
+def test_nd_rank_rules_pass_the_same_layers_at_allowed_ranks():
+    validate(_nd_spec((2, 4, 5), lambda b: b.add_softmax("sm", "x", "y")))
+    validate(_nd_spec((6, 1), lambda b: b.add_embedding_nd("e", "x", "y", 10, 3,
+                                                           np.ones((3, 10), np.float32))))
+    # ranks are not inferred from layer to layer: an inner blob of unknown rank is not checked
+    validate(_nd_spec((4,), lambda b: (b.add_inner_product("fc", np.ones((3, 4), np.float32), None, 4, 3,
+                                                          False, "x", "h"), b.add_softmax("sm", "h", "y"))))
