@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import mlpersonal as mp
 from exporters.converter import ClassifierConfig, convert
+from test_exporter import _torch_sgd
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -142,14 +143,6 @@ def test_hand_written_attention_and_sdpa_match_torch(tmp_path):
     assert np.abs(got - ref).max() <= 1e-5
 
 
-def _sgd(net, x, y, lr, epochs, batch):
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=lr)
-    for _ in range(epochs):
-        for s in range(0, len(x), batch):
-            loss = F.cross_entropy(net(x[s:s + batch]), y[s:s + batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
 
 
 @pytest.mark.parametrize("trainable", [("head",), ("head", "encoder.layers.1.linear2")])
@@ -176,7 +169,7 @@ def test_personalizing_a_frozen_encoder_trains_like_torch(trainable):
     x, y = torch.randn(8, 6, 16), torch.arange(8) % 5
     trained = mp.load(spec, compute_units="cpu_only").update(
         [{"x": a.numpy(), "label": LABELS[int(t)]} for a, t in zip(x, y)])
-    _sgd(net, x, y, lr=0.05, epochs=3, batch=4)
+    _torch_sgd(net, x, y, lr=0.05, epochs=3, batch=4)
     got = {layer.name: layer for layer in trained.spec.neuralNetworkClassifier.layers}
     for path in trainable:
         mod = net.get_submodule(path)
@@ -325,7 +318,7 @@ def test_token_id_inputs_predict_and_personalize_like_torch(cls, tmp_path):
     y = torch.arange(8) % 5
     trained = model.update([{"ids": a.numpy().astype(np.int32), "label": LABELS[int(t)]}
                             for a, t in zip(ids[:8], y)])
-    _sgd(net, ids[:8], y, lr=0.1, epochs=2, batch=4)
+    _torch_sgd(net, ids[:8], y, lr=0.1, epochs=2, batch=4)
     w = np.asarray({l.name: l for l in trained.spec.neuralNetworkClassifier.layers}["head"]
                    .innerProduct.weights.floatValue).reshape(net.head.weight.shape)
     np.testing.assert_allclose(w, net.head.weight.detach().numpy(), atol=1e-5)

@@ -25,6 +25,7 @@ import torch
 
 from mlpersonal.registry import registrar
 
+from .. import ops
 from ..ops import arg, helper_layer  # noqa: F401 - shared argument/name helpers
 
 Converter = Callable[..., str]
@@ -43,14 +44,7 @@ ND_ONLY_METHODS = {"matmul", "bmm", "__matmul__"}
 
 
 def lookup(node, target) -> Converter | None:
-    if node.op == "call_module":
-        for cls in type(target).__mro__:
-            if cls in MODULES:
-                return MODULES[cls]
-        return None
-    if node.op == "call_method":
-        return METHODS.get(target)
-    return FUNCTIONS.get(target)
+    return ops.lookup(node, target, (MODULES, FUNCTIONS, METHODS))
 
 
 # --- shapes and axes --------------------------------------------------------------------------

@@ -282,29 +282,28 @@ def encoder_layer(ctx, node, m: nn.TransformerEncoderLayer, names: _Layers, src:
     return norm("norm2", _add(ctx, names, "residual2", x, feed_forward(x)))
 
 
-def _encoder_mask(ctx, node, mask_arg, causal, length: int) -> Optional[np.ndarray]:
-    mask = _constant_mask(ctx, node, mask_arg, False, (length, length))
-    return _merge(mask, _causal(length, length)) if causal and mask is None else mask
+def _encoder_call(ctx, node, mask_name: str) -> tuple[object, int, int, Optional[np.ndarray]]:
+    """(src, L, E, additive mask) of ``encoder(src, <mask_name>, src_key_padding_mask, is_causal)``."""
+    src = arg(node, 0, "src")
+    if arg(node, 2, "src_key_padding_mask", None) is not None:
+        raise ctx.unsupported(node, "src_key_padding_mask (pad sequences to the model's length instead)")
+    length, e = _check_example(ctx, node, src, "an input")
+    mask = _constant_mask(ctx, node, arg(node, 1, mask_name, None), False, (length, length))
+    if arg(node, 3, "is_causal", None) and mask is None:
+        mask = _causal(length, length)
+    return src, length, e, mask
 
 
 @register_module(nn.TransformerEncoderLayer)
 def transformer_encoder_layer(ctx, node, m: nn.TransformerEncoderLayer) -> str:
-    src = arg(node, 0, "src")
-    if arg(node, 2, "src_key_padding_mask", None) is not None:
-        raise ctx.unsupported(node, "src_key_padding_mask (pad sequences to the model's length instead)")
-    length, _ = _check_example(ctx, node, src, "an input")
-    mask = _encoder_mask(ctx, node, arg(node, 1, "src_mask", None), arg(node, 3, "is_causal", False), length)
+    src, length, _, mask = _encoder_call(ctx, node, "src_mask")
     out = encoder_layer(ctx, node, m, _Layers(ctx, node), ctx.inp(src), length, mask)
     return _rename(ctx, node, out)
 
 
 @register_module(nn.TransformerEncoder)
 def transformer_encoder(ctx, node, m: nn.TransformerEncoder) -> str:
-    src = arg(node, 0, "src")
-    if arg(node, 2, "src_key_padding_mask", None) is not None:
-        raise ctx.unsupported(node, "src_key_padding_mask (pad sequences to the model's length instead)")
-    length, e = _check_example(ctx, node, src, "an input")
-    mask = _encoder_mask(ctx, node, arg(node, 1, "mask", None), arg(node, 3, "is_causal", None), length)
+    src, length, e, mask = _encoder_call(ctx, node, "mask")
     names = _Layers(ctx, node)
     x = ctx.inp(src)
     for i, layer in enumerate(m.layers):

@@ -46,28 +46,17 @@ def _binary(ctx, node, kind: str) -> str:
     return out
 
 
-@register_function(operator.add, operator.iadd, torch.add)
-@register_method("add", "add_")
-def add(ctx, node, target) -> str:
-    return _binary(ctx, node, "add")
+def _binary_converter(kind: str):
+    def convert(ctx, node, target) -> str:
+        return _binary(ctx, node, kind)
+    return convert
 
 
-@register_function(operator.sub, operator.isub, torch.sub)
-@register_method("sub", "sub_")
-def sub(ctx, node, target) -> str:
-    return _binary(ctx, node, "sub")
-
-
-@register_function(operator.mul, operator.imul, torch.mul)
-@register_method("mul", "mul_")
-def mul(ctx, node, target) -> str:
-    return _binary(ctx, node, "mul")
-
-
-@register_function(operator.truediv, operator.itruediv, torch.div)
-@register_method("div", "div_")
-def div(ctx, node, target) -> str:
-    return _binary(ctx, node, "div")
+for _kind, _fns in (("add", (operator.add, operator.iadd, torch.add)),
+                    ("sub", (operator.sub, operator.isub, torch.sub)),
+                    ("mul", (operator.mul, operator.imul, torch.mul)),
+                    ("div", (operator.truediv, operator.itruediv, torch.div))):
+    register_method(_kind, f"{_kind}_")(register_function(*_fns)(_binary_converter(_kind)))
 
 
 @register_module(nn.Softmax)

@@ -186,25 +186,11 @@ def _reduce(ctx, node, kind: str) -> str:
     return out
 
 
-@register_function(torch.mean)
-@register_method("mean")
-def mean(ctx, node, target) -> str:
-    return _reduce(ctx, node, "mean")
+def _reduce_converter(kind: str):
+    def convert(ctx, node, target) -> str:
+        return _reduce(ctx, node, kind)
+    return convert
 
 
-@register_function(torch.sum)
-@register_method("sum")
-def reduce_sum(ctx, node, target) -> str:
-    return _reduce(ctx, node, "sum")
-
-
-@register_function(torch.amax)
-@register_method("amax")
-def amax(ctx, node, target) -> str:
-    return _reduce(ctx, node, "max")
-
-
-@register_function(torch.amin)
-@register_method("amin")
-def amin(ctx, node, target) -> str:
-    return _reduce(ctx, node, "min")
+for _fn, _kind in ((torch.mean, "mean"), (torch.sum, "sum"), (torch.amax, "max"), (torch.amin, "min")):
+    register_method(_fn.__name__)(register_function(_fn)(_reduce_converter(_kind)))

@@ -30,16 +30,18 @@ METHODS: dict[str, Converter] = {}
 register_module, register_function, register_method = map(registrar, (MODULES, FUNCTIONS, METHODS))
 
 
-def lookup(node, target) -> Converter | None:
-    """The converter for an fx node (``target``: module instance, function or method name)."""
+def lookup(node, target, tables=(MODULES, FUNCTIONS, METHODS)) -> Converter | None:
+    """The converter for an fx node (``target``: module instance, function or method name) in
+    ``tables`` (modules by type, functions, method names; exporters.ndops passes its own)."""
+    modules, functions, methods = tables
     if node.op == "call_module":
         for cls in type(target).__mro__:
-            if cls in MODULES:
-                return MODULES[cls]
+            if cls in modules:
+                return modules[cls]
         return None
     if node.op == "call_method":
-        return METHODS.get(target)
-    return FUNCTIONS.get(target)
+        return methods.get(target)
+    return functions.get(target)
 
 
 # --- argument helpers --------------------------------------------------------------------------
