@@ -106,6 +106,10 @@ class Context:
             raise self.unsupported(self.node, f"a non-tensor operand {a!r}")
         return tuple(a.meta["tensor_meta"].shape)
 
+    def node_dtype(self, a):
+        """The torch dtype of tensor node ``a``."""
+        return a.meta["tensor_meta"].dtype if self.is_tensor(a) else None
+
     def is_constant(self, a) -> bool:
         """Whether tensor node ``a`` was folded: a parameter/buffer, or computed from them alone."""
         return isinstance(a, fx.Node) and self.blobs.get(a) is _CONST

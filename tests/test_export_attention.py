@@ -206,7 +206,6 @@ class _Bad(nn.Module):
 
 
 @pytest.mark.parametrize("make,what", [
-    (lambda s, x: s.attn(x, x, x, key_padding_mask=x[:, :, 0])[0], "key_padding_mask"),
     (lambda s, x: s.attn(x, x, x, attn_mask=torch.zeros(4, 5, 5))[0], "shared by every example"),
     (lambda s, x: x @ torch.ones(8), "vector operand"),
     (lambda s, x: F.scaled_dot_product_attention(x, x, x, dropout_p=0.5), "dropout"),
@@ -355,3 +354,58 @@ def test_a_text_classifier_exports_to_onnx_with_integer_ids(tmp_path):
         ref = net(ids).numpy()
     got = ort.InferenceSession(str(tmp_path / "t.onnx")).run(None, {"ids": ids.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-5
+
+
+class PaddedText(nn.Module):
+    """Right-padded token ids (0 = padding): the encoder ignores padded keys, a masked mean pools
+    the real tokens; the attention block reads the same mask through MultiheadAttention."""
+
+    def __init__(self, norm_first=False, vocab=30, e=16, length=8, classes=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, e)
+        self.pos = nn.Parameter(torch.randn(1, length, e) * 0.1)
+        layer = nn.TransformerEncoderLayer(e, 2, 32, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2)  # nested tensors on: torch's default
+        self.attn = nn.MultiheadAttention(e, 2, batch_first=True)
+        self.head = nn.Linear(e, classes)
+
+    def forward(self, ids):
+        pad = ids == 0
+        h = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)
+        a, _ = self.attn(h, h, h, key_padding_mask=pad)
+        keep = (~pad).float().unsqueeze(-1)
+        return self.head((a * keep).sum(1) / keep.sum(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_padding_masks_computed_from_token_ids_match_torch(norm_first):
+    """key_padding_mask / src_key_padding_mask computed from the inputs (ids == 0), logical not,
+    masked mean; the post-norm encoder's padded positions come out 0 as in torch's nested-tensor
+    inference path."""
+    torch.manual_seed(11)
+    net = PaddedText(norm_first).eval()
+    spec = convert(net, [mp.TensorType("ids", (8,), dtype="int32")], classifier=ClassifierConfig(LABELS))
+    ct.models.MLModel(spec)
+    ids = torch.randint(1, 30, (6, 8))
+    for row, n in enumerate((8, 5, 3, 1, 7, 2)):
+        ids[row, n:] = 0
+    with torch.no_grad():
+        ref = F.softmax(net(ids), -1).numpy()
+    model = mp.load(spec, compute_units="cpu_only")
+    outs = model.predict_batch([{"ids": a.numpy().astype(np.int32)} for a in ids])
+    assert np.abs(_probs(outs) - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None
+
+
+def test_sdpa_with_a_boolean_mask_from_the_inputs_matches_torch():
+    class Net(nn.Module):
+        def forward(self, x):
+            allow = (x[:, :, :1] > -0.5).transpose(1, 2)  # (N, 1, S): keys with feature 0 > -0.5
+            return F.scaled_dot_product_attention(x, x, x, attn_mask=allow)
+
+    torch.manual_seed(12)
+    spec = convert(Net(), [mp.TensorType("x", (6, 4))], outputs=["y"])
+    x = torch.randn(5, 6, 4)
+    x[:, 0, 0] = 1.0  # every row keeps a key
+    got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - Net()(x).numpy()).max() <= 1e-5

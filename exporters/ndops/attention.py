@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -70,7 +71,17 @@ def _heads(ctx, names: _Layers, part: str, src: str, length: int, heads: int, di
     return out
 
 
-def _attend(ctx, names: _Layers, q: str, k: str, v: str, mask: Optional[np.ndarray],
+@dataclass(frozen=True)
+class _Mask:
+    """What is added to the (h, L, S) scores: a constant (L, S) shared by every example and head
+    (a causal mask, a registered buffer), and/or a blob computed from the inputs per example,
+    broadcast against (h, L, S) (a key padding mask (S,))."""
+
+    const: Optional[np.ndarray] = None
+    blob: Optional[str] = None
+
+
+def _attend(ctx, names: _Layers, q: str, k: str, v: str, mask: _Mask,
             scale: float = 1.0) -> tuple[str, str]:
     """softmax(q k^T * scale + mask) v over the last two axes: (output blob, weights blob)."""
     b = ctx.builder
@@ -81,10 +92,12 @@ def _attend(ctx, names: _Layers, q: str, k: str, v: str, mask: Optional[np.ndarr
         b.add_multiply_broadcastable(scaled, [scores, _const(ctx, names, "scale", np.array([scale]))],
                                      scaled)
         scores = scaled
-    if mask is not None:
-        masked = names.name("masked")
-        b.add_add_broadcastable(masked, [scores, _const(ctx, names, "mask", mask)], masked)
-        scores = masked
+    for part, add in (("masked", None if mask.const is None else _const(ctx, names, "mask", mask.const)),
+                      ("padded", mask.blob)):
+        if add is not None:
+            out = names.name(part)
+            b.add_add_broadcastable(out, [scores, add], out)
+            scores = out
     weights = names.name("weights")
     b.add_softmax_nd(weights, scores, weights, -1)
     out = names.name("context")
@@ -92,14 +105,33 @@ def _attend(ctx, names: _Layers, q: str, k: str, v: str, mask: Optional[np.ndarr
     return out, weights
 
 
-def _constant_mask(ctx, node, value, bool_allows: bool, shape: tuple[int, int]) -> Optional[np.ndarray]:
-    """An additive float mask of ``shape`` (L, S) from a constant attn_mask argument (a bool mask
-    marks allowed positions with True when ``bool_allows`` (SDPA), masked ones otherwise)."""
+def _mask(ctx, node, value, bool_allows: bool, shape: tuple[int, int], names: "_Layers",
+          per_example: bool = True) -> _Mask:
+    """The additive mask of an attn_mask / key_padding_mask argument (a bool mask marks allowed
+    positions with True when ``bool_allows`` (SDPA), masked ones otherwise; a float mask is
+    added): a constant one of ``shape`` (L, S), or one computed from the inputs whose example
+    broadcasts against (h, L, S) (``per_example``)."""
     if value is None:
-        return None
-    if not ctx.is_tensor(value) or not ctx.is_constant(value):
-        raise ctx.unsupported(node, "an attention mask computed from the inputs (only constant "
-                                    "masks, e.g. a registered buffer, or is_causal)")
+        return _Mask()
+    if not ctx.is_tensor(value):
+        raise ctx.unsupported(node, f"an attention mask of type {type(value).__name__}")
+    if ctx.is_constant(value):
+        return _Mask(const=_constant_mask(ctx, node, value, bool_allows, shape))
+    ex = example_shape(ctx, value)
+    if not per_example or not ex or len(ex) > 3 or ex[-1] != shape[1] or (len(ex) > 1 and ex[-2] not in (1, shape[0])):
+        raise ctx.unsupported(node, f"an attention mask computed from the inputs of shape "
+                                    f"{tuple(ctx.shape(value))} (per example it must broadcast against "
+                                    f"(heads, {shape[0]}, {shape[1]}))")
+    src = ctx.inp(value)
+    if ctx.node_dtype(value) is not torch.bool:
+        return _Mask(blob=src)
+    out = names.name("mask_add")  # True/False arrive as 1.0/0.0
+    alpha, beta = (-MASKED, MASKED) if bool_allows else (MASKED, 0.0)
+    ctx.builder.add_activation(out, "LINEAR", src, out, params=[alpha, beta])
+    return _Mask(blob=out)
+
+
+def _constant_mask(ctx, node, value, bool_allows: bool, shape: tuple[int, int]) -> np.ndarray:
     m = ctx.constant(value).detach().cpu()
     if tuple(m.shape) != tuple(shape):
         raise ctx.unsupported(node, f"an attention mask of shape {tuple(m.shape)} (only {shape}, "
@@ -132,10 +164,10 @@ def scaled_dot_product_attention(ctx, node, target) -> str:
         raise ctx.unsupported(node, "attention over a rank-1 example")
     scale = arg(node, 6, "scale", None)
     scale = 1.0 / math.sqrt(qs[-1]) if scale is None else float(scale)
-    mask = _constant_mask(ctx, node, arg(node, 3, "attn_mask", None), True, (qs[-2], ks[-2]))
-    if arg(node, 5, "is_causal", False):
-        mask = _merge(mask, _causal(qs[-2], ks[-2]))
     names = _Layers(ctx, node)
+    mask = _mask(ctx, node, arg(node, 3, "attn_mask", None), True, (qs[-2], ks[-2]), names)
+    if arg(node, 5, "is_causal", False):
+        mask = _Mask(_merge(mask.const, _causal(qs[-2], ks[-2])), mask.blob)
     out, _ = _attend(ctx, names, ctx.inp(q), ctx.inp(k), ctx.inp(v), mask, scale)
     return _rename(ctx, node, out)
 
@@ -161,7 +193,7 @@ def _projections(m: nn.MultiheadAttention) -> list[tuple[torch.Tensor, Optional[
 
 
 def multihead(ctx, node, m: nn.MultiheadAttention, names: _Layers, q: str, k: str, v: str,
-              lengths: tuple[int, int], mask: Optional[np.ndarray],
+              lengths: tuple[int, int], mask: _Mask,
               weights_mode: Optional[str] = None) -> tuple[str, Optional[str]]:
     """MultiheadAttention of (L, E) query and (S, E) key/value blobs: (output blob, attention
     weights blob (``weights_mode`` "mean" over heads or "heads") or None)."""
@@ -204,6 +236,15 @@ def _check_example(ctx, node, a, what: str) -> tuple[int, int]:
     return shape
 
 
+def _padding(ctx, node, value, source: int, names: _Layers) -> _Mask:
+    """A key padding mask ((N, S): True or non-zero float added where a key is padding)."""
+    if value is not None and (not ctx.is_tensor(value) or example_shape(ctx, value) != (source,)):
+        raise ctx.unsupported(node, f"a key padding mask that is not (N, {source})")
+    if value is not None and ctx.is_constant(value):
+        raise ctx.unsupported(node, "a constant key padding mask (use attn_mask)")
+    return _mask(ctx, node, value, False, (1, source), names)
+
+
 def _getitem_users(ctx, node) -> dict[int, object]:
     users = {}
     for u in node.users:
@@ -216,16 +257,17 @@ def _getitem_users(ctx, node) -> dict[int, object]:
 @register_module(nn.MultiheadAttention)
 def multihead_attention(ctx, node, m: nn.MultiheadAttention) -> str:
     query, key, value = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
-    if arg(node, 3, "key_padding_mask", None) is not None:
-        raise ctx.unsupported(node, "key_padding_mask (pad sequences to the model's length instead)")
     (length, _), (source, _) = (_check_example(ctx, node, t, n) for t, n in ((query, "a query"), (key, "a key")))
-    mask = _constant_mask(ctx, node, arg(node, 5, "attn_mask", None), False, (length, source))
+    names = _Layers(ctx, node)
+    mask = _padding(ctx, node, arg(node, 3, "key_padding_mask", None), source, names)
+    mask = _Mask(_mask(ctx, node, arg(node, 5, "attn_mask", None), False, (length, source), names,
+                       per_example=False).const, mask.blob)
     users = _getitem_users(ctx, node)
     need = bool(arg(node, 4, "need_weights", True)) and 1 in users
     mode = ("mean" if arg(node, 6, "average_attn_weights", True) else "heads") if need else None
     if 1 in users and not need:
         raise ctx.unsupported(node, "attention weights read with need_weights=False")
-    out, weights = multihead(ctx, node, m, _Layers(ctx, node), ctx.inp(query), ctx.inp(key),
+    out, weights = multihead(ctx, node, m, names, ctx.inp(query), ctx.inp(key),
                              ctx.inp(value), (length, source), mask, mode)
     for i, blob in ((0, out), (1, weights)):
         for u in users.get(i, []):
@@ -252,7 +294,7 @@ def _add(ctx, names: _Layers, part: str, a: str, c: str) -> str:
 
 
 def encoder_layer(ctx, node, m: nn.TransformerEncoderLayer, names: _Layers, src: str,
-                  length: int, mask: Optional[np.ndarray]) -> str:
+                  length: int, mask: _Mask) -> str:
     """One TransformerEncoderLayer (post-norm, or pre-norm with ``norm_first``)."""
     if not m.self_attn.batch_first:
         raise ctx.unsupported(node, "a TransformerEncoderLayer with batch_first=False: Core ML keeps "
@@ -282,32 +324,45 @@ def encoder_layer(ctx, node, m: nn.TransformerEncoderLayer, names: _Layers, src:
     return norm("norm2", _add(ctx, names, "residual2", x, feed_forward(x)))
 
 
-def _encoder_call(ctx, node, mask_name: str) -> tuple[object, int, int, Optional[np.ndarray]]:
+def _encoder_call(ctx, node, mask_name: str, names: _Layers) -> tuple[object, int, int, _Mask]:
     """(src, L, E, additive mask) of ``encoder(src, <mask_name>, src_key_padding_mask, is_causal)``."""
     src = arg(node, 0, "src")
-    if arg(node, 2, "src_key_padding_mask", None) is not None:
-        raise ctx.unsupported(node, "src_key_padding_mask (pad sequences to the model's length instead)")
     length, e = _check_example(ctx, node, src, "an input")
-    mask = _constant_mask(ctx, node, arg(node, 1, mask_name, None), False, (length, length))
-    if arg(node, 3, "is_causal", None) and mask is None:
-        mask = _causal(length, length)
-    return src, length, e, mask
+    mask = _padding(ctx, node, arg(node, 2, "src_key_padding_mask", None), length, names)
+    const = _mask(ctx, node, arg(node, 1, mask_name, None), False, (length, length), names,
+                  per_example=False).const
+    if arg(node, 3, "is_causal", None) and const is None:
+        const = _causal(length, length)
+    return src, length, e, _Mask(const, mask.blob)
 
 
 @register_module(nn.TransformerEncoderLayer)
 def transformer_encoder_layer(ctx, node, m: nn.TransformerEncoderLayer) -> str:
-    src, length, _, mask = _encoder_call(ctx, node, "src_mask")
-    out = encoder_layer(ctx, node, m, _Layers(ctx, node), ctx.inp(src), length, mask)
+    names = _Layers(ctx, node)
+    src, length, _, mask = _encoder_call(ctx, node, "src_mask", names)
+    out = encoder_layer(ctx, node, m, names, ctx.inp(src), length, mask)
     return _rename(ctx, node, out)
 
 
 @register_module(nn.TransformerEncoder)
 def transformer_encoder(ctx, node, m: nn.TransformerEncoder) -> str:
-    src, length, e, mask = _encoder_call(ctx, node, "mask")
     names = _Layers(ctx, node)
+    src, length, e, mask = _encoder_call(ctx, node, "mask", names)
     x = ctx.inp(src)
     for i, layer in enumerate(m.layers):
         x = encoder_layer(ctx, node, layer, names.sub(f"layers.{i}"), x, length, mask)
+    padding = arg(node, 2, "src_key_padding_mask", None)
+    if (padding is not None and getattr(m, "use_nested_tensor", False) and mask.const is None
+            and torch.backends.mha.get_fastpath_enabled()):
+        # torch's inference path runs the unpadded tokens as a nested tensor and pads the result
+        # with zeros (before the final norm): padded positions come out 0
+        keep = names.name("keep")
+        ctx.builder.add_equal(keep, [ctx.inp(padding)], keep, alpha=0.0)
+        column = names.name("keep_column")
+        ctx.builder.add_reshape_static(column, keep, column, [length, 1])
+        zeroed = names.name("unpadded")
+        ctx.builder.add_multiply_broadcastable(zeroed, [x, column], zeroed)
+        x = zeroed
     if m.norm is not None:
         out = names.name("norm", module=True)
         layer_norm_layer(ctx, node, m.norm, out, x, out, (length, e))

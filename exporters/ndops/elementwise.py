@@ -104,3 +104,53 @@ def layer_norm_layer(ctx, node, m: nn.LayerNorm, name: str, src: str, out: str, 
     beta = (m.bias.detach().cpu().float().numpy() if getattr(m, "bias", None) is not None
             else np.zeros(norm, np.float32)).reshape(norm)
     ctx.builder.add_layer_normalization(name, src, out, list(norm), gamma, beta, eps=float(m.eps))
+
+
+# --- comparisons and masks: Core ML answers 1.0 / 0.0 where torch answers True / False ----------
+_COMPARE = {"eq": ("add_equal", {}), "ne": ("add_not_equal", {}),
+            "gt": ("add_greater_than", {}), "ge": ("add_greater_than", {"use_greater_than_equal": True}),
+            "lt": ("add_less_than", {}), "le": ("add_less_than", {"use_less_than_equal": True})}
+
+
+def _compare_converter(op: str):
+    method, extra = _COMPARE[op]
+
+    def convert(ctx, node, target) -> str:
+        a, b = node.args[0], node.args[1]
+        if not ctx.is_tensor(a):
+            raise ctx.unsupported(node, "a comparison whose first operand is not a tensor")
+        name, out = ctx.layer(node)
+        if not ctx.is_tensor(b):  # a number: the layer's alpha
+            getattr(ctx.builder, method)(name, [ctx.inp(a)], out, alpha=float(ctx.value(b)), **extra)
+        else:
+            getattr(ctx.builder, method)(name, [operand(ctx, node, a), operand(ctx, node, b)], out, **extra)
+        return out
+    return convert
+
+
+for _op in _COMPARE:
+    register_method(_op, f"__{_op}__")(register_function(getattr(operator, _op), getattr(torch, _op))(
+        _compare_converter(_op)))
+
+
+@register_function(operator.invert, torch.logical_not)
+@register_method("logical_not", "__invert__")
+def logical_not(ctx, node, target) -> str:
+    if ctx.node_dtype(node.args[0]) is not torch.bool:
+        raise ctx.unsupported(node, "~ of a non-boolean tensor (bitwise not)")
+    name, out = ctx.layer(node)
+    ctx.builder.add_logical(name, [ctx.inp(node.args[0])], out, "NOT")
+    return out
+
+
+@register_function(torch.masked_fill)
+@register_method("masked_fill")
+def masked_fill(ctx, node, target) -> str:
+    """``x.masked_fill(mask, value)``: whereBroadcastable(mask, value, x)."""
+    x, mask, value = node.args[0], node.args[1], arg(node, 2, "value")
+    if ctx.is_tensor(value):
+        raise ctx.unsupported(node, "masked_fill with a tensor value")
+    name, out = ctx.layer(node)
+    ctx.builder.add_where_broadcastable(
+        name, [operand(ctx, node, mask), operand(ctx, node, float(ctx.value(value))), operand(ctx, node, x)], out)
+    return out
