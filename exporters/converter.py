@@ -399,14 +399,8 @@ def _tensors(node) -> bool:
 
 
 def _lookup(ctx: Context, node, target):
-    """The converter of ``node``: in ND mode ndops' own, else a per-element one of exporters.ops."""
-    if not ctx.nd:
-        return ops.lookup(node, target)
-    conv = ndops.lookup(node, target)
-    if conv is None:
-        shared = ops.lookup(node, target)
-        conv = shared if shared in ndops.elementwise.SHARED else None
-    return conv
+    """The converter of ``node`` in the network's mode."""
+    return ndops.lookup(node, target) if ctx.nd else ops.lookup(node, target)
 
 
 def needs_nd(gm: fx.GraphModule) -> bool:

@@ -540,8 +540,9 @@ def batch_generic(first: bytes, second: bytes, b1: int, b2: int) -> bytes:
     trace ``second`` (of the same network at ``b2``) computed from the batch size: an element
     ``k * b1`` there and ``k * b2`` here becomes ``k * B``, ``B`` the first input's axis 0.
     Under ``torch.func.vmap`` (ND models) a batched matmul traces its broadcast and reshape
-    shapes as such constants (``(B * heads, L, d)``). Raises ValueError when the traces differ
-    in another way."""
+    shapes as such constants (``(B * heads, L, d)``); a constant whose ``b1`` / ``b2`` rows all
+    equal one row (a per-example constant vmap broadcast to the batch) becomes that row expanded
+    to ``B`` rows. Raises ValueError when the traces differ in another way."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -562,6 +563,15 @@ def batch_generic(first: bytes, second: bytes, b1: int, b2: int) -> bytes:
             raise ValueError(f"node {n1.name!r} differs between the traces")
         v1, v2 = (numpy_helper.to_array(n.attribute[0].t) for n in (n1, n2))
         out = n1.output[0]
+        if (v1.ndim and v1.shape[0] == b1 and v2.shape == (b2, *v1.shape[1:])
+                and (v1 == v1[:1]).all() and (v2 == v1[:1]).all()):
+            # a per-example constant vmap broadcast to the batch (a class token to concatenate)
+            nodes += [helper.make_node("Constant", [], [out + "__row"], value=numpy_helper.from_array(v1[:1])),
+                      helper.make_node("Constant", [], [out + "__rest"], value=numpy_helper.from_array(
+                          np.array(v1.shape[1:], np.int64))),
+                      helper.make_node("Concat", [batch, out + "__rest"], [out + "__shape"], axis=0),
+                      helper.make_node("Expand", [out + "__row", out + "__shape"], [out])]
+            continue
         k = (v2.astype(np.int64) - v1) // (b2 - b1) if v1.dtype == np.int64 and v1.shape == v2.shape else None
         if k is None or v1.ndim > 1 or not np.array_equal(v2 - v1, k * (b2 - b1)) \
                 or not np.array_equal(v1[k != 0], k[k != 0] * b1):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mlpersonal as mp
 from exporters.converter import ClassifierConfig, convert
-from test_exporter import _torch_sgd
+from test_exporter import _randomize, _torch_sgd
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -409,3 +409,85 @@ def test_sdpa_with_a_boolean_mask_from_the_inputs_matches_torch():
     x[:, 0, 0] = 1.0  # every row keeps a key
     got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
     assert np.abs(got - Net()(x).numpy()).max() <= 1e-5
+
+
+class TinyViT(nn.Module):
+    """A ViT: 4 x 4 patches of a (3, 16, 16) image by a strided convolution, a class token,
+    positions, a pre-norm encoder, the class token's state classifies."""
+
+    def __init__(self, e=16, classes=5):
+        super().__init__()
+        self.patch = nn.Conv2d(3, e, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, e))
+        self.pos = nn.Parameter(torch.randn(1, 17, e) * 0.1)
+        layer = nn.TransformerEncoderLayer(e, 4, 32, batch_first=True, norm_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.norm, self.head = nn.LayerNorm(e), nn.Linear(e, classes)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(t))[:, 0])
+
+
+class ConvAttention(nn.Module):
+    """A CNN stem (conv, BatchNorm2d, ReLU, max pool) whose feature map's pixels attend to each
+    other, and a 1-D branch: Conv1d + MaxPool1d over (C, L) sequences into the same attention."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.seq = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(5))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, img, seq):
+        pixels = self.stem(img).flatten(2).transpose(1, 2)           # (N, 16, 8)
+        steps = self.seq(seq).transpose(1, 2)                         # (N, 5, 8)
+        a, _ = self.attn(pixels, steps, steps)
+        return self.head(a.mean(1))
+
+
+def test_convolutions_feed_attention_in_one_nd_network(tmp_path):
+    """Conv2d / Conv1d / BatchNorm2d / pooling in ND mode (the classic layers on (1, C, H, W)):
+    a ViT patch embedding and a CNN + 1-D CNN feeding attention predict like torch, and an
+    updatable patch embedding trains like torch.optim.SGD."""
+    torch.manual_seed(13)
+    vit = TinyViT().eval()
+    spec = convert(vit, [mp.TensorType("x", (3, 16, 16))], classifier=ClassifierConfig(LABELS))
+    ct.models.MLModel(spec)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = F.softmax(vit(x), -1).numpy()
+    model = mp.load(spec, compute_units="cpu_only")
+    assert np.abs(_probs(model.predict_batch([{"x": a.numpy()} for a in x])) - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None  # the class token too (batch_generic)
+
+    net = _randomize(ConvAttention())
+    spec = convert(net, [mp.TensorType("img", (1, 8, 8)), mp.TensorType("seq", (3, 10))], outputs=["y"])
+    kinds = [l.WhichOneof("layer") for l in spec.neuralNetwork.layers]
+    assert {"convolution", "batchnorm", "pooling", "batchedMatmul"} <= set(kinds)
+    img, seq = torch.randn(3, 1, 8, 8), torch.randn(3, 3, 10)
+    with torch.no_grad():
+        ref = net(img, seq).numpy()
+    model = mp.load(spec, compute_units="cpu_only")
+    got = np.stack([o["y"] for o in model.predict_batch(
+        [{"img": a.numpy(), "seq": b.numpy()} for a, b in zip(img, seq)])])
+    assert np.abs(got - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None
+
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    vit.patch.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="cannot backpropagate"):
+        spec = convert(vit, [mp.TensorType("x", (3, 16, 16))], classifier=ClassifierConfig(LABELS),
+                       respect_trainable=True,
+                       update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.05, mini_batch_size=4),
+                                              epochs=2, shuffle=False))
+    y = torch.arange(4) % 5
+    trained = mp.load(spec, compute_units="cpu_only").update(
+        [{"x": a.numpy(), "label": LABELS[int(t)]} for a, t in zip(x, y)])
+    _torch_sgd(vit, x, y, lr=0.05, epochs=2, batch=4)
+    layer = next(l for l in trained.spec.neuralNetworkClassifier.layers if l.name == "patch")
+    w = np.asarray(layer.convolution.weights.floatValue).reshape(vit.patch.weight.shape)
+    np.testing.assert_allclose(w, vit.patch.weight.detach().numpy(), atol=1e-5)

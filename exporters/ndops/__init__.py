@@ -44,7 +44,17 @@ ND_ONLY_METHODS = {"matmul", "bmm", "__matmul__"}
 
 
 def lookup(node, target) -> Converter | None:
-    return ops.lookup(node, target, (MODULES, FUNCTIONS, METHODS))
+    """ND mode's own converter; else a rank-5 one that emits per-element layers (as it is) or one
+    convolution / pooling / batchnorm layer (on the example's rank-5 layout: :mod:`.spatial`)."""
+    conv = ops.lookup(node, target, (MODULES, FUNCTIONS, METHODS))
+    if conv is not None:
+        return conv
+    classic = ops.lookup(node, target)
+    if classic in elementwise.SHARED:
+        return classic
+    if classic in spatial.LIFTED:
+        return spatial.lifted(classic)
+    return None
 
 
 # --- shapes and axes --------------------------------------------------------------------------
@@ -97,4 +107,4 @@ def per_example(ctx, node, value: torch.Tensor, rank: int) -> np.ndarray:
     return v.numpy()
 
 
-from . import attention, elementwise, linear, tensor  # noqa: E402,F401  (they register themselves)
+from . import attention, elementwise, linear, spatial, tensor  # noqa: E402,F401  (they register themselves)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import arg, axis, example_shape, operand, register_function, register_method, register_module
 
 
-@register_module(nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
+@register_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 @register_function(F.dropout, torch.dropout)
 @register_method("contiguous", "float", "clone", "detach")
 def identity(ctx, node, target) -> str:

@@ -53,7 +53,15 @@ def squeeze(layer, ctx):
     axes = tuple(int(a) for a in p.axes)
     if p.squeezeAll or not axes:
         return lambda x: x.squeeze() if x.dim() > 1 or x.numel() != 1 else x.reshape(1)
-    return lambda x: x.squeeze(axes) if x.dim() > len(axes) else x.reshape(1)
+
+    def f(x):
+        if x.dim() <= len(axes):
+            return x.reshape(1)
+        for a in sorted((a % x.dim() for a in axes), reverse=True):  # one axis at a time: a
+            x = x.squeeze(a)  # multi-axis squeeze has no ONNX export under vmap (the plan)
+        return x
+
+    return f
 
 
 @register("expandDims")

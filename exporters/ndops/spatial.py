@@ -1,0 +1,50 @@
+"""Convolutions, pooling and batch norm in ND mode: the rank-5 converters of :mod:`exporters.ops`,
+run on the example's rank-5 layout with a leading 1.
+
+Core ML's convolution and pooling layers want rank >= 4 in ND mode (batchnorm >= 3) and work on
+the last three axes (C, H, W). An example ``(C, H, W)`` is expanded to ``(1, C, H, W)``, a
+``(C, L)`` map to ``(1, C, 1, L)`` (a 1-D layer is a 1 x k one, as in the rank-5 export), a
+``(C,)`` vector to ``(1, C, 1, 1)``; the classic converter emits its one layer on that blob, and
+the result is squeezed back to the torch shape. So a ViT patch embedding or a CNN stem feeding
+attention exports in one ND network, and its convolutions stay updatable.
+"""
+
+from __future__ import annotations
+
+from ..ops import batchnorm_converters, conv, pooling
+
+#: rank-5 converters that emit exactly one convolution / pooling / batchnorm layer
+LIFTED = frozenset({
+    conv.conv2d, conv.conv_transpose, pooling.pool1d, pooling.pool1d_fn, pooling.adaptive_pool1d,
+    pooling.max_pool2d, pooling.max_pool2d_fn, pooling.avg_pool2d, pooling.avg_pool2d_fn,
+    pooling.adaptive_avg_pool2d, pooling.adaptive_max_pool2d, pooling.adaptive_avg_pool2d_fn,
+    pooling.adaptive_max_pool2d_fn, *batchnorm_converters,
+})
+
+#: per-example rank -> the axes expandDims adds to reach the rank-5 layout (1, C, H, W)
+_LAYOUT_AXES = {1: [0, 2, 3], 2: [0, 2], 3: [0]}
+
+
+def lifted(converter):
+    """``converter`` (one of :data:`LIFTED`) as an ND converter."""
+
+    def convert(ctx, node, target) -> str:
+        x = node.args[0]
+        rank_in, rank_out = (len(ctx.shape(t)) - 1 for t in (x, node))
+        if rank_in not in _LAYOUT_AXES or rank_out not in _LAYOUT_AXES:
+            raise ctx.unsupported(node, f"a convolution/pooling of a rank-{rank_in + 1} tensor")
+        expanded = ctx.new_blob(f"{node.name}_nchw")
+        ctx.used_layers.add(expanded)
+        ctx.builder.add_expand_dims(expanded, ctx.inp(x), expanded, _LAYOUT_AXES[rank_in])
+        own = ctx.blobs[x]
+        ctx.blobs[x] = expanded  # what the classic converter reads as its input
+        try:
+            out = converter(ctx, node, target)
+        finally:
+            ctx.blobs[x] = own
+        squeezed = ctx.new_blob(f"{out}_squeezed")
+        ctx.used_layers.add(squeezed)
+        ctx.builder.add_squeeze(squeezed, out, squeezed, axes=_LAYOUT_AXES[rank_out])
+        return squeezed
+
+    return convert
