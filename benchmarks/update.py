@@ -447,6 +447,73 @@ def peak_rss(args, who: str, variant: str, optimizer: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def transformer_table(args) -> None:
+    """Head-only personalization of an ND (EXACT_ARRAY_MAPPING) transformer classifier exported by
+    mlpersonal: ms per epoch, the task end to end (prepare + epochs + write-back, / epochs) with
+    its frozen-prefix cache (the encoder once, then the head on the batch) and without it, vs a
+    torch loop over the same frozen encoder and head (SGD, mini-batches of 16, unshuffled)."""
+    import torch.nn.functional as F
+
+    import mlpersonal as mp
+    from nets import _Tokens
+
+    torch.manual_seed(0)
+    net = _Tokens().eval()
+
+    class Scores(torch.nn.Module):  # the classifier without its final softmax (the loss's)
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return net.head(net.encoder(x + net.pos).mean(1))
+
+    module = Scores().eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    net.head.requires_grad_(True)
+    epochs, n, labels = 10, 128, [str(i) for i in range(10)]
+    spec = mp.convert(module, [mp.TensorType("x", (16, 64))], classifier=mp.ClassifierConfig(labels),
+                      respect_trainable=True, update=mp.UpdateConfig(
+                          optimizer=mp.SGD(learning_rate=0.01, mini_batch_size=16), epochs=epochs,
+                          shuffle=False))
+    X, y = torch.randn(n, 16, 64), torch.randint(0, 10, (n,))
+    data = [{"x": a.numpy(), "label": labels[int(t)]} for a, t in zip(X, y)]
+    model = mp.load(spec, compute_units="cpu_only")
+    opt = torch.optim.SGD(net.head.parameters(), lr=0.01)
+
+    def torch_loop():
+        for _ in range(epochs):
+            for s in range(0, n, 16):
+                loss = F.cross_entropy(module(X[s:s + 16]), y[s:s + 16])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+    def uncached():
+        os.environ["MLPERSONAL_UPDATE_CACHE_BYTES"] = "0"
+        try:
+            model.update(data)
+        finally:
+            del os.environ["MLPERSONAL_UPDATE_CACHE_BYTES"]
+
+    fns = {"ours": lambda: model.update(data), "ours, no cache": uncached, "torch loop": torch_loop}
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(max(3, args.rounds)):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) / epochs * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"transformer classifier (2 pre-norm encoder layers, 16 x 64 tokens, ND mode), head-only "
+          f"personalization: {n} examples, mini-batch 16, SGD, {epochs} epochs; ms per epoch "
+          f"(end to end / epochs), median of {max(3, args.rounds)} interleaved rounds")
+    _table(("variant", "ms per epoch", "vs torch loop"),
+           [(k, v, v / med["torch loop"]) for k, v in med.items()])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -454,7 +521,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--examples", type=int, default=384)
     ap.add_argument("--head-epochs", type=int, default=5, help="epochs of the personalization table")
-    ap.add_argument("--only", choices=["personalization", "steps", "threads"], help="print one table only")
+    ap.add_argument("--only", choices=["personalization", "steps", "threads", "transformer"],
+                    help="print one table only")
     ap.add_argument("--child", choices=["ours", "torch", "ort", "threads"])
     ap.add_argument("--onnx")
     ap.add_argument("--variant", choices=list(VARIANTS), default="head-only")
@@ -482,6 +550,11 @@ def main():
     if os.environ.get("MLPERSONAL_ORT_PYTHON"):
         onnx_path = os.path.join(tempfile.mkdtemp(), "sticker.onnx")
         export_onnx(copy.deepcopy(m), onnx_path)
+    if args.only in (None, "transformer"):
+        transformer_table(args)
+        if args.only == "transformer":
+            return
+        print()
     if args.only in (None, "threads"):
         threads_table(args)
         if args.only == "threads":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import mlpersonal as mp
 from exporters.converter import ClassifierConfig, convert
+from mlpersonal.update_params import resolve
 from test_exporter import _randomize, _torch_sgd
 
 with warnings.catch_warnings():
@@ -167,8 +168,14 @@ def test_personalizing_a_frozen_encoder_trains_like_torch(trainable):
     layers = {layer.name: layer for layer in spec.neuralNetworkClassifier.layers}
     assert all(layers[p].isUpdatable for p in trainable)
     x, y = torch.randn(8, 6, 16), torch.arange(8) % 5
-    trained = mp.load(spec, compute_units="cpu_only").update(
-        [{"x": a.numpy(), "label": LABELS[int(t)]} for a, t in zip(x, y)])
+    data = [{"x": a.numpy(), "label": LABELS[int(t)]} for a, t in zip(x, y)]
+    # the frozen encoder runs once (vmapped chunks) and, head-only, mini-batches run the head on
+    # the batch without vmap (runtime.update: _cache_vmapped, _batched_agrees)
+    up = mp.load(spec, compute_units="cpu_only").make_updater()
+    up.prepare(data, resolve(up.parameters(), {}))
+    assert up.cache_info is not None and up.cache_info["steps"] > 10
+    assert up._batched_tail == (trainable == ("head",))
+    trained = mp.load(spec, compute_units="cpu_only").update(data)
     _torch_sgd(net, x, y, lr=0.05, epochs=3, batch=4)
     got = {layer.name: layer for layer in trained.spec.neuralNetworkClassifier.layers}
     for path in trainable:
