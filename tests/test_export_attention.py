@@ -498,3 +498,25 @@ def test_convolutions_feed_attention_in_one_nd_network(tmp_path):
     layer = next(l for l in trained.spec.neuralNetworkClassifier.layers if l.name == "patch")
     w = np.asarray(layer.convolution.weights.floatValue).reshape(vit.patch.weight.shape)
     np.testing.assert_allclose(w, vit.patch.weight.detach().numpy(), atol=1e-5)
+
+
+def test_quantization_aware_encoder_exports_its_n_bit_linear_layers():
+    """trainers.prepare_qat reaches the Linear layers inside encoder layers (feed-forward,
+    out_proj): they are stored with their learned 4-bit weights and the spec predicts what the
+    QAT module does; q/k/v projections (raw parameters of MultiheadAttention) stay float."""
+    from trainers import prepare_qat
+
+    torch.manual_seed(14)
+    net = Encoder()
+    prepare_qat(net, nbits=4)
+    net.eval()
+    spec = convert(net, [mp.TensorType("x", (6, 16))], outputs=["y"])
+    bits = {l.name: l.innerProduct.weights.quantization.numberOfBits for l in spec.neuralNetwork.layers
+            if l.WhichOneof("layer") == "innerProduct"}
+    assert bits["encoder.layers.0.linear1"] == bits["encoder.layers.1.self_attn.out_proj"] == bits["head"] == 4
+    assert bits["encoder.layers.0.self_attn.q_proj"] == 0
+    x = torch.randn(4, 6, 16)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
