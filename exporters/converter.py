@@ -19,6 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from mlpersonal.errors import ConversionError, MLPersonalError, UnsupportedLayerError
 from mlpersonal.features import ImageType, TensorType
 from mlpersonal.proto import Model_pb2
+from mlpersonal.proto import NeuralNetwork_pb2
 
 from . import ndops, ops, recurrent
 from .probe import probe_inputs
@@ -340,11 +341,17 @@ def _custom_layer(ctx: Context, node, target, fn) -> str:
 
 
 def _emit(ctx: Context, gm, inputs, custom) -> None:
-    in_names = iter(i.name for i in inputs)
+    declared = iter(inputs)
     for node in gm.graph.nodes:
         ctx.node = node
         if node.op == "placeholder":
-            ctx.blobs[node] = next(in_names)
+            i = next(declared)
+            ctx.blobs[node] = i.name
+            if ctx.nd and isinstance(i, ImageType):  # RANK4_IMAGE_MAPPING: (1, C, H, W) -> (C, H, W)
+                blob = ctx.new_blob(f"{i.name}_chw")
+                ctx.used_layers.add(blob)
+                ctx.builder.add_squeeze(blob, i.name, blob, axes=[0])
+                ctx.blobs[node] = blob
             continue
         if node in ctx.blobs:  # given its blob by the converter of a node it reads from
             continue
@@ -479,9 +486,6 @@ def _nd_class_probabilities(ctx: Context, nn_spec, scores: str, prod, probs: str
 def _check_nd_inputs(gm, inputs) -> None:
     """ND mode takes multi-array inputs of fixed shapes, read by no recurrent module."""
     for i in inputs:
-        if isinstance(i, ImageType):
-            raise ConversionError(f"input {i.name!r}: an image input in a network with attention "
-                                  "(ND mode) is not supported yet; declare it mp.TensorType")
         if i.is_flexible:
             raise ConversionError(f"input {i.name!r}: flexible shapes in a network with attention "
                                   "(ND mode) are not supported yet; export one fixed shape")
@@ -694,6 +698,8 @@ def convert(module: torch.nn.Module, inputs: Sequence[Union[ImageType, TensorTyp
         reserved = set(names)
         builder = NeuralNetworkBuilder(in_features, out_features, mode=mode, use_float_arraytype=True,
                                        disable_rank5_shape_mapping=nd)
+        if nd:  # images arrive as (1, C, H, W) (exporters.ndops: squeezed to the torch shape)
+            builder.nn_spec.imageInputShapeMapping = NeuralNetwork_pb2.RANK4_IMAGE_MAPPING
         ctx = Context(gm, builder, reserved, out_nodes[0] if classifier is not None else None, nd=nd)
         ctx.sequences.update(seq_inputs)
         _emit(ctx, gm, inputs, custom)

@@ -520,3 +520,25 @@ def test_quantization_aware_encoder_exports_its_n_bit_linear_layers():
         ref = net(x).numpy()
     got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
     assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_a_vit_reads_images_with_core_mls_preprocessing(tmp_path):
+    """An ImageType input in ND mode: RANK4_IMAGE_MAPPING (the image arrives as (1, C, H, W),
+    squeezed to the torch shape), scale and bias applied by Core ML's preprocessing, as torch's
+    x / 255 - 0.5."""
+    from PIL import Image
+
+    torch.manual_seed(15)
+    vit = TinyViT().eval()
+    spec = convert(vit, [mp.ImageType("image", (3, 16, 16), color="rgb", scale=1 / 255, bias=(-0.5,) * 3)],
+                   classifier=ClassifierConfig(LABELS))
+    nn_spec = spec.neuralNetworkClassifier
+    assert (nn_spec.arrayInputShapeMapping, nn_spec.imageInputShapeMapping) == (1, 1)
+    ct.models.MLModel(spec)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    model = mp.load(spec, compute_units="cpu_only")
+    outs = model.predict_batch([{"image": Image.fromarray(p)} for p in pixels])
+    with torch.no_grad():
+        ref = F.softmax(vit(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5), -1).numpy()
+    assert np.abs(_probs(outs) - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None
