@@ -184,10 +184,31 @@ def base_specs() -> dict:
     t.set_categorical_cross_entropy_loss("loss", input="probs")
     t.set_sgd_optimizer(SgdParams(lr=0.1, batch=2))
     t.set_epochs(2)
+    # 10. ND (EXACT_ARRAY_MAPPING) attention classifier: q/k/v projections, batched matmuls,
+    # softmaxND, layer norm, mean over tokens, an updatable head on (1, C, 1, 1), classic softmax
+    a = NeuralNetworkBuilder([("x", datatypes.Array(4, 6))], [("probs", datatypes.Array(3))],
+                             mode="classifier", disable_rank5_shape_mapping=True)
+    for part in "qkv":
+        a.add_inner_product(part, rng.normal(size=(6, 6)).astype(f32), rng.normal(size=6).astype(f32),
+                            6, 6, True, "x", part)
+    a.add_batched_mat_mul("scores", ["q", "k"], "scores", transpose_b=True)
+    a.add_softmax_nd("weights", "scores", "weights", -1)
+    a.add_batched_mat_mul("context", ["weights", "v"], "context")
+    a.add_layer_normalization("norm", "context", "normed", [6], np.ones(6, f32), np.zeros(6, f32))
+    a.add_reduce_mean("pool", "normed", "pooled", axes=[0], keepdims=False)
+    a.add_reshape_static("nchw", "pooled", "nchw", [1, 6, 1, 1])
+    a.add_inner_product("head", rng.normal(size=(3, 6)).astype(f32), np.zeros(3, f32), 6, 3, True,
+                        "nchw", "logits")
+    a.add_softmax("sm", "logits", "probs")
+    a.set_class_labels(["p", "q", "r"], predicted_feature_name="label")
+    a.make_updatable(["head"])
+    a.set_categorical_cross_entropy_loss("loss", input="probs")
+    a.set_sgd_optimizer(SgdParams(lr=0.1, batch=2))
+    a.set_epochs(2)
     return {"nn_image_classifier": image_spec, "updatable_nn": updatable,
             "updatable_regressor": regressor, "knn": knn, "pipeline": pipe,
             "custom_layer": custom, "quantized_nn": quantized, "recurrent": recurrent,
-            "updatable_lstm": t.spec}
+            "updatable_lstm": t.spec, "nd_attention": a.spec}
 
 
 def valid_input(spec, rng) -> dict:
