@@ -99,8 +99,8 @@ def _blob_shapes(spec) -> dict[str, tuple]:
             else:
                 example[fd.name] = 0
         feeds = encode_inputs(spec.description.input, [example], m.device)
-        with torch.inference_mode():
-            env = m.net(m.to_blobs(feeds))
+        with torch.inference_mode():  # run_blobs: ND networks see one example at its shape
+            env = m.run_blobs(m.to_blobs(feeds), 1) if hasattr(m, "run_blobs") else m.net(m.to_blobs(feeds))
         return {k: tuple(v.shape[1:]) for k, v in env.items() if hasattr(v, "shape")}
     except Exception:  # noqa: BLE001 -- shapes are a courtesy; inspect works without them
         return {}

@@ -259,3 +259,22 @@ def test_inspect_keeps_long_metadata_on_one_short_line():
     line = next(l for l in inspect_lines(b.spec) if l.startswith("  json: "))
     assert line.startswith('  json: {"table": [ 0, 1, 2,') and line.endswith(f"... ({len(doc)} characters)")
     assert len(line) < 220
+
+
+def test_inspect_shows_per_example_shapes_of_an_nd_network(tmp_path, capsys):
+    """ND (EXACT_ARRAY_MAPPING) layers see one example: inspect runs them so (it once ran them
+    on a batch axis they do not expect and printed (4, 4) for a (5, 4, 4) reshape)."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    torch.manual_seed(4)
+    path = tmp_path / "attn.mlmodel"
+    mp.save(convert(Attn().eval(), [mp.TensorType("x", (5, 16))], outputs=["y"]), path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "attn.q_split[5, 4, 4]" in out and "attn.scores[4, 5, 5]" in out and "y[5, 16]" in out
