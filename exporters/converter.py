@@ -383,8 +383,9 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
         conv = _lookup(ctx, node, target)
         if conv is None:
             raise UnsupportedLayerError(
-                f"{describe(gm, node)} has no Core ML conversion; add one to exporters.ops or "
-                "pass custom_conversion_functions={type_or_op: fn}" + recurrent.state_hint(gm, node)
+                f"{describe(gm, node)} has no Core ML conversion; add one to exporters.ops "
+                "(exporters.ndops in ND mode) or pass custom_conversion_functions={type_or_op: fn}"
+                + recurrent.state_hint(gm, node)
             )
         try:
             ctx.blobs[node] = conv(ctx, node, target)
