@@ -7,6 +7,7 @@ the spec; function nodes get their fx node name (``add``, ``flatten_1``).
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -62,6 +63,9 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple):
         super().__init__()
         self.leaf_types = leaf_types
+        # buffers read in forward are graph constants too, so shape-dependent slicing of one
+        # (nanoGPT's ``self.bias[:, :, :T, :T]``) traces
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
@@ -71,7 +75,10 @@ class _Tracer(fx.Tracer):
 _SHAPE_ARITHMETIC = {operator.getitem: operator.getitem, operator.add: operator.add,
                      operator.sub: operator.sub, operator.mul: operator.mul,
                      operator.floordiv: operator.floordiv, operator.neg: operator.neg,
-                     operator.truediv: operator.truediv, operator.pow: operator.pow}
+                     operator.truediv: operator.truediv, operator.pow: operator.pow,
+                     # torch.fx wraps the math module's functions: 1 / math.sqrt(k.size(-1))
+                     math.sqrt: math.sqrt, math.floor: math.floor, math.ceil: math.ceil,
+                     math.log: math.log, math.exp: math.exp}
 
 
 class Context:
@@ -127,6 +134,8 @@ class Context:
                 def ev(v):
                     if isinstance(v, (list, tuple)):
                         return type(v)(ev(x) for x in v)
+                    if isinstance(v, slice):  # self.bias[:, :, :T, :T]
+                        return slice(ev(v.start), ev(v.stop), ev(v.step))
                     if isinstance(v, fx.Node):
                         return self.constant(v) if self.is_tensor(v) else self.value(v)
                     return v
@@ -152,6 +161,10 @@ class Context:
         args = [self.value(v) for v in a.args]
         if a.op == "call_function" and a.target is getattr and args[1] == "shape":
             return tuple(self.shape(a.args[0]))
+        if a.op == "call_function" and a.target is getattr and args[1] == "dtype":
+            return a.args[0].meta["tensor_meta"].dtype
+        if a.op == "call_function" and a.target is getattr and args[1] == "device":
+            return torch.device("cpu")  # folded constants are computed on the cpu
         if a.op == "call_method" and a.target == "size":
             shape = tuple(self.shape(a.args[0]))
             return shape if len(args) < 2 else shape[args[1]]

@@ -542,3 +542,65 @@ def test_a_vit_reads_images_with_core_mls_preprocessing(tmp_path):
         ref = F.softmax(vit(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5), -1).numpy()
     assert np.abs(_probs(outs) - ref).max() <= 1e-5
     assert model.inference_plan().last_fallback_reason is None
+
+
+class _NanoAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention, as written there: a causal buffer sliced by the traced
+    length, masked_fill with -inf, 1 / math.sqrt(k.size(-1))."""
+
+    def __init__(self, n_embd=32, n_head=4, block_size=8):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        import math
+
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class NanoGPT(nn.Module):
+    """Two pre-norm blocks, token + position embeddings (positions from torch.arange of the
+    traced length), tied input/output embeddings, the next-token logits of the last position."""
+
+    def __init__(self, vocab=50, length=8):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, 32), nn.Embedding(length, 32)
+        self.ln = nn.ModuleList([nn.LayerNorm(32) for _ in range(4)])
+        self.attn = nn.ModuleList([_NanoAttention() for _ in range(2)])
+        self.mlp = nn.ModuleList([nn.Sequential(nn.Linear(32, 128), nn.GELU(approximate="tanh"),
+                                                nn.Linear(128, 32), nn.Dropout(0.1)) for _ in range(2)])
+        self.ln_f, self.lm_head = nn.LayerNorm(32), nn.Linear(32, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+
+    def forward(self, idx):
+        b, t = idx.size()
+        x = self.wte(idx) + self.wpe(torch.arange(0, t, dtype=torch.long, device=idx.device))
+        for i in range(2):
+            x = x + self.attn[i](self.ln[2 * i](x))
+            x = x + self.mlp[i](self.ln[2 * i + 1](x))
+        return self.lm_head(self.ln_f(x[:, [-1], :]))
+
+
+def test_a_nanogpt_exports_as_written():
+    torch.manual_seed(16)
+    net = NanoGPT().eval()
+    spec = convert(net, [mp.TensorType("idx", (8,), dtype="int32")], outputs=["logits"])
+    ct.models.MLModel(spec)
+    model = mp.load(spec, compute_units="cpu_only")
+    ids = torch.randint(0, 50, (3, 8))
+    with torch.no_grad():
+        ref = net(ids).numpy()
+    got = np.stack([o["logits"] for o in model.predict_batch([{"idx": r.numpy().astype(np.int32)} for r in ids])])
+    assert got.shape == ref.shape == (3, 1, 50)
+    assert np.abs(got - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None

@@ -150,6 +150,11 @@ def getitem(ctx, node, target) -> str:
         elif isinstance(i, int):
             i %= shape[ax]
             bounds[ax] = (i, i + 1, 1)
+        elif isinstance(i, (list, tuple)) and i and all(isinstance(v, int) for v in i):
+            picks = [v % shape[ax] for v in i]  # x[:, [-1], :] keeps the axis
+            if picks != list(range(picks[0], picks[0] + len(picks))):
+                raise ctx.unsupported(node, f"indexing with the positions {list(i)} (only consecutive ones)")
+            bounds[ax] = (picks[0], picks[-1] + 1, 1)
         else:
             raise ctx.unsupported(node, f"an index of type {type(i).__name__}")
     src_blob = ctx.inp(src)
