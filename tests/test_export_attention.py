@@ -604,3 +604,50 @@ def test_a_nanogpt_exports_as_written():
     assert got.shape == ref.shape == (3, 1, 50)
     assert np.abs(got - ref).max() <= 1e-5
     assert model.inference_plan().last_fallback_reason is None
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """A LLaMA-style block: nn.RMSNorm, rotary position embeddings (cos/sin buffers, rotate-half
+    by slicing, negation and cat), causal SDPA, a SwiGLU feed-forward."""
+
+    def __init__(self, d=32, heads=4, length=8):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d, eps=1e-5)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.w1, self.w2, self.w3 = nn.Linear(d, 64, bias=False), nn.Linear(64, d, bias=False), nn.Linear(d, 64, bias=False)
+        self.heads = heads
+        inv = 1.0 / (10000 ** (torch.arange(0, d // heads, 2).float() / (d // heads)))
+        freqs = torch.outer(torch.arange(length).float(), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos())
+        self.register_buffer("sin", emb.sin())
+
+    def forward(self, x):
+        b, length, d = x.shape
+        y = self.norm1(x)
+        q, k, v = (w(y).view(b, length, self.heads, d // self.heads).transpose(1, 2)
+                   for w in (self.wq, self.wk, self.wv))
+        q = q * self.cos + _rotate_half(q) * self.sin
+        k = k * self.cos + _rotate_half(k) * self.sin
+        x = x + self.wo(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, length, d))
+        y = self.norm2(x)
+        return x + self.w2(F.silu(self.w1(y)) * self.w3(y))
+
+
+def test_a_llama_style_block_with_rmsnorm_rotary_and_swiglu_matches_torch():
+    torch.manual_seed(17)
+    net = LlamaBlock().eval()
+    spec = convert(net, [mp.TensorType("x", (8, 32))], outputs=["y"])
+    ct.models.MLModel(spec)
+    model = mp.load(spec, compute_units="cpu_only")
+    x = torch.randn(3, 8, 32)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import activation as act5
 from ..ops import elementwise as elem5
-from . import arg, axis, example_shape, operand, register_function, register_method, register_module
+from . import (
+    arg, axis, example_shape, helper_layer, operand, register_function, register_method, register_module,
+)
 
 #: rank-5 converters that emit only per-element layers (activation, unary, scalar add/multiply
 #: with alpha), which Core ML applies to a blob of any rank: ND mode uses them as they are
@@ -104,6 +106,34 @@ def layer_norm_layer(ctx, node, m: nn.LayerNorm, name: str, src: str, out: str, 
     beta = (m.bias.detach().cpu().float().numpy() if getattr(m, "bias", None) is not None
             else np.zeros(norm, np.float32)).reshape(norm)
     ctx.builder.add_layer_normalization(name, src, out, list(norm), gamma, beta, eps=float(m.eps))
+
+
+@register_module(nn.RMSNorm)
+def rms_norm(ctx, node, m: nn.RMSNorm) -> str:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the trailing ``normalized_shape`` axes: a
+    square, a reduceMean, Core ML's unary rsqrt (whose epsilon is added under the root), two
+    broadcast multiplies."""
+    norm = tuple(int(s) for s in m.normalized_shape)
+    shape = example_shape(ctx, node.args[0])
+    if tuple(shape[len(shape) - len(norm):]) != norm or len(norm) > len(shape):
+        raise ctx.unsupported(node, f"RMSNorm over {norm} of a {tuple(shape)} example")
+    eps = m.eps if m.eps is not None else float(torch.finfo(torch.float32).eps)
+    b, x = ctx.builder, ctx.inp(node.args[0])
+    square, mean, inv = (helper_layer(ctx, node, part) for part in ("square", "mean_square", "rsqrt"))
+    b.add_multiply_broadcastable(square, [x, x], square)
+    b.add_reduce_mean(mean, square, mean, axes=list(range(-len(norm), 0)), keepdims=True)
+    b.add_unary(inv, mean, inv, "rsqrt", epsilon=float(eps))
+    name, out = ctx.layer(node)
+    if m.weight is None:
+        b.add_multiply_broadcastable(name, [x, inv], out)
+        return out
+    normed = helper_layer(ctx, node, "normed")
+    b.add_multiply_broadcastable(normed, [x, inv], normed)
+    weight = helper_layer(ctx, node, "weight")
+    w = m.weight.detach().cpu().float().numpy()
+    b.add_load_constant_nd(weight, weight, w, w.shape)
+    b.add_multiply_broadcastable(name, [normed, weight], out)
+    return out
 
 
 # --- comparisons and masks: Core ML answers 1.0 / 0.0 where torch answers True / False ----------
