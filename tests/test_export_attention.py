@@ -651,3 +651,40 @@ def test_a_llama_style_block_with_rmsnorm_rotary_and_swiglu_matches_torch():
     got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
     assert np.abs(got - ref).max() <= 1e-5
     assert model.inference_plan().last_fallback_reason is None
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with torch.einsum (heads kept in place: 'bqhd,bkhd->bhqk'), and a
+    Gram matrix of the tokens ('bld,bmd->blm')."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(8, 24), 2
+
+    def forward(self, x):
+        b, length, e = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (q.view(b, length, self.heads, e // self.heads), k.view(b, length, self.heads, e // self.heads),
+                   v.view(b, length, self.heads, e // self.heads))
+        att = torch.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+        y = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v)
+        return y.reshape(b, length, e) + torch.einsum("bld,bmd->blm", x, x)[:, :, :8]
+
+
+def test_einsum_attention_matches_torch_and_other_einsums_are_refused():
+    torch.manual_seed(18)
+    net = EinsumAttention().eval()
+    model = mp.load(convert(net, [mp.TensorType("x", (9, 8))], outputs=["y"]), compute_units="cpu_only")
+    x = torch.randn(3, 9, 8)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None
+
+    class Trace(nn.Module):
+        def forward(self, x):
+            return torch.einsum("bii->bi", x)
+
+    with pytest.raises(mp.UnsupportedLayerError, match="einsum"):
+        convert(Trace(), [mp.TensorType("x", (4, 4))])

@@ -39,7 +39,7 @@ register_module, register_function, register_method = map(registrar, (MODULES, F
 ND_ONLY_MODULES: tuple = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
                           torch.nn.TransformerEncoder, torch.nn.Embedding)
 ND_ONLY_FUNCTIONS = {torch.nn.functional.scaled_dot_product_attention, torch.matmul, torch.bmm,
-                     operator.matmul}
+                     operator.matmul, torch.einsum}
 ND_ONLY_METHODS = {"matmul", "bmm", "__matmul__"}
 
 

@@ -65,3 +65,47 @@ def embedding(ctx, node, m: nn.Embedding) -> str:
     ctx.builder.add_embedding_nd(name, expanded, out, m.num_embeddings, m.embedding_dim,
                                  np.ascontiguousarray(w.T))
     return out
+
+
+@register_function(torch.einsum)
+def einsum(ctx, node, target) -> str:
+    """A two-operand einsum that is a batched matrix product (attention's ``bhqd,bhkd->bhqk`` and
+    ``bhqk,bhkd->bhqd``): each operand transposed to (shared..., rows, contracted) /
+    (shared..., contracted, columns), a batchedMatmul, the result transposed to the output's
+    order. The first letter of every term is the batch axis."""
+    from .tensor import transpose_layer
+
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or "->" not in equation or len(operands) != 2 or "." in equation:
+        raise ctx.unsupported(node, "einsum other than 'ab..,ab..->ab..' of two operands")
+    (sa, sb), so = equation.replace(" ", "").split("->")[0].split(","), equation.replace(" ", "").split("->")[1]
+    if not (sa[0] == sb[0] == so[0]) or any(len(set(s)) != len(s) for s in (sa, sb, so)):
+        raise ctx.unsupported(node, f"einsum {equation!r} (the batch letter first in every term)")
+    sa, sb, so = sa[1:], sb[1:], so[1:]
+    shared = [c for c in so if c in sa and c in sb]
+    rows = [c for c in so if c in sa and c not in sb]
+    cols = [c for c in so if c in sb and c not in sa]
+    summed = [c for c in sa if c in sb and c not in so]
+    if len(rows) != 1 or len(cols) != 1 or len(summed) != 1 or set(sa) | set(sb) != set(so) | set(summed):
+        raise ctx.unsupported(node, f"einsum {equation!r} (one row, one column and one summed letter)")
+    blobs = []
+    for src, sub, order in ((operands[0], sa, shared + rows + summed), (operands[1], sb, shared + summed + cols)):
+        blob = ctx.inp(src)
+        perm = [sub.index(c) for c in order]
+        if perm != sorted(perm):
+            moved = ctx.new_blob(f"{node.name}_{len(blobs)}")
+            ctx.used_layers.add(moved)
+            transpose_layer(ctx, moved, blob, moved, perm)
+            blob = moved
+        blobs.append(blob)
+    name, out = ctx.layer(node)
+    result = shared + rows + cols
+    perm = [result.index(c) for c in so]
+    product = out if perm == sorted(perm) else ctx.new_blob(f"{node.name}_product")
+    ctx.builder.add_batched_mat_mul(name if product == out else product, blobs, product)
+    if product != out:
+        ctx.used_layers.add(product)
+        transpose_layer(ctx, name, product, out, perm)
+    return out
