@@ -394,6 +394,13 @@ def _emit(ctx: Context, gm, inputs, custom) -> None:
             ctx.blobs[node] = _custom_layer(ctx, node, target, fn)
             continue
         conv = _lookup(ctx, node, target)
+        if conv is None and ctx.nd and ops.lookup(node, target) is not None:
+            why = _nd_node(gm)
+            raise UnsupportedLayerError(
+                f"{describe(gm, node)} converts to iOS 11-12 layers only, and this network is "
+                "exported in ND mode (EXACT_ARRAY_MAPPING)"
+                + (f" because it holds {describe(gm, why)}" if why is not None else "")
+                + "; replace the op, or pass custom_conversion_functions={type_or_op: fn}")
         if conv is None:
             raise UnsupportedLayerError(
                 f"{describe(gm, node)} has no Core ML conversion; add one to exporters.ops "
@@ -427,14 +434,19 @@ def _lookup(ctx: Context, node, target):
 def needs_nd(gm: fx.GraphModule) -> bool:
     """Whether the graph holds an op only ND mode expresses (attention, a product of two
     activations): :func:`convert` then writes an EXACT_ARRAY_MAPPING network."""
+    return _nd_node(gm) is not None
+
+
+def _nd_node(gm: fx.GraphModule):
+    """The first node only ND mode expresses, or None."""
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ndops.ND_ONLY_MODULES):
-            return True
+            return node
         if node.op == "call_function" and node.target in ndops.ND_ONLY_FUNCTIONS:
-            return True
+            return node
         if node.op == "call_method" and node.target in ndops.ND_ONLY_METHODS:
-            return True
-    return False
+            return node
+    return None
 
 
 def _sequence_inputs(gm, inputs) -> set[str]:

@@ -688,3 +688,18 @@ def test_einsum_attention_matches_torch_and_other_einsums_are_refused():
 
     with pytest.raises(mp.UnsupportedLayerError, match="einsum"):
         convert(Trace(), [mp.TensorType("x", (4, 4))])
+
+
+def test_a_rank5_only_op_in_an_nd_network_says_why_the_network_is_nd():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.attn = nn.GroupNorm(2, 4), nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.norm(x)  # (N, 4, 6): GroupNorm has only a rank-5 form
+            return self.attn(h, h, h)[0]
+
+    with pytest.raises(mp.UnsupportedLayerError, match=r"module 'norm' \(GroupNorm\) converts to iOS 11-12 "
+                                                       r"layers only.*because it holds module 'attn'"):
+        convert(Mixed().eval(), [mp.TensorType("x", (4, 6))])
