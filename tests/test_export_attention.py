@@ -694,12 +694,48 @@ def test_a_rank5_only_op_in_an_nd_network_says_why_the_network_is_nd():
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.norm, self.attn = nn.GroupNorm(2, 4), nn.MultiheadAttention(6, 2, batch_first=True)
+            self.shuffle, self.attn = nn.PixelShuffle(2), nn.MultiheadAttention(6, 2, batch_first=True)
 
         def forward(self, x):
-            h = self.norm(x)  # (N, 4, 6): GroupNorm has only a rank-5 form
+            h = self.shuffle(x).flatten(1, 2)  # PixelShuffle has only a rank-5 form
             return self.attn(h, h, h)[0]
 
-    with pytest.raises(mp.UnsupportedLayerError, match=r"module 'norm' \(GroupNorm\) converts to iOS 11-12 "
-                                                       r"layers only.*because it holds module 'attn'"):
-        convert(Mixed().eval(), [mp.TensorType("x", (4, 6))])
+    with pytest.raises(mp.UnsupportedLayerError, match=r"module 'shuffle' \(PixelShuffle\) converts to iOS "
+                                                       r"11-12 layers only.*because it holds module 'attn'"):
+        convert(Mixed().eval(), [mp.TensorType("x", (4, 2, 3))])
+
+
+class NormsAttendUpsample(nn.Module):
+    """A small segmentation-style net: conv, GroupNorm, InstanceNorm (affine), pixels attending
+    to each other, a 1 x 1 conv, nearest upsampling (F.interpolate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.attn, self.out = nn.MultiheadAttention(8, 2, batch_first=True), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.inorm(F.relu(self.gn(self.stem(x))))
+        b, c, height, width = h.shape
+        t = h.flatten(2).transpose(1, 2)
+        a, _ = self.attn(t, t, t)
+        h = h + a.transpose(1, 2).reshape(b, c, height, width)
+        return F.interpolate(self.out(h), scale_factor=2, mode="nearest")
+
+
+def test_group_and_instance_norm_and_upsampling_in_an_nd_network_match_torch():
+    torch.manual_seed(19)
+    net = NormsAttendUpsample().eval()
+    for m in (net.gn, net.inorm):
+        m.weight.data.uniform_(0.5, 1.5)
+        m.bias.data.normal_()
+    spec = convert(net, [mp.TensorType("x", (3, 6, 6))], outputs=["y"])
+    ct.models.MLModel(spec)
+    model = mp.load(spec, compute_units="cpu_only")
+    x = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
+    assert got.shape == (3, 2, 12, 12) and np.abs(got - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None

@@ -108,6 +108,34 @@ def layer_norm_layer(ctx, node, m: nn.LayerNorm, name: str, src: str, out: str, 
     ctx.builder.add_layer_normalization(name, src, out, list(norm), gamma, beta, eps=float(m.eps))
 
 
+@register_module(nn.GroupNorm)
+def group_norm(ctx, node, m: nn.GroupNorm) -> str:
+    """GroupNorm of a (C, ...) example: reshaped to (groups, rest), a layerNormalization over
+    the rest, reshaped back, then gamma / beta per channel (broadcast multiply and add)."""
+    shape = example_shape(ctx, node.args[0])
+    if len(shape) < 2:
+        raise ctx.unsupported(node, "GroupNorm of a tensor without spatial axes (N, C)")
+    g, b = m.num_groups, ctx.builder
+    rest = int(np.prod(shape)) // g
+    grouped, normed = helper_layer(ctx, node, "groups"), helper_layer(ctx, node, "normed")
+    b.add_reshape_static(grouped, ctx.inp(node.args[0]), grouped, [g, rest])
+    b.add_layer_normalization(normed, grouped, normed, [rest], np.ones(rest, np.float32),
+                              np.zeros(rest, np.float32), eps=float(m.eps))
+    name, out = ctx.layer(node)
+    if not m.affine:
+        b.add_reshape_static(name, normed, out, list(shape))
+        return out
+    back = helper_layer(ctx, node, "chw")
+    b.add_reshape_static(back, normed, back, list(shape))
+    column = [shape[0]] + [1] * (len(shape) - 1)
+    gamma, beta, scaled = (helper_layer(ctx, node, part) for part in ("gamma", "beta", "scaled"))
+    b.add_load_constant_nd(gamma, gamma, m.weight.detach().cpu().float().numpy().reshape(column), column)
+    b.add_load_constant_nd(beta, beta, m.bias.detach().cpu().float().numpy().reshape(column), column)
+    b.add_multiply_broadcastable(scaled, [back, gamma], scaled)
+    b.add_add_broadcastable(name, [scaled, beta], out)
+    return out
+
+
 @register_module(nn.RMSNorm)
 def rms_norm(ctx, node, m: nn.RMSNorm) -> str:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the trailing ``normalized_shape`` axes: a

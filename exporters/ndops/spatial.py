@@ -1,5 +1,5 @@
-"""Convolutions, pooling and batch norm in ND mode: the rank-5 converters of :mod:`exporters.ops`,
-run on the example's rank-5 layout with a leading 1.
+"""Convolutions, pooling, batch/instance norm and upsampling in ND mode: the rank-5 converters
+of :mod:`exporters.ops`, run on the example's rank-5 layout with a leading 1.
 
 Core ML's convolution and pooling layers want rank >= 4 in ND mode (batchnorm >= 3) and work on
 the last three axes (C, H, W). An example ``(C, H, W)`` is expanded to ``(1, C, H, W)``, a
@@ -11,14 +11,17 @@ attention exports in one ND network, and its convolutions stay updatable.
 
 from __future__ import annotations
 
-from ..ops import batchnorm_converters, conv, pooling
+from ..ops import activation, conv, normalization, pooling
 
-#: rank-5 converters that emit exactly one convolution / pooling / batchnorm layer
+#: rank-5 converters whose layers (convolution, pooling, batchnorm, mvn + scale, upsample /
+#: resizeBilinear) all read and write the (C, H, W) layout, with no classic reshape (which ND
+#: mode allows only at rank 5)
 LIFTED = frozenset({
     conv.conv2d, conv.conv_transpose, pooling.pool1d, pooling.pool1d_fn, pooling.adaptive_pool1d,
     pooling.max_pool2d, pooling.max_pool2d_fn, pooling.avg_pool2d, pooling.avg_pool2d_fn,
     pooling.adaptive_avg_pool2d, pooling.adaptive_max_pool2d, pooling.adaptive_avg_pool2d_fn,
-    pooling.adaptive_max_pool2d_fn, *batchnorm_converters,
+    pooling.adaptive_max_pool2d_fn, normalization.batchnorm, normalization.instance_norm,
+    activation.upsample,
 })
 
 #: per-example rank -> the axes expandDims adds to reach the rank-5 layout (1, C, H, W)

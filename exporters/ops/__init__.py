@@ -92,6 +92,3 @@ def check_4d(ctx, node, what: str = "2-D pooling"):
 
 # the converters register themselves on import
 from . import activation, conv, elementwise, normalization, pooling, shape  # noqa: E402,F401
-
-#: the one-layer batchnorm converter (exporters.ndops.spatial runs it in ND mode too)
-batchnorm_converters = (normalization.batchnorm,)
