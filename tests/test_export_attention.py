@@ -739,3 +739,30 @@ def test_group_and_instance_norm_and_upsampling_in_an_nd_network_match_torch():
     got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
     assert got.shape == (3, 2, 12, 12) and np.abs(got - ref).max() <= 1e-5
     assert model.inference_plan().last_fallback_reason is None
+
+
+def test_bilinear_upsampling_with_torchs_default_grid_exports_in_nd_mode():
+    """F.interpolate(mode='bilinear') with align_corners=False has no rank-5 form; in ND mode it
+    is Core ML 3's upsample in ALIGN_CORNERS_FALSE mode (runs through the eager network: its
+    vmapped trace has no ONNX export), align_corners=True a resizeBilinear (through the plan)."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.up = nn.MultiheadAttention(4, 2, batch_first=True), nn.Upsample(scale_factor=2, mode="bilinear")
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            t = x.flatten(2).transpose(1, 2)
+            y = self.attn(t, t, t)[0].transpose(1, 2).reshape(b, c, h, w)
+            return torch.cat([self.up(y), F.interpolate(y, size=(10, 12), mode="bilinear", align_corners=True)], 1)
+
+    torch.manual_seed(20)
+    net = Up().eval()
+    spec = convert(net, [mp.TensorType("x", (4, 5, 6))], outputs=["y"])
+    modes = [l.upsample.linearUpsampleMode for l in spec.neuralNetwork.layers if l.WhichOneof("layer") == "upsample"]
+    assert modes == [2]  # ALIGN_CORNERS_FALSE
+    x = torch.randn(2, 4, 5, 6)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5

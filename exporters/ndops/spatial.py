@@ -11,7 +11,11 @@ attention exports in one ND network, and its convolutions stay updatable.
 
 from __future__ import annotations
 
-from ..ops import activation, conv, normalization, pooling
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import activation, arg, conv, normalization, pooling
+from . import register_function, register_module
 
 #: rank-5 converters whose layers (convolution, pooling, batchnorm, mvn + scale, upsample /
 #: resizeBilinear) all read and write the (C, H, W) layout, with no classic reshape (which ND
@@ -21,7 +25,6 @@ LIFTED = frozenset({
     pooling.max_pool2d, pooling.max_pool2d_fn, pooling.avg_pool2d, pooling.avg_pool2d_fn,
     pooling.adaptive_avg_pool2d, pooling.adaptive_max_pool2d, pooling.adaptive_avg_pool2d_fn,
     pooling.adaptive_max_pool2d_fn, normalization.batchnorm, normalization.instance_norm,
-    activation.upsample,
 })
 
 #: per-example rank -> the axes expandDims adds to reach the rank-5 layout (1, C, H, W)
@@ -51,3 +54,29 @@ def lifted(converter):
         return squeezed
 
     return convert
+
+
+def _bilinear_half_pixel(ctx, node, target) -> str:
+    """torch's default bilinear grid (align_corners=False) by whole factors: Core ML 3's upsample
+    layer in ALIGN_CORNERS_FALSE mode (an ND-only option)."""
+    (h, w), (oh, ow) = ctx.shape(node.args[0])[2:], ctx.shape(node)[2:]
+    if oh % h or ow % w or oh < h or ow < w:
+        raise ctx.unsupported(node, f"resizing {h}x{w} to {oh}x{ow} (whole upsampling factors only)")
+    name, out = ctx.layer(node)
+    ctx.builder.add_upsample(name, oh // h, ow // w, ctx.inp(node.args[0]), out, mode="BILINEAR",
+                             linear_upsample_mode="ALIGN_CORNERS_FALSE")
+    return out
+
+
+@register_module(nn.Upsample)
+@register_function(F.interpolate, F.upsample)
+def upsample(ctx, node, target) -> str:
+    """Upsampling of (N, C, H, W): bilinear with align_corners=False through Core ML 3's mode,
+    everything else as the rank-5 export does (on the (1, C, H, W) layout)."""
+    if isinstance(target, nn.Module):
+        mode, align = target.mode, bool(target.align_corners)
+    else:
+        mode, align = arg(node, 3, "mode", "nearest"), bool(arg(node, 4, "align_corners", False))
+    if mode == "bilinear" and not align and len(ctx.shape(node.args[0])) == 4:
+        return lifted(_bilinear_half_pixel)(ctx, node, target)
+    return lifted(activation.upsample)(ctx, node, target)

@@ -138,5 +138,6 @@ def spatial(fn: Callable) -> Callable:
 # Register the built-in kinds (import for side effects).
 from . import (  # noqa: E402,F401
     activation, constant, conv, custom, dense, elementwise, mathops, ndshape, normalization, pooling,
-    recurrent, reduce, resize, shape,
+    recurrent, reduce, resize,
 )
+from . import shape as _shape  # noqa: E402,F401  (not "shape": BuildContext methods take a shape)

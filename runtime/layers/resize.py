@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import register, spatial
 
@@ -102,4 +103,7 @@ def resize_bilinear(layer, ctx):
     p = layer.resizeBilinear
     size = [int(v) for v in p.targetSize] or [1, 1]
     oh, ow = size[0], size[1] if len(size) > 1 else size[0]
-    return spatial(bilinear(_sampling_grid(int(p.mode.samplingMethod)), lambda h, w: (oh, ow)))
+    method = int(p.mode.samplingMethod)
+    if method == STRICT_ALIGN_ENDPOINTS:  # torch's align_corners=True grid, no size read in Python
+        return spatial(lambda x: F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=True))
+    return spatial(bilinear(_sampling_grid(method), lambda h, w: (oh, ow)))
