@@ -1,18 +1,21 @@
 """The op-mapping registry of ND networks (``EXACT_ARRAY_MAPPING``, Core ML 3 layers).
 
 A network holding attention (``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)``,
-``F.scaled_dot_product_attention``), a product of two activations (``q @ k.transpose(-2, -1)``)
-or an ``nn.Embedding`` of token ids has no rank-5 form: :func:`exporters.converter.convert` then writes it in ND mode, where each
-blob has exactly the per-example shape of its torch tensor (the torch shape without the batch
-axis) and Core ML 3's ND layers (batchedMatmul, softmaxND, transpose, reshapeStatic, ...) apply.
+``F.scaled_dot_product_attention``), a product of two activations (``q @ k.transpose(-2, -1)``,
+``torch.einsum``) or an ``nn.Embedding`` of token ids has no rank-5 form:
+:func:`exporters.converter.convert` then writes it in ND mode, where each blob has exactly the
+per-example shape of its torch tensor (the torch shape without the batch axis) and Core ML 3's
+ND layers (batchedMatmul, softmaxND, transpose, reshapeStatic, ...) apply.
 
 A converter ``fn(ctx, node, target)`` works like those of :mod:`exporters.ops` and returns the
 node's blob. Constant tensors (parameters, buffers and what is computed from them alone, e.g.
 ``self.cls.expand(x.shape[0], -1, -1)``) are folded while converting: :func:`operand` writes
 them as a loadConstantND where an op reads them.
 
-Modules: :mod:`.linear` (Linear, matmul), :mod:`.attention`, :mod:`.tensor` (shape ops,
-reductions), :mod:`.elementwise` (arithmetic, activations, softmax, LayerNorm).
+Modules: :mod:`.linear` (Linear, matmul, einsum, Embedding), :mod:`.attention`, :mod:`.tensor`
+(shape ops, reductions), :mod:`.elementwise` (arithmetic, comparisons, softmax, GELU, Layer/
+Group/RMSNorm), :mod:`.spatial` (convolutions, pooling, batch/instance norm, upsampling on the
+rank-5 layout).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Arithmetic with numpy broadcasting, softmax, GELU, LayerNorm; the per-element converters of
-:mod:`exporters.ops` (ReLU, sigmoid, exp, clamp, ...) serve ND mode unchanged (:data:`SHARED`)."""
+"""Arithmetic with numpy broadcasting, comparisons and masks, softmax, GELU, Layer/Group/RMSNorm;
+the per-element converters of :mod:`exporters.ops` (ReLU, sigmoid, exp, clamp, ...) serve ND mode
+unchanged (:data:`SHARED`)."""
 
 from __future__ import annotations
 
