@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlpersonal as mp  # noqa: E402
+from examples import personalize as shared  # noqa: E402
 
 ACTIVITIES = ["walk", "run", "sit"]
 STEPS, RATE, AXES = 50, 20.0, 3
@@ -69,24 +70,9 @@ class ActivityNet(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
-def train(net: ActivityNet, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=g).split(32):
-            loss = nn.functional.cross_entropy(net(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-
-
 def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 of a Core ML model on ``(N, STEPS, 3)`` windows, given as one column."""
-    labels = model.predict_batch(mp.ArrayBatchProvider({"motion": x})).column("label")
-    return float(np.mean([lab == ACTIVITIES[i] for lab, i in zip(labels, y)]))
+    """Top-1 of a Core ML model on ``(N, STEPS, 3)`` windows."""
+    return shared.accuracy(model, "motion", x, y, ACTIVITIES)
 
 
 def run(out: Path, *, per_class: int = 200, epochs: int = 30, shots: int = 10, replay: int = 10,
@@ -95,7 +81,7 @@ def run(out: Path, *, per_class: int = 200, epochs: int = 30, shots: int = 10, r
     x, y = windows(POPULATION, per_class, seed)
     net = ActivityNet()
     t0 = time.perf_counter()
-    train(net, x, y, epochs, seed)
+    shared.train(net, x, y, epochs, lr=0.01, seed=seed)
     train_s = time.perf_counter() - t0
     net.lstm.requires_grad_(all_layers)  # the head is updatable; the LSTM too unless --head-only
     spec = mp.convert(net, [mp.TensorType("motion", (STEPS, AXES))],
@@ -112,12 +98,7 @@ def run(out: Path, *, per_class: int = 200, epochs: int = 30, shots: int = 10, r
     before = {"user": accuracy(model, *user_test), "population": accuracy(model, *pop_test)}
     motion = np.concatenate([user_train[0], stored[0]])
     labels = [ACTIVITIES[i] for i in np.concatenate([user_train[1], stored[1]])]
-    data = mp.ArrayBatchProvider({"motion": motion, "label": labels})
-    t0 = time.perf_counter()
-    ctx = mp.UpdateTask(model, data).run()
-    update_s = time.perf_counter() - t0
-    if ctx.error is not None:
-        raise ctx.error
+    ctx, update_s = shared.personalize(model, {"motion": motion, "label": labels})
     personal = ctx.model
     personal.save(out / "activity-personal.mlmodel")
     after = {"user": accuracy(personal, *user_test), "population": accuracy(personal, *pop_test)}
@@ -136,9 +117,7 @@ def main(argv=None) -> None:
     r = run(Path(args.out), all_layers=not args.head_only)
     print(f"activity classifier: LSTM({AXES}->32) over {STEPS} steps, updatable: {r['updatable']}; "
           f"trained in {r['train_s']} s")
-    print(f"{'windows of':<12}{'before':>8}{'after':>8}")
-    for who in ("user", "population"):
-        print(f"{who:<12}{r['before'][who]:>8.1%}{r['after'][who]:>8.1%}")
+    shared.print_table("windows of", r)
     print(f"personalized with {r['examples']} labelled windows of the user (+ {r['replayed']} stored "
           f"population windows) in {r['update_s']} s (final loss {r['loss']}); models and "
           f"results.json in {args.out}/")

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlpersonal as mp  # noqa: E402
+from examples import personalize as shared  # noqa: E402
 
 INTENTS = ["weather", "timer", "music", "call"]
 LENGTH = 12
@@ -88,24 +89,9 @@ class PhraseNet(nn.Module):
         return self.head(torch.cat([context, bag], dim=1))
 
 
-def train(net: PhraseNet, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=0.003)
-    xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=g).split(32):
-            loss = nn.functional.cross_entropy(net(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-
-
 def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 of a Core ML model on ``(N, LENGTH)`` token ids, given as one column."""
-    labels = model.predict_batch(mp.ArrayBatchProvider({"ids": x})).column("label")
-    return float(np.mean([lab == INTENTS[i] for lab, i in zip(labels, y)]))
+    """Top-1 of a Core ML model on ``(N, LENGTH)`` token ids."""
+    return shared.accuracy(model, "ids", x, y, INTENTS)
 
 
 def run(out: Path, *, per_intent: int = 150, epochs: int = 12, shots: int = 10, replay: int = 16,
@@ -114,7 +100,7 @@ def run(out: Path, *, per_intent: int = 150, epochs: int = 12, shots: int = 10, 
     x, y = phrases(POPULATION, per_intent, seed)
     net = PhraseNet()
     t0 = time.perf_counter()
-    train(net, x, y, epochs, seed)
+    shared.train(net, x, y, epochs, lr=0.003, seed=seed)
     train_s = time.perf_counter() - t0
     for p in net.parameters():  # personalize the head: the encoder stays as trained
         p.requires_grad_(False)
@@ -133,11 +119,7 @@ def run(out: Path, *, per_intent: int = 150, epochs: int = 12, shots: int = 10, 
     before = {"user": accuracy(model, *user_test), "population": accuracy(model, *pop_test)}
     ids = np.concatenate([user_train[0], stored[0]])
     labels = [INTENTS[i] for i in np.concatenate([user_train[1], stored[1]])]
-    t0 = time.perf_counter()
-    ctx = mp.UpdateTask(model, mp.ArrayBatchProvider({"ids": ids, "label": labels})).run()
-    update_s = time.perf_counter() - t0
-    if ctx.error is not None:
-        raise ctx.error
+    ctx, update_s = shared.personalize(model, {"ids": ids, "label": labels})
     personal = ctx.model
     personal.save(out / "phrases-personal.mlmodel")
     after = {"user": accuracy(personal, *user_test), "population": accuracy(personal, *pop_test)}
@@ -155,9 +137,7 @@ def main(argv=None) -> None:
     r = run(Path(args.out))
     print(f"phrase classifier: Embedding({len(VOCAB)}, 64) + 2 encoder layers over {LENGTH} tokens, "
           f"updatable head; trained in {r['train_s']} s")
-    print(f"{'phrases of':<12}{'before':>8}{'after':>8}")
-    for who in ("user", "population"):
-        print(f"{who:<12}{r['before'][who]:>8.1%}{r['after'][who]:>8.1%}")
+    shared.print_table("phrases of", r)
     print(f"personalized with {r['examples']} labelled phrases of the user (+ {r['replayed']} stored "
           f"population phrases) in {r['update_s']} s (final loss {r['loss']}); models and "
           f"results.json in {args.out}/")
