@@ -766,3 +766,28 @@ def test_bilinear_upsampling_with_torchs_default_grid_exports_in_nd_mode():
         ref = net(x).numpy()
     got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
     assert np.abs(got - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("bias,kdim", [(False, None), (True, 6), (False, 6)])
+def test_cross_attention_without_bias_or_with_other_key_sizes_matches_torch(bias, kdim):
+    """nn.MultiheadAttention(bias=False) and kdim/vdim != embed_dim (separate q/k/v projection
+    weights), two inputs of different lengths, per-head attention weights as an output."""
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, bias=bias, kdim=kdim, vdim=kdim)
+
+        def forward(self, q, kv):
+            out, weights = self.attn(q, kv, kv, average_attn_weights=False)
+            return out, weights
+
+    torch.manual_seed(21)
+    net, width = Cross().eval(), kdim or 8
+    model = mp.load(convert(net, [mp.TensorType("q", (3, 8)), mp.TensorType("kv", (5, width))],
+                            outputs=["out", "weights"]), compute_units="cpu_only")
+    q, kv = torch.randn(2, 3, 8), torch.randn(2, 5, width)
+    with torch.no_grad():
+        ref_out, ref_w = net(q, kv)
+    outs = model.predict_batch([{"q": a.numpy(), "kv": b.numpy()} for a, b in zip(q, kv)])
+    assert np.abs(np.stack([o["out"] for o in outs]) - ref_out.numpy()).max() <= 1e-5
+    assert np.abs(np.stack([o["weights"] for o in outs]) - ref_w.numpy()).max() <= 1e-6
