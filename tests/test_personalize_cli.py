@@ -164,12 +164,13 @@ def test_help_shows_an_example(capsys):
 def test_personalize_sequence_model_from_npy_folders(tmp_path, capsys):
     """An exported LSTM activity classifier personalizes on DIR/<activity>/*.npy windows; the CLI
     runs the very update the API runs on the same arrays (order of the folders)."""
+    from examples import personalize
     from examples.activity_classifier import demo
 
     torch.manual_seed(0)
     x, y = demo.windows(demo.POPULATION, 30, seed=0)
     net = demo.ActivityNet(hidden=8)
-    demo.train(net, x, y, epochs=3)
+    personalize.train(net, x, y, epochs=3, lr=0.01)
     spec = mp.convert(net, [mp.TensorType("motion", (demo.STEPS, demo.AXES))],
                       classifier=mp.ClassifierConfig(labels=demo.ACTIVITIES), respect_trainable=True,
                       update=mp.UpdateConfig(optimizer=mp.Adam(learning_rate=0.02, mini_batch_size=6),
