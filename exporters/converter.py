@@ -515,10 +515,6 @@ def _check_nd_inputs(gm, inputs) -> None:
         if i.is_flexible:
             raise ConversionError(f"input {i.name!r}: flexible shapes in a network with attention "
                                   "(ND mode) are not supported yet; export one fixed shape")
-    if recurrent.has_recurrent_module(gm):
-        raise ConversionError("a network with both attention (or nn.Embedding) and LSTM/RNN layers "
-                              "cannot be exported yet (recurrent layers need the rank-5 mode, "
-                              "attention and embeddings the ND mode)")
 
 
 def _set_int_inputs(spec, inputs) -> None:

@@ -791,3 +791,73 @@ def test_cross_attention_without_bias_or_with_other_key_sizes_matches_torch(bias
     outs = model.predict_batch([{"q": a.numpy(), "kv": b.numpy()} for a, b in zip(q, kv)])
     assert np.abs(np.stack([o["out"] for o in outs]) - ref_out.numpy()).max() <= 1e-5
     assert np.abs(np.stack([o["weights"] for o in outs]) - ref_w.numpy()).max() <= 1e-6
+
+
+class LstmAttention(nn.Module):
+    """A 2-layer LSTM whose whole output sequence feeds attention (only an ND network can hold
+    that), the attended mean beside the last layer's final state h_n[-1]."""
+
+    def __init__(self, bidirectional=False):
+        super().__init__()
+        width = 16 if bidirectional else 8
+        self.rnn = nn.LSTM(3, 8, num_layers=1 if bidirectional else 2, batch_first=True,
+                           bidirectional=bidirectional)
+        self.attn, self.head = nn.MultiheadAttention(width, 2, batch_first=True), nn.Linear(2 * width, 4)
+        self.bidirectional = bidirectional
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(x)
+        a, _ = self.attn(out, out, out)
+        last = torch.cat([h[-2], h[-1]], 1) if self.bidirectional else h[-1]
+        return self.head(torch.cat([a.mean(1), last], 1))
+
+
+class RnnAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.attn = nn.RNN(3, 8, batch_first=True), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        out, h = self.rnn(x)
+        return self.head(self.attn(out, out, out)[0][:, -1] + h[-1])
+
+
+@pytest.mark.parametrize("make", [LstmAttention, lambda: LstmAttention(True), RnnAttention],
+                         ids=["lstm_2_layers", "bidirectional_lstm", "rnn"])
+def test_recurrent_sequences_feed_attention_in_nd_mode(make):
+    """The recurrent layers read (L, 1, C, 1, 1) in ND mode; their sequence comes back as (L, H)
+    for any op (these models predict through the torch network: a recurrent loop under vmap has
+    no ONNX trace)."""
+    torch.manual_seed(22)
+    net = make().eval()
+    spec = convert(net, [mp.TensorType("x", (10, 3))], outputs=["y"])
+    assert spec.neuralNetwork.arrayInputShapeMapping == 1
+    ct.models.MLModel(spec)
+    x = torch.randn(3, 10, 3)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in mp.load(spec).predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
+
+
+def test_an_lstm_under_attention_personalizes_like_torch():
+    torch.manual_seed(23)
+    net = LstmAttention().eval()
+    net.attn.requires_grad_(False)
+    with pytest.warns(RuntimeWarning, match="cannot backpropagate"):
+        spec = convert(net, [mp.TensorType("x", (10, 3))], classifier=ClassifierConfig(list("abcd")),
+                       respect_trainable=True,
+                       update=mp.UpdateConfig(optimizer=mp.SGD(learning_rate=0.1, mini_batch_size=4),
+                                              epochs=2, shuffle=False))
+    layers = {l.name: l for l in spec.neuralNetworkClassifier.layers}
+    assert layers["rnn"].isUpdatable and layers["rnn@2"].isUpdatable and layers["head"].isUpdatable
+    x, y = torch.randn(8, 10, 3), torch.arange(8) % 4
+    trained = mp.load(spec, compute_units="cpu_only").update(
+        [{"x": a.numpy(), "label": "abcd"[int(t)]} for a, t in zip(x, y)])
+    _torch_sgd(net, x, y, lr=0.1, epochs=2)
+    got = {l.name: l for l in trained.spec.neuralNetworkClassifier.layers}
+    np.testing.assert_allclose(np.asarray(got["head"].innerProduct.weights.floatValue).reshape(4, 16),
+                               net.head.weight.detach().numpy(), atol=1e-4)
+    w = np.asarray(got["rnn"].uniDirectionalLSTM.weightParams.inputGateWeightMatrix.floatValue).reshape(8, 3)
+    np.testing.assert_allclose(w, net.rnn.weight_ih_l0.detach().numpy()[:8], atol=1e-5)

@@ -110,4 +110,4 @@ def per_example(ctx, node, value: torch.Tensor, rank: int) -> np.ndarray:
     return v.numpy()
 
 
-from . import attention, elementwise, linear, spatial, tensor  # noqa: E402,F401  (they register themselves)
+from . import attention, elementwise, linear, recurrent, spatial, tensor  # noqa: E402,F401  (they register themselves)
