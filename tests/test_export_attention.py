@@ -861,3 +861,30 @@ def test_an_lstm_under_attention_personalizes_like_torch():
                                net.head.weight.detach().numpy(), atol=1e-4)
     w = np.asarray(got["rnn"].uniDirectionalLSTM.weightParams.inputGateWeightMatrix.floatValue).reshape(8, 3)
     np.testing.assert_allclose(w, net.rnn.weight_ih_l0.detach().numpy()[:8], atol=1e-5)
+
+
+class Functional(nn.Module):
+    """The functional forms custom attention code uses: F.linear / F.layer_norm with parameters,
+    torch.where with a number, torch.stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8))
+        self.g, self.attn = nn.Parameter(torch.rand(8) + 0.5), nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = F.layer_norm(F.linear(x, self.w, self.b), (8,), self.g, None, 1e-6)
+        a = self.attn(h, h, h)[0]
+        return torch.stack([torch.where(a > 0, a, 0.1 * a), h], dim=1).mean(1)
+
+
+def test_functional_linear_layer_norm_where_and_stack_match_torch():
+    torch.manual_seed(24)
+    net = Functional().eval()
+    model = mp.load(convert(net, [mp.TensorType("x", (5, 6))], outputs=["y"]), compute_units="cpu_only")
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    got = np.stack([o["y"] for o in model.predict_batch([{"x": a.numpy()} for a in x])])
+    assert np.abs(got - ref).max() <= 1e-5
+    assert model.inference_plan().last_fallback_reason is None

@@ -5,6 +5,7 @@ unchanged (:data:`SHARED`)."""
 from __future__ import annotations
 
 import operator
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -95,6 +96,18 @@ def layer_norm(ctx, node, m: nn.LayerNorm) -> str:
     name, out = ctx.layer(node)
     layer_norm_layer(ctx, node, m, name, ctx.inp(node.args[0]), out, example_shape(ctx, node.args[0]))
     return out
+
+
+@register_function(F.layer_norm)
+def layer_norm_fn(ctx, node, target) -> str:
+    """``F.layer_norm(x, shape, weight, bias, eps)`` with constant (or no) weight and bias."""
+    shape = tuple(ctx.value(arg(node, 1, "normalized_shape")))
+    params = [arg(node, 2, "weight"), arg(node, 3, "bias")]
+    if any(p is not None and not ctx.is_constant(p) for p in params):
+        raise ctx.unsupported(node, "F.layer_norm with a weight or bias computed from the inputs")
+    weight, bias = (None if p is None else ctx.constant(p) for p in params)
+    m = SimpleNamespace(normalized_shape=shape, weight=weight, bias=bias, eps=float(arg(node, 4, "eps", 1e-5)))
+    return layer_norm(ctx, node, m)
 
 
 def layer_norm_layer(ctx, node, m: nn.LayerNorm, name: str, src: str, out: str, shape) -> None:
@@ -199,6 +212,17 @@ def logical_not(ctx, node, target) -> str:
         raise ctx.unsupported(node, "~ of a non-boolean tensor (bitwise not)")
     name, out = ctx.layer(node)
     ctx.builder.add_logical(name, [ctx.inp(node.args[0])], out, "NOT")
+    return out
+
+
+@register_function(torch.where)
+def where(ctx, node, target) -> str:
+    """``torch.where(cond, x, y)``: whereBroadcastable (numbers and constants as loadConstantND)."""
+    if len(node.args) + len(node.kwargs) < 3:
+        raise ctx.unsupported(node, "torch.where(cond) (the indices form)")
+    cond, x, y = (arg(node, i, n) for i, n in enumerate(("condition", "input", "other")))
+    name, out = ctx.layer(node)
+    ctx.builder.add_where_broadcastable(name, [operand(ctx, node, t) for t in (cond, x, y)], out)
     return out
 
 

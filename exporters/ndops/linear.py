@@ -7,8 +7,9 @@ import operator
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import example_shape, operand, register_function, register_method, register_module
+from . import arg, example_shape, operand, register_function, register_method, register_module
 
 
 def dense(ctx, name: str, src: str, weight: torch.Tensor, bias, out: str, rank: int) -> None:
@@ -28,6 +29,18 @@ def dense(ctx, name: str, src: str, weight: torch.Tensor, bias, out: str, rank: 
 def linear(ctx, node, m: nn.Linear) -> str:
     name, out = ctx.layer(node)
     dense(ctx, name, ctx.inp(node.args[0]), m.weight, m.bias, out, len(example_shape(ctx, node.args[0])))
+    return out
+
+
+@register_function(F.linear)
+def linear_fn(ctx, node, target) -> str:
+    """``F.linear(x, W, b)`` with a constant weight (and bias): as nn.Linear."""
+    w, b = arg(node, 1, "weight"), arg(node, 2, "bias")
+    if not ctx.is_constant(w) or (b is not None and not ctx.is_constant(b)):
+        raise ctx.unsupported(node, "F.linear with a weight or bias computed from the inputs")
+    name, out = ctx.layer(node)
+    dense(ctx, name, ctx.inp(node.args[0]), ctx.constant(w), None if b is None else ctx.constant(b), out,
+          len(example_shape(ctx, node.args[0])))
     return out
 
 

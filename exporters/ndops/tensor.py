@@ -75,6 +75,15 @@ def cat(ctx, node, target) -> str:
     return out
 
 
+@register_function(torch.stack)
+def stack(ctx, node, target) -> str:
+    tensors = list(arg(node, 0, "tensors"))
+    dim = axis(ctx, node, node, arg(node, 1, "dim", 0))
+    name, out = ctx.layer(node)
+    ctx.builder.add_stack(name, [operand(ctx, node, t, like=t) for t in tensors], out, dim)
+    return out
+
+
 def _slice(ctx, node, name: str, src: str, out: str, shape, bounds: dict) -> None:
     """sliceStatic of ``src`` (example ``shape``): ``bounds`` maps an axis to (start, end, step)."""
     begin, end, stride = [0] * len(shape), list(shape), [1] * len(shape)
