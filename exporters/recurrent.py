@@ -263,9 +263,15 @@ def _emit(ctx, node, m, lstm: bool) -> str:
         ctx.blobs[user] = blobs[s, d]
     if seq_users:  # y holds the whole sequence (else only its last step)
         ctx.sequences.add(y)
+    return give_outputs(ctx, node, y, lstm)
+
+
+def give_outputs(ctx, node, sequence: str, lstm: bool):
+    """A recurrent module's ``out, state = ...`` items: ``out`` is ``sequence``, the state tuple
+    (and its ``(h_n, c_n)``) hold no blob of their own (their users got theirs)."""
     items = _getitems(node)
     if 0 in items:
-        ctx.blobs[items[0]] = y
+        ctx.blobs[items[0]] = sequence
     if 1 in items:
         ctx.blobs[items[1]] = ctx.SKIP
         for part in ((_getitems(items[1]) or {}).values() if lstm else ()):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn as nn
 
-from ..recurrent import _check, _getitems, _last_layer_direction, _lstm_weights, _np
+from ..recurrent import _check, _getitems, _last_layer_direction, _lstm_weights, _np, give_outputs
 from . import example_shape, register_module
 
 
@@ -80,21 +80,11 @@ def _emit(ctx, node, m, lstm: bool) -> str:
         x = y
     for user, s, d in users:
         ctx.blobs[user] = _reshape(ctx, blobs[s, d], user.name, [hidden])
-    items = _getitems(node)
-    if 0 in items:
-        ctx.blobs[items[0]] = _reshape(ctx, x, items[0].name, [length, hidden * directions])
-    if 1 in items:
-        ctx.blobs[items[1]] = ctx.SKIP
-        for part in ((_getitems(items[1]) or {}).values() if lstm else ()):
-            ctx.blobs[part] = ctx.SKIP
-    return ctx.SKIP
+    out = _getitems(node).get(0)
+    sequence = _reshape(ctx, x, out.name, [length, hidden * directions]) if out is not None else None
+    return give_outputs(ctx, node, sequence, lstm)
 
 
-@register_module(nn.LSTM)
-def lstm(ctx, node, m: nn.LSTM) -> str:
-    return _emit(ctx, node, m, lstm=True)
-
-
-@register_module(nn.RNN)
-def rnn(ctx, node, m: nn.RNN) -> str:
-    return _emit(ctx, node, m, lstm=False)
+@register_module(nn.LSTM, nn.RNN)
+def recurrent(ctx, node, m) -> str:
+    return _emit(ctx, node, m, lstm=isinstance(m, nn.LSTM))
