@@ -286,6 +286,13 @@ _LSTM_B = ("inputGateBiasVector", "forgetGateBiasVector", "blockInputBiasVector"
 _LSTM_P = ("inputGatePeepholeVector", "forgetGatePeepholeVector", "outputGatePeepholeVector")
 
 
+def _batched(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an example inside ``torch.func.vmap`` (ND models batch that way): torch's
+    fused LSTM has no batching rule there, the step-by-step form runs instead."""
+    is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(is_batched(x)) if is_batched is not None else False
+
+
 def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable: bool):
     """``run(xs (S, N, C), h0, c0) -> (ys (S, N, H), h_last, c_last)`` of one LSTM direction."""
     w = _stacked(ctx, wp, _LSTM_W, (h, c), field, updatable)  # gates i, f, z, o: torch's order
@@ -327,7 +334,7 @@ def _lstm_direction(ctx, params, wp, acts, c: int, h: int, field: str, updatable
             cell_out: bool = True):
         """``lengths``: the rows are padded sequences of these lengths (see the module doc);
         ``cell_out=False``: the caller does not read the last cell state (None then)."""
-        if fusable(xs, c0, c0_is_zero) and (lengths is None or not cell_out):
+        if fusable(xs, c0, c0_is_zero) and (lengths is None or not cell_out) and not _batched(xs):
             bb = bias()
             weights = [w, r] + ([bb, no_bias] if bb is not None else [])
             ys, y, cell = torch.lstm(xs, (h0[None], c0[None]), weights, bb is not None, 1, 0.0,
