@@ -198,6 +198,36 @@ def test_personalize_sequence_model_from_npy_folders(tmp_path, capsys):
     assert "motion: multiArray float32 (3,), or a sequence (Seq, 1, 3)" in training
 
 
+def test_personalize_a_text_model_from_token_id_folders(tmp_path, capsys):
+    """The ND text example's model (INT32 token ids) personalizes on DIR/<intent>/*.npy int
+    arrays; the CLI runs the very update the API runs on the same arrays."""
+    from examples.text_classifier import demo
+
+    torch.manual_seed(0)
+    net = demo.PhraseNet().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.head.requires_grad_(True)
+    spec = mp.convert(net, [mp.TensorType("ids", (demo.LENGTH,), dtype="int32")],
+                      classifier=mp.ClassifierConfig(labels=demo.INTENTS), respect_trainable=True,
+                      update=mp.UpdateConfig(optimizer=mp.Adam(learning_rate=0.02, mini_batch_size=4),
+                                             epochs=5, shuffle=False))
+    model = mp.save(spec, tmp_path / "phrases.mlmodel")
+    ids, y = demo.phrases(demo.USER, 3, seed=1)
+    for i, (row, k) in enumerate(zip(ids, y)):
+        folder = tmp_path / "data" / demo.INTENTS[k]
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{i}.npy", row)
+    out = tmp_path / "mine.mlmodel"
+    assert main(["personalize", str(model), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "12 arrays of 4 labels" in capsys.readouterr().out
+    order = sorted(range(len(y)), key=lambda i: (demo.INTENTS[y[i]], f"{i}.npy"))
+    ref = mp.load(model, compute_units="cpu_only").update(
+        [{"ids": ids[i], "label": demo.INTENTS[y[i]]} for i in order])
+    assert mp.load(out).spec == ref.spec
+
+
 def test_npy_folders_refuse_pickles_and_other_files(tmp_path, capsys):
     from examples.activity_classifier import demo
 
