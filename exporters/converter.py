@@ -216,15 +216,24 @@ class Context:
 
     def layer(self, node) -> tuple[str, str]:
         """(unique layer name, fresh output blob name) for ``node``; module paths for modules."""
-        base = node.target if node.op == "call_module" else node.name
-        name, k = base, 1
-        while name in self.used_layers:
-            k += 1
-            name = f"{base}@{k}"  # a module called more than once
-        self.used_layers.add(name)
-        if node.op == "call_module":
-            self.layers_by_path.setdefault(node.target, []).append(name)
+        path = node.target if node.op == "call_module" else None
+        name = self.unique_layer(path or node.name, path)
         return name, self.new_blob(name)
+
+    def unique_layer(self, base: str, path: Optional[str] = None, blob: bool = False) -> str:
+        """``base``, or ``base@2``, ... when taken (a module called more than once): a layer name,
+        recorded under module ``path`` (what respect_trainable and QAT look up); ``blob``: also
+        free and taken as a blob name (a layer writing the blob named after it)."""
+        name, k = base, 1
+        while name in self.used_layers or (blob and name in self.used_blobs):
+            k += 1
+            name = f"{base}@{k}"
+        self.used_layers.add(name)
+        if blob:
+            self.used_blobs.add(name)
+        if path is not None:
+            self.layers_by_path.setdefault(path, []).append(name)
+        return name
 
     def unsupported(self, node, what: str) -> UnsupportedLayerError:
         return UnsupportedLayerError(f"{describe(self.gm, node)}: unsupported: {what}")

@@ -42,17 +42,8 @@ class _Layers:
         return _Layers(self.ctx, self.node, f"{self.base}.{part}")
 
     def name(self, part: str, module: bool = False) -> str:
-        ctx = self.ctx
         base = f"{self.base}.{part}"
-        name, k = base, 1
-        while name in ctx.used_layers or name in ctx.used_blobs:
-            k += 1
-            name = f"{base}@{k}"
-        ctx.used_layers.add(name)
-        ctx.used_blobs.add(name)
-        if module:
-            ctx.layers_by_path.setdefault(base, []).append(name)
-        return name
+        return self.ctx.unique_layer(base, base if module else None, blob=True)
 
 
 def _const(ctx, names: _Layers, part: str, value: np.ndarray) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import arg, example_shape, operand, register_function, register_method, register_module
+from . import arg, example_shape, helper_layer, operand, register_function, register_method, register_module
 
 
 def dense(ctx, name: str, src: str, weight: torch.Tensor, bias, out: str, rank: int) -> None:
@@ -70,8 +70,7 @@ def embedding(ctx, node, m: nn.Embedding) -> str:
     if m.max_norm is not None:
         raise ctx.unsupported(node, "nn.Embedding(max_norm=...) (it renormalizes rows while looking up)")
     src = node.args[0]
-    expanded = ctx.new_blob(f"{node.name}_ids")
-    ctx.used_layers.add(expanded)
+    expanded = helper_layer(ctx, node, "ids")
     ctx.builder.add_expand_dims(expanded, ctx.inp(src), expanded, [-1])
     name, out = ctx.layer(node)
     w = m.weight.detach().cpu().float().numpy()
@@ -108,17 +107,15 @@ def einsum(ctx, node, target) -> str:
         blob = ctx.inp(src)
         perm = [sub.index(c) for c in order]
         if perm != sorted(perm):
-            moved = ctx.new_blob(f"{node.name}_{len(blobs)}")
-            ctx.used_layers.add(moved)
+            moved = helper_layer(ctx, node, str(len(blobs)))
             transpose_layer(ctx, moved, blob, moved, perm)
             blob = moved
         blobs.append(blob)
     name, out = ctx.layer(node)
     result = shared + rows + cols
     perm = [result.index(c) for c in so]
-    product = out if perm == sorted(perm) else ctx.new_blob(f"{node.name}_product")
+    product = out if perm == sorted(perm) else helper_layer(ctx, node, "product")
     ctx.builder.add_batched_mat_mul(name if product == out else product, blobs, product)
     if product != out:
-        ctx.used_layers.add(product)
         transpose_layer(ctx, name, product, out, perm)
     return out

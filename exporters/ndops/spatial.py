@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import activation, arg, conv, normalization, pooling
+from ..ops import activation, arg, conv, helper_layer, normalization, pooling
 from . import register_function, register_module
 
 #: rank-5 converters whose layers (convolution, pooling, batchnorm, mvn + scale, upsample /
@@ -39,8 +39,7 @@ def lifted(converter):
         rank_in, rank_out = (len(ctx.shape(t)) - 1 for t in (x, node))
         if rank_in not in _LAYOUT_AXES or rank_out not in _LAYOUT_AXES:
             raise ctx.unsupported(node, f"a convolution/pooling of a rank-{rank_in + 1} tensor")
-        expanded = ctx.new_blob(f"{node.name}_nchw")
-        ctx.used_layers.add(expanded)
+        expanded = helper_layer(ctx, node, "nchw")
         ctx.builder.add_expand_dims(expanded, ctx.inp(x), expanded, _LAYOUT_AXES[rank_in])
         own = ctx.blobs[x]
         ctx.blobs[x] = expanded  # what the classic converter reads as its input
