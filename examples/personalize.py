@@ -46,8 +46,33 @@ def personalize(model, columns: dict):
     return ctx, seconds
 
 
-def print_table(kind: str, r: dict) -> None:
-    """The before/after accuracies of the user and the population in ``r``."""
-    print(f"{kind:<12}{'before':>8}{'after':>8}")
+def user_experiment(model, make, name: str, labels: list, user, population, *, shots: int,
+                    replay: int, tests: int, seed: int, save_to) -> tuple[dict, object]:
+    """The examples' experiment: ``shots`` labelled examples per class of one ``user`` (made by
+    ``make(style, per_class, seed)``) plus ``replay`` stored ``population`` ones personalize
+    ``model``; top-1 on fresh examples of the user and of the population before and after. The
+    personalized model is saved to ``save_to``. (result dict, the task's context)."""
+    user_train = make(user, shots, seed + 1)           # what the user labels on the device
+    stored = make(population, replay, seed + 4)        # reference examples shipped with the app
+    user_test, pop_test = make(user, tests, seed + 2), make(population, tests, seed + 3)
+    before = {"user": accuracy(model, name, *user_test, labels),
+              "population": accuracy(model, name, *pop_test, labels)}
+    x = np.concatenate([user_train[0], stored[0]])
+    y = [labels[i] for i in np.concatenate([user_train[1], stored[1]])]
+    ctx, update_s = personalize(model, {name: x, "label": y})
+    ctx.model.save(save_to)
+    after = {"user": accuracy(ctx.model, name, *user_test, labels),
+             "population": accuracy(ctx.model, name, *pop_test, labels)}
+    return {"before": before, "after": after, "examples": len(user_train[1]), "replayed": len(stored[1]),
+            "update_s": round(update_s, 3)}, ctx
+
+
+def print_report(noun: str, r: dict, out) -> None:
+    """The before/after accuracies of the user and the population in ``r`` (``noun``: what the
+    examples are, "windows"), and how the personalization went."""
+    print(f"{noun + ' of':<12}{'before':>8}{'after':>8}")
     for who in ("user", "population"):
         print(f"{who:<12}{r['before'][who]:>8.1%}{r['after'][who]:>8.1%}")
+    print(f"personalized with {r['examples']} labelled {noun} of the user (+ {r['replayed']} stored "
+          f"population {noun}) in {r['update_s']} s (final loss {r['loss']}); models and "
+          f"results.json in {out}/")

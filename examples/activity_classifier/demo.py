@@ -70,11 +70,6 @@ class ActivityNet(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
-def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 of a Core ML model on ``(N, STEPS, 3)`` windows."""
-    return shared.accuracy(model, "motion", x, y, ACTIVITIES)
-
-
 def run(out: Path, *, per_class: int = 200, epochs: int = 30, shots: int = 10, replay: int = 10,
         all_layers: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
@@ -92,19 +87,11 @@ def run(out: Path, *, per_class: int = 200, epochs: int = 30, shots: int = 10, r
     base_path = mp.save(spec, out / "activity.mlmodel")
     model = mp.load(base_path, compute_units="cpu_only")
 
-    user_train = windows(USER, shots, seed + 1)          # what the user labels on the device
-    stored = windows(POPULATION, replay, seed + 4)       # reference windows shipped with the app
-    user_test, pop_test = windows(USER, 60, seed + 2), windows(POPULATION, 60, seed + 3)
-    before = {"user": accuracy(model, *user_test), "population": accuracy(model, *pop_test)}
-    motion = np.concatenate([user_train[0], stored[0]])
-    labels = [ACTIVITIES[i] for i in np.concatenate([user_train[1], stored[1]])]
-    ctx, update_s = shared.personalize(model, {"motion": motion, "label": labels})
-    personal = ctx.model
-    personal.save(out / "activity-personal.mlmodel")
-    after = {"user": accuracy(personal, *user_test), "population": accuracy(personal, *pop_test)}
-    result = {"before": before, "after": after, "examples": len(user_train[1]), "replayed": len(stored[1]),
-              "updatable": "LSTM + head" if all_layers else "head", "train_s": round(train_s, 2),
-              "update_s": round(update_s, 3), "loss": round(ctx.metrics["loss"], 4)}
+    result, ctx = shared.user_experiment(model, windows, "motion", ACTIVITIES, USER, POPULATION,
+                                         shots=shots, replay=replay, tests=60, seed=seed,
+                                         save_to=out / "activity-personal.mlmodel")
+    result.update(updatable="LSTM + head" if all_layers else "head", train_s=round(train_s, 2),
+                  loss=round(ctx.metrics["loss"], 4))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -117,10 +104,7 @@ def main(argv=None) -> None:
     r = run(Path(args.out), all_layers=not args.head_only)
     print(f"activity classifier: LSTM({AXES}->32) over {STEPS} steps, updatable: {r['updatable']}; "
           f"trained in {r['train_s']} s")
-    shared.print_table("windows of", r)
-    print(f"personalized with {r['examples']} labelled windows of the user (+ {r['replayed']} stored "
-          f"population windows) in {r['update_s']} s (final loss {r['loss']}); models and "
-          f"results.json in {args.out}/")
+    shared.print_report("windows", r, args.out)
 
 
 if __name__ == "__main__":

@@ -89,11 +89,6 @@ class PhraseNet(nn.Module):
         return self.head(torch.cat([context, bag], dim=1))
 
 
-def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 of a Core ML model on ``(N, LENGTH)`` token ids."""
-    return shared.accuracy(model, "ids", x, y, INTENTS)
-
-
 def run(out: Path, *, per_intent: int = 150, epochs: int = 12, shots: int = 10, replay: int = 16,
         seed: int = 0) -> dict:
     torch.manual_seed(seed)
@@ -113,19 +108,10 @@ def run(out: Path, *, per_intent: int = 150, epochs: int = 12, shots: int = 10, 
     out.mkdir(parents=True, exist_ok=True)
     model = mp.load(mp.save(spec, out / "phrases.mlmodel"), compute_units="cpu_only")
 
-    user_train = phrases(USER, shots, seed + 1)            # what the user labels on the device
-    stored = phrases(POPULATION, replay, seed + 4)         # reference phrases shipped with the app
-    user_test, pop_test = phrases(USER, 50, seed + 2), phrases(POPULATION, 50, seed + 3)
-    before = {"user": accuracy(model, *user_test), "population": accuracy(model, *pop_test)}
-    ids = np.concatenate([user_train[0], stored[0]])
-    labels = [INTENTS[i] for i in np.concatenate([user_train[1], stored[1]])]
-    ctx, update_s = shared.personalize(model, {"ids": ids, "label": labels})
-    personal = ctx.model
-    personal.save(out / "phrases-personal.mlmodel")
-    after = {"user": accuracy(personal, *user_test), "population": accuracy(personal, *pop_test)}
-    result = {"before": before, "after": after, "examples": len(user_train[1]),
-              "replayed": len(stored[1]), "train_s": round(train_s, 2), "update_s": round(update_s, 3),
-              "loss": round(ctx.metrics["loss"], 4)}
+    result, ctx = shared.user_experiment(model, phrases, "ids", INTENTS, USER, POPULATION, shots=shots,
+                                         replay=replay, tests=50, seed=seed,
+                                         save_to=out / "phrases-personal.mlmodel")
+    result.update(train_s=round(train_s, 2), loss=round(ctx.metrics["loss"], 4))
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -137,10 +123,7 @@ def main(argv=None) -> None:
     r = run(Path(args.out))
     print(f"phrase classifier: Embedding({len(VOCAB)}, 64) + 2 encoder layers over {LENGTH} tokens, "
           f"updatable head; trained in {r['train_s']} s")
-    shared.print_table("phrases of", r)
-    print(f"personalized with {r['examples']} labelled phrases of the user (+ {r['replayed']} stored "
-          f"population phrases) in {r['update_s']} s (final loss {r['loss']}); models and "
-          f"results.json in {args.out}/")
+    shared.print_report("phrases", r, args.out)
 
 
 if __name__ == "__main__":
